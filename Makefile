@@ -1,0 +1,37 @@
+# The two commands of the README: `make run` and `make test`. Each sets up on its own.
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-stamp
+export PATH := $(abspath $(VENV))/bin:$(PATH)
+export DVC_NO_ANALYTICS := 1
+export GIT_PYTHON_REFRESH := quiet
+
+.PHONY: setup run test bench ui server clean
+
+setup: $(STAMP)
+
+$(STAMP): requirements.txt requirements-dev.txt
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements-dev.txt
+	touch $(STAMP)
+
+run: setup
+	@test -d .git || { git init -q && git add -A && git -c user.name=batchlab -c user.email=batchlab@localhost commit -qm "initial"; }
+	dvc repro
+	@echo
+	@echo "Results:  outputs/compare/report.html (the sweep report), dvc metrics show, dvc plots show"
+	@echo "Runs:     $(abspath mlflow.db), experiment 'batchlab'"
+	@echo "Look:     $(VENV)/bin/mlflow ui --backend-store-uri sqlite:///$(abspath mlflow.db) --host 127.0.0.1"
+
+test: setup
+	$(PY) -m pytest -q tests
+
+bench: setup
+	$(PY) -m pipeline bench
+
+ui: setup
+	mlflow ui --backend-store-uri sqlite:///$(abspath mlflow.db) --host 127.0.0.1 --port 5000
+
+clean:
+	rm -rf outputs data/prepared checkpoints mlflow.db mlartifacts .batchlab.lock

@@ -1,0 +1,112 @@
+"""Command line: ``python -m pipeline VERB``. The same verbs as dvc.yaml stages and MLproject entry points."""
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+from pathlib import Path
+
+
+def _parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="python -m pipeline", description="batch-size experiments")
+    sub = ap.add_subparsers(dest="verb", required=True)
+
+    def verb(name: str, help: str) -> argparse.ArgumentParser:
+        sp = sub.add_parser(name, help=help)
+        sp.add_argument("--params", default="params.yaml", help="parameter file (default: params.yaml)")
+        sp.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a parameter, e.g. --set train.lr=0.01 (repeatable)")
+        return sp
+
+    verb("prepare", "prepare the data set")
+    for name, help in (("train", "train at one batch size"), ("evaluate", "evaluate one trained batch size")):
+        sp = verb(name, help)
+        sp.add_argument("--batch-size", type=_positive_int, required=True)
+    verb("compare", "compare the sweep: table, plots, report")
+    verb("sweep", "prepare, train and evaluate every batch size, compare (what `mlflow run .` runs)")
+    sp = verb("bench", "benchmark data paths and logging overhead (prints a table)")
+    sp.add_argument("--batch-sizes", default="1,8,64,512,4096")
+    sp.add_argument("--seconds", type=float, default=2.0, help="seconds per cell")
+    sp.add_argument("--repeats", type=int, default=3)
+    sp.add_argument("--json", dest="json_path", default=None)
+    return ap
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer (allowed: positive integers)") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not positive (allowed: positive integers)")
+    return value
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    from .config import ParamsError, load_params
+    from .data import DataError
+
+    try:
+        params = load_params(Path(args.params), args.overrides)
+        from .context import Context
+        ctx = Context.from_environment(params)
+        return _dispatch(args, ctx)
+    except (ParamsError, DataError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted (SIGINT)", file=sys.stderr)
+        return 128 + signal.SIGINT
+    except Exception as err:
+        from .engine import Interrupted, NonFiniteLoss
+        if isinstance(err, Interrupted):
+            print(f"interrupted: {err}; a checkpoint was kept, rerun the same command to resume",
+                  file=sys.stderr)
+            return 128 + err.signum
+        if isinstance(err, NonFiniteLoss):
+            print(f"error: {err}", file=sys.stderr)
+            return 1
+        raise
+
+
+def _dispatch(args, ctx) -> int:
+    from . import compare, evaluate, prepare, train
+
+    if args.verb == "prepare":
+        manifest = prepare.run(ctx)
+        print(f"prepared {ctx.params.data.name}: " + ", ".join(
+            f"{k} {v['n']}" for k, v in manifest["splits"].items()) + f" -> {ctx.data_dir}")
+    elif args.verb == "train":
+        summary = train.run(ctx, args.batch_size)
+        print(_train_line(summary))
+    elif args.verb == "evaluate":
+        metrics = evaluate.run(ctx, args.batch_size)
+        print("evaluated bs={}: {}".format(args.batch_size, ", ".join(
+            f"{k}={v:.4g}" for k, v in metrics.items() if isinstance(v, float))))
+    elif args.verb == "compare":
+        result = compare.run(ctx)
+        print(f"compared {len(result['rows'])} batch sizes -> {ctx.compare_dir / 'report.html'}")
+    elif args.verb == "sweep":
+        prepare.run(ctx)
+        for bs in ctx.params.train.batch_sizes:
+            print(_train_line(train.run(ctx, bs)))
+            evaluate.run(ctx, bs)
+        compare.run(ctx)
+        print(f"sweep done -> {ctx.compare_dir / 'report.html'}")
+    elif args.verb == "bench":
+        from . import bench
+        bench.main(ctx, args)
+    return 0
+
+
+def _train_line(s: dict) -> str:
+    acc = s.get("final_val_acc")
+    return (f"trained bs={s['batch_size']}: {s['steps']} steps, {s['throughput']:.0f} samples/s, "
+            f"val_loss {s['final_val_loss']:.4g}" + (f", val_acc {acc:.4f}" if acc is not None else ""))
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("GIT_PYTHON_REFRESH", "quiet")
+    sys.exit(main())

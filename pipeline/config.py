@@ -1,0 +1,242 @@
+"""Parameters: read once at the edge, validated into typed objects, passed down.
+
+Every stage gets a ``Params``; nothing deeper reads ``params.yaml`` or the environment.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+DATASETS = ("digits", "mnist", "fashion_mnist", "linear")
+
+
+class ParamsError(ValueError):
+    """A bad parameter. The message is one line: key, value, what is allowed."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=False)
+
+
+class DataParams(_Section):
+    name: Literal["digits", "mnist", "fashion_mnist", "linear"] = "digits"
+    root: str = "data/raw"
+    val_fraction: float = Field(0.1, gt=0, lt=0.5)
+    test_fraction: float = Field(0.2, gt=0, lt=0.5)
+    seed: int = Field(0, ge=0)
+    # The tutorial's synthetic regression y = 2x + 1 + noise.
+    linear_samples: int = Field(1000, ge=10)
+    linear_noise: float = Field(0.1, ge=0)
+
+
+class ModelParams(_Section):
+    name: Literal["mlp", "linear"] = "mlp"
+    hidden_sizes: tuple[int, ...] = (64,)
+
+    @field_validator("hidden_sizes")
+    @classmethod
+    def _positive(cls, v: tuple[int, ...]) -> tuple[int, ...]:
+        if any(h < 1 for h in v):
+            raise ValueError("every hidden size must be a positive integer")
+        return v
+
+
+class TrainParams(_Section):
+    batch_sizes: tuple[int, ...] = (8, 32, 128, 512)
+    epochs: int = Field(10, ge=1)
+    optimizer: Literal["sgd", "adam"] = "adam"
+    lr: float = Field(1e-3, gt=0)
+    momentum: float = Field(0.0, ge=0, lt=1)
+    weight_decay: float = Field(0.0, ge=0)
+    seed: int = Field(0, ge=0)
+    drop_last: bool = False
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    # torch intra-op threads; 0: all cores but one, which the MLflow logger process uses.
+    threads: int = Field(0, ge=0)
+    # Data path: "tensor" cuts batches by index from tensors on the device;
+    # "dataloader" goes through torch.utils.data.DataLoader (same batches, slower).
+    loader: Literal["tensor", "dataloader"] = "tensor"
+    num_workers: int = Field(0, ge=0)
+    pin_memory: bool = False
+    persistent_workers: bool = False
+    # Learning-rate scaling with batch size (Goyal et al. 2017) and warm-up.
+    lr_scaling: Literal["none", "linear", "sqrt"] = "none"
+    base_batch_size: int = Field(32, ge=1)
+    warmup_epochs: float = Field(0.0, ge=0)
+    # Validation every N optimizer steps; 0 = about ten times per epoch.
+    eval_every_steps: int = Field(0, ge=0)
+    target_metric: Literal["val_acc", "val_loss"] = "val_acc"
+    target_value: float = 0.95
+    # Gradient noise scale (McCandlish et al. 2018), measured every N steps.
+    noise_scale: bool = True
+    noise_scale_every: int = Field(10, ge=1)
+    noise_scale_ema: float = Field(0.9, ge=0, lt=1)
+    # Checkpoint every N optimizer steps (0: at every epoch end) and resume from it.
+    checkpoint_every_steps: int = Field(0, ge=0)
+    resume: bool = True
+    stop_on_nonfinite: bool = True
+
+    @field_validator("batch_sizes", mode="before")
+    @classmethod
+    def _list(cls, v: Any) -> Any:
+        if isinstance(v, int) and not isinstance(v, bool):
+            return (v,)
+        if isinstance(v, str):
+            return tuple(_int_item(s, "train.batch_sizes") for s in v.split(",") if s.strip())
+        return v
+
+    @field_validator("batch_sizes")
+    @classmethod
+    def _batch_sizes(cls, v: tuple[int, ...]) -> tuple[int, ...]:
+        if not v:
+            raise ValueError("needs at least one batch size")
+        if any(b < 1 for b in v):
+            raise ValueError("batch sizes must be positive integers")
+        if len(set(v)) != len(v):
+            raise ValueError("batch sizes must be distinct")
+        return v
+
+
+class TrackingParams(_Section):
+    experiment: str = Field("batchlab", min_length=1)
+    # MLflow history per metric holds at most this many points per run: per-step points
+    # when the run has fewer steps, window means (window recorded as a param) above that.
+    # The full per-step record always goes to steps.csv (artifact and DVC plot).
+    max_points: int = Field(1000, ge=10)
+    full_history: bool = False
+
+
+class EvaluateParams(_Section):
+    batch_size: int = Field(1024, ge=1)
+
+
+class CompareParams(_Section):
+    # Steps-to-target leaves perfect scaling when measured > (1 + margin) x ideal.
+    scaling_margin: float = Field(0.5, gt=0)
+
+
+class Params(_Section):
+    data: DataParams = DataParams()
+    model: ModelParams = ModelParams()
+    train: TrainParams = TrainParams()
+    tracking: TrackingParams = TrackingParams()
+    evaluate: EvaluateParams = EvaluateParams()
+    compare: CompareParams = CompareParams()
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "Params":
+        regression = self.data.name == "linear"
+        if regression and self.model.name != "linear":
+            raise ValueError(f"model.name={self.model.name!r} does not fit data.name='linear' (allowed: linear)")
+        if regression and self.train.target_metric != "val_loss":
+            raise ValueError("train.target_metric must be 'val_loss' for data.name='linear'")
+        return self
+
+    @property
+    def task(self) -> str:
+        return "regression" if self.data.name == "linear" else "classification"
+
+    def flat(self) -> dict[str, Any]:
+        """Dotted keys -> values, as logged to MLflow."""
+        out: dict[str, Any] = {}
+        for section, values in self.model_dump(mode="json").items():
+            for key, value in values.items():
+                out[f"{section}.{key}"] = value
+        return out
+
+    def sweep_key(self, data_hash: str) -> str:
+        """Identity of a sweep: everything that shapes a training run, except the batch size list.
+
+        Changing train.batch_sizes adds runs to the same sweep; changing anything else that a
+        training run depends on (or the data) starts a new sweep.
+        """
+        dump = self.model_dump(mode="json")
+        dump["train"].pop("batch_sizes")
+        ident = {k: dump[k] for k in ("data", "model", "train")}
+        blob = json.dumps({"params": ident, "data": data_hash}, sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _int_item(text: str, key: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise ParamsError(f"{key}: {text!r} is not an integer (allowed: positive integers)") from None
+
+
+def _format_error(err: ValidationError) -> str:
+    first = err.errors()[0]
+    loc = ".".join(str(p) for p in first["loc"] if not isinstance(p, int))
+    kind = first["type"]
+    value = first.get("input")
+    if kind == "extra_forbidden":
+        section = loc.rsplit(".", 1)[0] if "." in loc else ""
+        allowed = _allowed_keys(section)
+        return f"unknown key {loc!r} (allowed in {section or 'top level'}: {', '.join(allowed)})"
+    msg = first["msg"]
+    if kind == "literal_error":
+        msg = msg.replace("Input should be", "allowed:")
+    elif msg.startswith("Value error, "):
+        msg = msg[len("Value error, "):]
+    if not loc:
+        return msg
+    return f"{loc}={value!r}: {msg}"
+
+
+def _allowed_keys(section: str) -> list[str]:
+    model: type[BaseModel] = Params
+    for part in filter(None, section.split(".")):
+        field = model.model_fields.get(part)
+        if field is None or not isinstance(field.annotation, type) or not issubclass(field.annotation, BaseModel):
+            return []
+        model = field.annotation
+    return list(model.model_fields)
+
+
+def parse_params(raw: dict[str, Any] | None) -> Params:
+    try:
+        return Params.model_validate(raw or {})
+    except ValidationError as err:
+        raise ParamsError(_format_error(err)) from None
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``train.lr=0.01`` -> (["train", "lr"], 0.01). The value is read as YAML, never evaluated."""
+    if "=" not in text:
+        raise ParamsError(f"override {text!r} is not KEY=VALUE (for example train.lr=0.01)")
+    key, value = text.split("=", 1)
+    path = [p for p in key.strip().split(".") if p]
+    if not path:
+        raise ParamsError(f"override {text!r} has an empty key")
+    try:
+        parsed = yaml.safe_load(value) if value.strip() else None
+    except yaml.YAMLError:
+        parsed = value
+    return path, parsed
+
+
+def load_params(path: str | Path = "params.yaml", overrides: list[str] | None = None) -> Params:
+    path = Path(path)
+    raw: dict[str, Any] = {}
+    if path.exists():
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ParamsError(f"{path}: not valid YAML ({err.__class__.__name__})") from None
+        if not isinstance(raw, dict):
+            raise ParamsError(f"{path}: top level must be a mapping of sections, got {type(raw).__name__}")
+    for text in overrides or []:
+        keys, value = parse_override(text)
+        node = raw
+        for k in keys[:-1]:
+            child = node.setdefault(k, {})
+            if not isinstance(child, dict):
+                raise ParamsError(f"override {text!r}: {k!r} is not a section")
+            node = child
+        node[keys[-1]] = value
+    return parse_params(raw)

@@ -1,0 +1,256 @@
+"""Data sets, the prepared-tensor format and its manifest.
+
+Prepared data lives in one folder: ``train.pt``, ``val.pt``, ``test.pt`` (tensors ``x`` and
+``y``, stored raw) and ``manifest.json`` (shapes, class counts, normalisation fitted on the
+training split, sha256 of each file). Loading checks every hash and normalises once.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import struct
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .config import DataParams
+
+SPLITS = ("train", "val", "test")
+MANIFEST = "manifest.json"
+
+
+class DataError(RuntimeError):
+    """Missing, malformed or altered data. The message names the file."""
+
+
+@dataclass(frozen=True)
+class Split:
+    x: torch.Tensor  # float32, normalised, (n, features)
+    y: torch.Tensor  # int64 class ids, or float32 (n, 1) targets
+
+    def __len__(self) -> int:
+        return self.x.shape[0]
+
+    def to(self, device: torch.device | str) -> "Split":
+        return Split(self.x.to(device), self.y.to(device))
+
+
+@dataclass(frozen=True)
+class Prepared:
+    train: Split
+    val: Split
+    test: Split
+    manifest: dict[str, Any]
+
+    @property
+    def task(self) -> str:
+        return self.manifest["task"]
+
+    @property
+    def n_features(self) -> int:
+        return int(self.manifest["n_features"])
+
+    @property
+    def n_outputs(self) -> int:
+        return int(self.manifest["n_classes"]) if self.task == "classification" else 1
+
+    @property
+    def data_hash(self) -> str:
+        return self.manifest["data_hash"]
+
+
+# ---------------------------------------------------------------- raw sources
+
+def _digits() -> tuple[np.ndarray, np.ndarray]:
+    from sklearn.datasets import load_digits
+
+    bunch = load_digits()
+    return bunch.data.astype(np.float32), bunch.target.astype(np.int64)
+
+
+def _linear(p: DataParams) -> tuple[np.ndarray, np.ndarray]:
+    gen = torch.Generator().manual_seed(p.seed)
+    x = torch.randn(p.linear_samples, 1, generator=gen)
+    y = 2 * x + 1 + torch.randn(p.linear_samples, 1, generator=gen) * p.linear_noise
+    return x.numpy(), y.numpy()
+
+
+IDX_FILES = {
+    "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+    "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
+}
+_TORCHVISION_CLASS = {"mnist": "MNIST", "fashion_mnist": "FashionMNIST"}
+
+
+def idx_folder(name: str, root: str | Path) -> Path:
+    return Path(root) / _TORCHVISION_CLASS[name] / "raw"
+
+
+def check_idx(path: Path, magic: int, ndim: int) -> int:
+    """Check an IDX file's header and size; return its item count. Clear errors, no traceback."""
+    size = path.stat().st_size
+    with path.open("rb") as fh:
+        head = fh.read(4 + 4 * ndim)
+    if len(head) < 4 + 4 * ndim:
+        raise DataError(f"{path}: truncated IDX header ({size} bytes)")
+    got = struct.unpack(">I", head[:4])[0]
+    if got != magic:
+        raise DataError(f"{path}: wrong magic number {got} (expected {magic}, an IDX file of uint8 with {ndim} dims)")
+    dims = struct.unpack(f">{ndim}I", head[4:])
+    expected = 4 + 4 * ndim + int(np.prod(dims))
+    if size != expected:
+        raise DataError(f"{path}: {size} bytes, expected {expected} for dims {list(dims)}")
+    return dims[0]
+
+
+def _torchvision(name: str, p: DataParams) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    from torchvision import datasets
+
+    folder = idx_folder(name, p.root)
+    missing = [f for pair in IDX_FILES.values() for f in pair if not (folder / f).is_file()]
+    if missing:
+        raise DataError(
+            f"data.name={name!r}: files not found under {folder}/: {', '.join(missing)}. "
+            f"Put the uncompressed IDX files there (torchvision's layout; no download is attempted)."
+        )
+    for split, (images, labels) in IDX_FILES.items():
+        n_img = check_idx(folder / images, 0x00000803, 3)
+        n_lab = check_idx(folder / labels, 0x00000801, 1)
+        if n_img != n_lab:
+            raise DataError(f"{folder / images}: {n_img} images but {folder / labels} has {n_lab} labels")
+    cls = getattr(datasets, _TORCHVISION_CLASS[name])
+    out = {}
+    for split in IDX_FILES:
+        ds = cls(p.root, train=split == "train", download=False)
+        out[split] = (ds.data.reshape(len(ds.data), -1).numpy(), ds.targets.numpy().astype(np.int64))
+    return out
+
+
+def build_splits(p: DataParams) -> tuple[str, dict[str, tuple[np.ndarray, np.ndarray]]]:
+    """Return the task and raw (unnormalised) train/val/test arrays, split with the data seed."""
+    from sklearn.model_selection import train_test_split
+
+    if p.name in _TORCHVISION_CLASS:
+        raw = _torchvision(p.name, p)
+        x, y = raw["train"]
+        x_tr, x_va, y_tr, y_va = train_test_split(
+            x, y, test_size=p.val_fraction, random_state=p.seed, stratify=y)
+        return "classification", {"train": (x_tr, y_tr), "val": (x_va, y_va), "test": raw["test"]}
+    if p.name == "digits":
+        task, (x, y) = "classification", _digits()
+    else:
+        task, (x, y) = "regression", _linear(p)
+    stratify = y if task == "classification" else None
+    x_rest, x_te, y_rest, y_te = train_test_split(
+        x, y, test_size=p.test_fraction, random_state=p.seed, stratify=stratify)
+    val_share = p.val_fraction / (1 - p.test_fraction)
+    stratify = y_rest if task == "classification" else None
+    x_tr, x_va, y_tr, y_va = train_test_split(
+        x_rest, y_rest, test_size=val_share, random_state=p.seed, stratify=stratify)
+    return task, {"train": (x_tr, y_tr), "val": (x_va, y_va), "test": (x_te, y_te)}
+
+
+# ---------------------------------------------------------------- prepared format
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def write_prepared(out_dir: Path, task: str, splits: dict[str, tuple[np.ndarray, np.ndarray]],
+                   source: dict[str, Any]) -> dict[str, Any]:
+    """Write tensors and manifest into a temporary folder, then swap it in whole."""
+    x_train = splits["train"][0].astype(np.float64)
+    if task == "classification":
+        # One scalar mean/std over all pixels, like torchvision's Normalize((0.1307,), (0.3081,)).
+        mean, std = float(x_train.mean()), float(x_train.std()) or 1.0
+    else:
+        # The regression keeps raw inputs so that the fitted w and b are the tutorial's 2 and 1.
+        mean, std = 0.0, 1.0
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        files: dict[str, Any] = {}
+        for name in SPLITS:
+            x, y = splits[name]
+            tensors = {"x": torch.from_numpy(np.ascontiguousarray(x)),
+                       "y": torch.from_numpy(np.ascontiguousarray(y))}
+            torch.save(tensors, tmp / f"{name}.pt")
+            entry: dict[str, Any] = {"file": f"{name}.pt", "n": int(x.shape[0]),
+                                     "x_shape": list(x.shape), "x_dtype": str(x.dtype),
+                                     "sha256": sha256_file(tmp / f"{name}.pt")}
+            if task == "classification":
+                values, counts = np.unique(y, return_counts=True)
+                entry["class_counts"] = {str(int(v)): int(c) for v, c in zip(values, counts)}
+            files[name] = entry
+        n_classes = int(max(int(splits[s][1].max()) for s in SPLITS) + 1) if task == "classification" else 0
+        manifest = {
+            "task": task,
+            "n_features": int(x_train.shape[1]),
+            "n_classes": n_classes,
+            "normalisation": {"mean": mean, "std": std, "fitted_on": "train"},
+            "splits": files,
+            "source": source,
+        }
+        manifest["data_hash"] = hashlib.sha256(
+            json.dumps({k: files[k]["sha256"] for k in SPLITS} | {"norm": [mean, std]},
+                       sort_keys=True).encode()).hexdigest()
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True))
+        if out_dir.exists():
+            old = out_dir.with_name(f".{out_dir.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(out_dir, old)
+            os.replace(tmp, out_dir)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return manifest
+
+
+def read_manifest(data_dir: Path) -> dict[str, Any]:
+    path = Path(data_dir) / MANIFEST
+    if not path.is_file():
+        raise DataError(f"{path} not found: run the prepare stage first (dvc repro prepare)")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError:
+        raise DataError(f"{path}: not valid JSON (corrupt manifest); rerun prepare") from None
+
+
+def load_prepared(data_dir: Path, splits: tuple[str, ...] = SPLITS) -> Prepared:
+    """Load prepared splits, verifying each file's sha256 against the manifest."""
+    data_dir = Path(data_dir)
+    manifest = read_manifest(data_dir)
+    norm = manifest["normalisation"]
+    loaded: dict[str, Split] = {}
+    for name in SPLITS:
+        if name not in splits:
+            continue
+        entry = manifest["splits"][name]
+        path = data_dir / entry["file"]
+        if not path.is_file():
+            raise DataError(f"{path} is missing (listed in {data_dir / MANIFEST}); rerun prepare")
+        digest = sha256_file(path)
+        if digest != entry["sha256"]:
+            raise DataError(f"{path}: sha256 {digest[:12]}… does not match the manifest's "
+                            f"{entry['sha256'][:12]}…: the file was altered or truncated; rerun prepare")
+        tensors = torch.load(path, weights_only=True)
+        x = (tensors["x"].to(torch.float32) - norm["mean"]) / norm["std"]
+        y = tensors["y"]
+        y = y.to(torch.int64) if manifest["task"] == "classification" else y.to(torch.float32).reshape(-1, 1)
+        loaded[name] = Split(x.contiguous(), y.contiguous())
+    empty = Split(torch.empty(0, manifest["n_features"]), torch.empty(0))
+    return Prepared(loaded.get("train", empty), loaded.get("val", empty), loaded.get("test", empty), manifest)

@@ -1,0 +1,116 @@
+"""evaluate: test-set figures for one trained batch size, logged into that training's run."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .context import Context, read_json, write_atomic, write_json
+from .data import DataError, load_prepared
+from .models import build_model, loss_fn
+
+
+@torch.no_grad()
+def predict(model: torch.nn.Module, x: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """Model outputs for ``x`` in chunks of ``batch_size``; the result does not depend on it."""
+    model.eval()
+    return torch.cat([model(x[i:i + batch_size]) for i in range(0, len(x), batch_size)]) \
+        if len(x) else torch.empty(0)
+
+
+def load_trained(ctx: Context, batch_size: int, n_in: int, n_out: int) -> torch.nn.Module:
+    path = ctx.train_dir(batch_size) / "model.pt"
+    if not path.is_file():
+        raise DataError(f"{path} not found: train batch size {batch_size} first (dvc repro train@{batch_size})")
+    model = build_model(ctx.params.model, n_in, n_out)
+    model.load_state_dict(torch.load(path, weights_only=True))
+    return model
+
+
+def run(ctx: Context, batch_size: int) -> dict[str, Any]:
+    p = ctx.params
+    data = load_prepared(ctx.data_dir, ("test",))
+    model = load_trained(ctx, batch_size, data.n_features, data.n_outputs)
+    test = data.test
+    out = predict(model, test.x, p.evaluate.batch_size)
+    metrics: dict[str, Any] = {"batch_size": batch_size,
+                               "test_loss": float(loss_fn(data.task)(out, test.y))}
+    folder = ctx.eval_dir(batch_size)
+    files: list[Path] = []
+    if data.task == "classification":
+        metrics |= _classification(test.y.numpy(), out.argmax(1).numpy(), folder, files)
+    else:
+        metrics |= _regression(test.y.numpy().ravel(), out.numpy().ravel(), folder, files)
+        metrics["weight"] = float(model.weight.flatten()[0])
+        metrics["bias"] = float(model.bias[0])
+    write_json(folder / "metrics.json", metrics)
+    files.append(folder / "metrics.json")
+    _log(ctx, batch_size, metrics, files)
+    return metrics
+
+
+def _save_figure(fig, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.stem}.tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    tmp.replace(path)
+
+
+def _predictions(y: np.ndarray, pred: np.ndarray, folder: Path, files: list[Path]) -> None:
+    rows = ["actual,predicted"] + [f"{a},{b}" for a, b in zip(y.tolist(), pred.tolist())]
+    write_atomic(folder / "predictions.csv", "\n".join(rows) + "\n")
+    files += [folder / "report.json", folder / "predictions.csv", folder / "evaluation.png"]
+
+
+def _regression(y: np.ndarray, pred: np.ndarray, folder: Path, files: list[Path]) -> dict[str, Any]:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from sklearn.metrics import mean_absolute_error, mean_squared_error, r2_score
+
+    result = {"test_mse": float(mean_squared_error(y, pred)), "test_r2": float(r2_score(y, pred)),
+              "test_mae": float(mean_absolute_error(y, pred))}
+    write_json(folder / "report.json", result)
+    fig, ax = plt.subplots(figsize=(5, 5))
+    ax.scatter(y, pred, s=6)
+    ax.set(xlabel="actual", ylabel="predicted", title="Predicted against actual (test)")
+    _save_figure(fig, folder / "evaluation.png")
+    _predictions(y, pred, folder, files)
+    return result
+
+
+def _classification(y: np.ndarray, pred: np.ndarray, folder: Path, files: list[Path]) -> dict[str, Any]:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from sklearn.metrics import (ConfusionMatrixDisplay, accuracy_score, classification_report,
+                                 precision_recall_fscore_support)
+
+    report = classification_report(y, pred, output_dict=True, zero_division=0)
+    write_json(folder / "report.json", report)
+    precision, recall, f1, _ = precision_recall_fscore_support(y, pred, average="macro", zero_division=0)
+    fig, ax = plt.subplots(figsize=(6, 6))
+    ConfusionMatrixDisplay.from_predictions(y, pred, ax=ax, colorbar=False)
+    ax.set_title("Confusion matrix (test)")
+    _save_figure(fig, folder / "evaluation.png")
+    _predictions(y, pred, folder, files)
+    return {"test_acc": float(accuracy_score(y, pred)), "test_precision_macro": float(precision),
+            "test_recall_macro": float(recall), "test_f1_macro": float(f1)}
+
+
+def _log(ctx: Context, batch_size: int, metrics: dict[str, Any], files: list[Path]) -> None:
+    info_path = ctx.train_dir(batch_size) / "run.json"
+    if not info_path.is_file():
+        return  # trained without tracking
+    info = read_json(info_path)
+    tracker = ctx.tracker()
+    run_id = info["run_id"]
+    # Logged with the client into the (finished) training run: evaluating never changes its status.
+    tracker.log_metrics(run_id, {f"test/{k[5:]}" if k.startswith("test_") else f"model/{k}": v
+                                 for k, v in metrics.items() if k != "batch_size"})
+    tracker.log_artifacts(run_id, files, "evaluate")

@@ -1,0 +1,30 @@
+"""prepare: raw data -> seeded train/val/test tensors + manifest, logged to the sweep's parent run."""
+from __future__ import annotations
+
+from typing import Any
+
+from .context import Context
+from .data import build_splits, write_prepared
+
+
+def run(ctx: Context) -> dict[str, Any]:
+    p = ctx.params
+    task, splits = build_splits(p.data)
+    source = {"name": p.data.name, "seed": p.data.seed,
+              "val_fraction": p.data.val_fraction, "test_fraction": p.data.test_fraction}
+    if p.data.name == "linear":
+        source |= {"samples": p.data.linear_samples, "noise": p.data.linear_noise}
+    manifest = write_prepared(ctx.data_dir, task, splits, source)
+    log_manifest(ctx, manifest)
+    return manifest
+
+
+def log_manifest(ctx: Context, manifest: dict[str, Any]) -> str:
+    tracker = ctx.tracker()
+    key = ctx.params.sweep_key(manifest["data_hash"])
+    parent = tracker.sweep_parent(key, ctx.params.flat(), manifest, ctx.run_tags(), ctx.parent_run_id)
+    stats = {f"data/n_{name}": split["n"] for name, split in manifest["splits"].items()}
+    stats |= {"data/n_features": manifest["n_features"], "data/n_classes": manifest["n_classes"],
+              "data/mean": manifest["normalisation"]["mean"], "data/std": manifest["normalisation"]["std"]}
+    tracker.log_metrics(parent, stats)
+    return parent

@@ -1,0 +1,102 @@
+"""Facts about the machine a run happens on: device, peak memory, versions, git commit."""
+from __future__ import annotations
+
+import os
+import platform
+import resource
+import subprocess
+from importlib import metadata
+from pathlib import Path
+
+import torch
+
+
+def pick_device(wanted: str) -> torch.device:
+    if wanted == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("train.device='cuda' but no CUDA device is available (allowed here: auto, cpu)")
+    if wanted == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(wanted)
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"cuda:{torch.cuda.get_device_name(device)}"
+    return f"cpu:{platform.processor() or platform.machine()}x{torch.get_num_threads()}threads"
+
+
+class PeakMemory:
+    """Peak resident set (CPU) or peak allocated bytes (GPU) over a block of code.
+
+    On Linux the process's RSS high-water mark is reset through /proc/self/clear_refs, so
+    the figure covers the block, not the imports before it.
+    """
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.peak_bytes = 0
+        self._reset_ok = False
+
+    def __enter__(self) -> "PeakMemory":
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+        else:
+            try:
+                Path("/proc/self/clear_refs").write_text("5")
+                self._reset_ok = True
+            except OSError:
+                self._reset_ok = False
+        return self
+
+    def read(self) -> int:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            return int(torch.cuda.max_memory_allocated(self.device))
+        if self._reset_ok:
+            for line in Path("/proc/self/status").read_text().splitlines():
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+        return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+
+    def __exit__(self, *exc) -> None:
+        self.peak_bytes = self.read()
+
+
+def package_versions() -> dict[str, str]:
+    out = {}
+    for name in ("torch", "torchvision", "mlflow", "dvc", "scikit-learn", "numpy"):
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = "absent"
+    out["python"] = platform.python_version()
+    return out
+
+
+def git_state(cwd: Path) -> tuple[str, bool]:
+    """(commit, dirty) of the repository holding cwd; ("none", False) outside git."""
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True,
+                                text=True, check=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=cwd,
+                               capture_output=True, text=True, check=True, timeout=10).stdout.strip()
+        return commit, bool(dirty)
+    except (OSError, subprocess.SubprocessError):
+        return "none", False
+
+
+def threads() -> int:
+    return torch.get_num_threads()
+
+
+def set_threads(wanted: int) -> int:
+    """0: all cores but one (the metric logger's); measured on 2 cores, two torch threads
+    spinning beside the logger process slowed batch-size-8 steps by half, one did not."""
+    n = wanted or max(1, cpu_count() - 1)
+    torch.set_num_threads(n)
+    return n
+
+
+def cpu_count() -> int:
+    return os.cpu_count() or 1

@@ -1,0 +1,313 @@
+"""Everything that talks to MLflow lives here.
+
+* The store: ``MLFLOW_TRACKING_URI`` when set, else ``sqlite:///<project>/mlflow.db``. The
+  project is the user's folder even when DVC runs a queued experiment in a temporary copy
+  under ``.dvc/tmp/exps``; relative SQLite paths are resolved against it as well.
+* The sweep: one parent run per sweep key (params that shape training + data hash), found or
+  created under a file lock, so stages run as separate processes, partial reruns and
+  parallel queue workers all file their runs under the same parent.
+* Batch-wise metrics: ``MlflowSink`` buffers steps, reduces them to at most
+  ``tracking.max_points`` points per metric (window means; window size recorded) and hands
+  them to a logger process (``metric_logger``) that sends them with ``log_batch``.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import queue
+import subprocess
+import sys
+import threading
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+import mlflow
+from mlflow.entities import Metric, Param, RunTag
+from mlflow.tracking import MlflowClient
+
+from .engine import Interrupted, StepChunk
+from .metric_logger import MAX_BATCH
+
+TAG_ROLE = "batchlab.role"
+TAG_SWEEP = "batchlab.sweep_key"
+TAG_STAGE = "batchlab.stage"
+TAG_END = "batchlab.end_reason"
+SEND_SECONDS = 10.0
+
+
+def project_root(cwd: str | Path | None = None) -> Path:
+    """The user's project folder, also from inside DVC's queue copy ``.dvc/tmp/exps/<tmp>``."""
+    here = Path(cwd or os.getcwd()).resolve()
+    parts = here.parts
+    for i in range(len(parts) - 2):
+        if parts[i:i + 3] == (".dvc", "tmp", "exps"):
+            return Path(*parts[:i])
+    return here
+
+
+def tracking_uri(root: Path, env: dict[str, str] | None = None) -> str:
+    env = os.environ if env is None else env
+    uri = env.get("MLFLOW_TRACKING_URI", "").strip()
+    if not uri:
+        return f"sqlite:///{root / 'mlflow.db'}"
+    prefix = "sqlite:///"
+    if uri.startswith(prefix) and not uri.startswith(prefix + "/"):
+        return f"{prefix}{(root / uri[len(prefix):]).resolve()}"
+    return uri
+
+
+def is_local_store(uri: str) -> bool:
+    return uri.startswith("sqlite:") or uri.startswith("file:") or "://" not in uri
+
+
+class Tracker:
+    """A connection to the tracking store for one experiment."""
+
+    def __init__(self, root: Path, experiment: str, env: dict[str, str] | None = None):
+        self.root = root
+        self.uri = tracking_uri(root, env)
+        mlflow.set_tracking_uri(self.uri)
+        self.client = MlflowClient(self.uri)
+        self.experiment_id = self._experiment(experiment)
+        mlflow.set_experiment(experiment_id=self.experiment_id)
+
+    def _experiment(self, name: str) -> str:
+        exp = self.client.get_experiment_by_name(name)
+        if exp is not None:
+            return exp.experiment_id
+        location = (self.root / "mlartifacts").as_uri() if is_local_store(self.uri) else None
+        try:
+            return self.client.create_experiment(name, artifact_location=location)
+        except Exception:  # created by a concurrent process in the meantime
+            exp = self.client.get_experiment_by_name(name)
+            if exp is None:
+                raise
+            return exp.experiment_id
+
+    @contextmanager
+    def _lock(self) -> Iterator[None]:
+        if is_local_store(self.uri):
+            from filelock import FileLock
+            with FileLock(str(self.root / ".batchlab.lock"), timeout=120):
+                yield
+        else:
+            yield
+
+    def sweep_parent(self, key: str, params: dict[str, Any], manifest: dict[str, Any],
+                     tags: dict[str, str], given: str | None = None) -> str:
+        """The parent run of sweep ``key``: ``given`` (the run ``mlflow run`` made), or the
+        existing one with that key, or a new one. Never left RUNNING by us."""
+        with self._lock():
+            if given:
+                run_id = given
+                self.client.set_tag(run_id, TAG_SWEEP, key)
+                self.client.set_tag(run_id, TAG_ROLE, "sweep")
+            else:
+                found = self.client.search_runs(
+                    [self.experiment_id],
+                    filter_string=f"tags.`{TAG_SWEEP}` = '{key}' and tags.`{TAG_ROLE}` = 'sweep'",
+                    order_by=["attributes.start_time ASC"], max_results=1)
+                if found:
+                    return found[0].info.run_id
+                run = self.client.create_run(self.experiment_id, run_name=f"sweep-{key[:8]}",
+                                             tags={TAG_ROLE: "sweep", TAG_SWEEP: key, **tags})
+                run_id = run.info.run_id
+            sweep_params = {k: v for k, v in params.items() if k != "train.batch_sizes"}
+            self.log_params(run_id, sweep_params | {"data.hash": manifest["data_hash"]})
+            self.client.log_dict(run_id, manifest, "data/manifest.json")
+            if not given:
+                self.client.set_terminated(run_id, "FINISHED")
+            return run_id
+
+    def log_params(self, run_id: str, params: dict[str, Any]) -> None:
+        """Log params, skipping those the run already holds with the same value."""
+        existing = self.client.get_run(run_id).data.params
+        items = [Param(k, _text(v)) for k, v in params.items() if existing.get(k) != _text(v)]
+        for i in range(0, len(items), 100):
+            self.client.log_batch(run_id, params=items[i:i + 100])
+
+    def log_metrics(self, run_id: str, metrics: dict[str, float], step: int = 0) -> None:
+        now = int(time.time() * 1000)
+        items = [Metric(k, float(v), now, step) for k, v in metrics.items() if v is not None]
+        for i in range(0, len(items), MAX_BATCH):
+            self.client.log_batch(run_id, metrics=items[i:i + MAX_BATCH])
+
+    def set_tags(self, run_id: str, tags: dict[str, Any]) -> None:
+        self.client.log_batch(run_id, tags=[RunTag(k, _text(v)) for k, v in tags.items()])
+
+    def log_artifacts(self, run_id: str, paths: list[Path], artifact_path: str | None = None) -> None:
+        for path in paths:
+            self.client.log_artifact(run_id, str(path), artifact_path)
+
+    def finish(self, run_id: str) -> None:
+        self.client.set_terminated(run_id, "FINISHED")
+
+    @contextmanager
+    def run(self, *, name: str, parent_id: str, tags: dict[str, str],
+            run_id: str | None = None) -> Iterator[str]:
+        """An active (fluent) run that ends FINISHED, KILLED (signal) or FAILED (exception),
+        with the reason as a tag. ``run_id`` reopens an interrupted run to resume it."""
+        if run_id:
+            run = mlflow.start_run(run_id=run_id)
+            self.set_tags(run_id, {"batchlab.resumed": "true"})
+        else:
+            run = mlflow.start_run(experiment_id=self.experiment_id, run_name=name,
+                                   parent_run_id=parent_id, tags=tags)
+        rid = run.info.run_id
+        try:
+            yield rid
+        except Interrupted as exc:
+            _end(rid, "KILLED", str(exc))
+            raise
+        except KeyboardInterrupt:
+            _end(rid, "KILLED", "stopped by SIGINT")
+            raise
+        except BaseException as exc:
+            _end(rid, "FAILED", f"{type(exc).__name__}: {exc}"[:4000])
+            raise
+        else:
+            mlflow.end_run("FINISHED")
+
+    def stage_run(self, stage: str, parent_id: str, tags: dict[str, str]):
+        return self.run(name=stage, parent_id=parent_id, tags={TAG_STAGE: stage, **tags})
+
+
+def _end(run_id: str, status: str, reason: str) -> None:
+    try:
+        mlflow.set_tag(TAG_END, reason)
+    finally:
+        mlflow.end_run(status)
+
+
+def _text(value: Any) -> str:
+    if isinstance(value, (list, tuple)):
+        return ",".join(str(v) for v in value)
+    return str(value)
+
+
+class MlflowSink:
+    """Receives step chunks from the loop; logs window means from a separate process.
+
+    The window is ``ceil(total_steps / max_points)`` (1 with ``full_history``), so the MLflow
+    history of every metric holds at most ``max_points`` points, each at step = samples seen.
+    A point costs hundreds of microseconds in the SQLite store (more than a training step at
+    small batch sizes), so the training process only queues them; ``metric_logger`` sends them
+    from its own process (start_new_session: a terminal's Ctrl-C reaches the trainer alone, which
+    flushes and then closes the logger).
+    """
+
+    def __init__(self, uri: str, run_id: str, total_steps: int, max_points: int,
+                 full_history: bool, start_time: float):
+        self.run_id = run_id
+        self.window = 1 if full_history else max(1, math.ceil(total_steps / max_points))
+        self._prev_time = start_time
+        self._acc: dict[str, Any] = self._empty()
+        self._pending: list[tuple] = []
+        self._sent_at = time.monotonic()
+        self.points = 0
+        self._proc = subprocess.Popen(
+            [sys.executable, "-m", "pipeline.metric_logger", uri, run_id],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+            cwd=str(Path(__file__).resolve().parent.parent), start_new_session=True)
+        # Wait for its imports and connection: they would otherwise compete with the first
+        # training steps for the CPU and distort their timing.
+        ready = self._proc.stdout.readline().strip()
+        if ready != "ready":
+            self._proc.wait()
+            raise RuntimeError(f"the metric logger process failed to start: {ready or 'no answer'}")
+        # A pipe write blocks when the logger lags; a feeder thread takes that wait off the loop.
+        self._queue: queue.Queue = queue.Queue()
+        self._feeder = threading.Thread(target=self._feed, name="metric-feeder", daemon=True)
+        self._feeder.start()
+
+    def _feed(self) -> None:
+        while (item := self._queue.get()) is not None:
+            try:
+                self._proc.stdin.write(item)
+                self._proc.stdin.flush()
+            except OSError:
+                return  # the logger died; close() reports it
+        self._proc.stdin.close()
+
+    @staticmethod
+    def _empty() -> dict[str, Any]:
+        return {"n": 0, "loss": 0.0, "correct": 0, "batch": 0}
+
+    def resume_from(self, hist, resumed_step: int) -> None:
+        """After a resume, refill the window the interruption left partial (it was not logged)."""
+        boundary = resumed_step - resumed_step % self.window
+        idx = [i for i, s in enumerate(hist.step) if s > boundary]
+        if idx and idx[0] > 0:
+            self._prev_time = hist.time[idx[0] - 1]
+        if idx:
+            self.steps(StepChunk(*[[getattr(hist, k)[i] for i in idx] for k in
+                                   ("step", "samples", "loss", "correct", "batch", "lr", "time")]))
+
+    def steps(self, chunk: StepChunk) -> None:
+        acc, out = self._acc, []
+        has_correct = bool(chunk.correct)
+        for i, step in enumerate(chunk.step):
+            acc["n"] += 1
+            acc["loss"] += chunk.loss[i]
+            acc["batch"] += chunk.batch[i]
+            if has_correct:
+                acc["correct"] += chunk.correct[i]
+            if step % self.window == 0:
+                out += self._window_metrics(acc, step, chunk.samples[i], chunk.lr[i], chunk.time[i], has_correct)
+                acc = self._empty()
+        self._acc = acc
+        if chunk.step:
+            self._acc["last"] = (chunk.step[-1], chunk.samples[-1], chunk.lr[-1], chunk.time[-1], has_correct)
+        self._add(out)
+
+    def _window_metrics(self, acc, step, samples, lr, t, has_correct) -> list[tuple]:
+        ms = int(t * 1000)
+        elapsed = max(t - self._prev_time, 1e-9)
+        self._prev_time = t
+        metrics = [
+            ("train/loss", acc["loss"] / acc["n"], ms, samples),
+            ("train/lr", lr, ms, samples),
+            ("train/optimizer_step", float(step), ms, samples),
+            ("train/throughput", acc["batch"] / elapsed, ms, samples),
+        ]
+        if has_correct:
+            metrics.append(("train/batch_acc", acc["correct"] / acc["batch"], ms, samples))
+        return metrics
+
+    def point(self, key: str, value: float, samples: int) -> None:
+        self._add([(key, float(value), int(time.time() * 1000), samples)])
+
+    def _add(self, metrics: list[tuple], force: bool = False) -> None:
+        # Handed over in chunks of MAX_BATCH, or every SEND_SECONDS so the UI stays live.
+        self._pending += metrics
+        now = time.monotonic()
+        if self._pending and (force or len(self._pending) >= MAX_BATCH or now - self._sent_at > SEND_SECONDS):
+            self.points += len(self._pending)
+            self._queue.put(json.dumps(self._pending) + "\n")
+            self._pending, self._sent_at = [], now
+
+    def close(self, complete: bool) -> None:
+        """Send what is buffered and wait for the logger. ``complete``: training ended, so the
+        last partial window is logged too; after an interruption it is kept for the resumed run."""
+        last = self._acc.get("last")
+        if complete and self._acc["n"] and last:
+            step, samples, lr, t, has_correct = last
+            self._add(self._window_metrics(self._acc, step, samples, lr, t, has_correct))
+            self._acc = self._empty()
+        self._add([], force=True)
+        self._queue.put(None)
+        self._feeder.join()
+        answer = self._proc.stdout.readline().strip()
+        self._proc.wait()
+        try:
+            result = json.loads(answer)
+        except json.JSONDecodeError:
+            result = {"sent": 0, "error": f"no answer from the metric logger (exit {self._proc.returncode})"}
+        error = result.get("error")
+        if error is None and result.get("sent") != self.points:
+            error = f"sent {result.get('sent')} of {self.points} metric points"
+        if error is not None:
+            raise RuntimeError(f"logging metrics to MLflow failed: {error}")

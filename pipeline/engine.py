@@ -38,9 +38,13 @@ class StepSink(Protocol):
     def steps(self, chunk: "StepChunk") -> None: ...
     def point(self, key: str, value: float, samples: int) -> None: ...
     def resume_from(self, hist: "History", resumed_step: int) -> None: ...
+    def ready(self) -> None: ...
 
 
 class NullSink:
+    def ready(self) -> None:
+        pass
+
     def resume_from(self, hist: "History", resumed_step: int) -> None:
         pass
 
@@ -310,6 +314,7 @@ def fit(model: nn.Module, train: Split, val: Split, p: TrainParams, batch_size: 
         resumed_from = step
         sink.resume_from(hist, step)
 
+    sink.ready()
     # Device-side buffers, read back at flush time only.
     pend_loss: list[torch.Tensor] = []
     pend_correct: list[torch.Tensor] = []

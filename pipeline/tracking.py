@@ -212,16 +212,22 @@ class MlflowSink:
             [sys.executable, "-m", "pipeline.metric_logger", uri, run_id],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
             cwd=str(Path(__file__).resolve().parent.parent), start_new_session=True)
-        # Wait for its imports and connection: they would otherwise compete with the first
-        # training steps for the CPU and distort their timing.
-        ready = self._proc.stdout.readline().strip()
-        if ready != "ready":
-            self._proc.wait()
-            raise RuntimeError(f"the metric logger process failed to start: {ready or 'no answer'}")
+        self._ready = False
         # A pipe write blocks when the logger lags; a feeder thread takes that wait off the loop.
         self._queue: queue.Queue = queue.Queue()
         self._feeder = threading.Thread(target=self._feed, name="metric-feeder", daemon=True)
         self._feeder.start()
+
+    def ready(self) -> None:
+        """Wait for the logger's imports and connection (started in __init__, they overlap the
+        trainer's own start-up); they would otherwise compete with the first steps for the CPU."""
+        if self._ready:
+            return
+        answer = self._proc.stdout.readline().strip()
+        if answer != "ready":
+            self._proc.wait()
+            raise RuntimeError(f"the metric logger process failed to start: {answer or 'no answer'}")
+        self._ready = True
 
     def _feed(self) -> None:
         while (item := self._queue.get()) is not None:
@@ -300,6 +306,8 @@ class MlflowSink:
         self._add([], force=True)
         self._queue.put(None)
         self._feeder.join()
+        if not self._ready:
+            self.ready()
         answer = self._proc.stdout.readline().strip()
         self._proc.wait()
         try:

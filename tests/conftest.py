@@ -1,0 +1,113 @@
+"""Shared fixtures: small real projects (git + DVC + SQLite MLflow store) in temporary folders."""
+from __future__ import annotations
+
+import gzip
+import os
+import shutil
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+
+# Small and quick: the bundled digits, two batch sizes, two epochs.
+SMALL = {
+    "data": {"name": "digits"},
+    "model": {"name": "mlp", "hidden_sizes": [32]},
+    "train": {"batch_sizes": [16, 64], "epochs": 2, "lr": 0.003, "noise_scale_every": 5,
+              "target_value": 0.8},
+    "tracking": {"experiment": "test"},
+}
+
+
+def merge(base: dict, extra: dict) -> dict:
+    out = {k: dict(v) if isinstance(v, dict) else v for k, v in base.items()}
+    for k, v in extra.items():
+        out[k] = {**out.get(k, {}), **v} if isinstance(v, dict) else v
+    return out
+
+
+def env_for(project: Path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_"))}
+    env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
+    env["PYTHONPATH"] = str(project)
+    env["DVC_NO_ANALYTICS"] = "1"
+    env["GIT_PYTHON_REFRESH"] = "quiet"
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+def sh(cmd: list[str], cwd: Path, check: bool = True, **kw) -> subprocess.CompletedProcess:
+    proc = subprocess.run(cmd, cwd=cwd, env=kw.pop("env", env_for(cwd)), capture_output=True,
+                          text=True, **kw)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return proc
+
+
+def make_project(dest: Path, params: dict, git: bool = True) -> Path:
+    dest.mkdir(parents=True, exist_ok=True)
+    shutil.copytree(REPO / "pipeline", dest / "pipeline", ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("dvc.yaml", "MLproject", ".gitignore"):
+        shutil.copy(REPO / name, dest / name)
+    (dest / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    if git:
+        sh(["git", "init", "-q"], dest)
+        sh(["dvc", "init", "-q"], dest)
+        sh(["dvc", "config", "core.analytics", "false"], dest)
+        sh(["git", "add", "-A"], dest)
+        sh(["git", "-c", "user.name=t", "-c", "user.email=t@localhost", "commit", "-qm", "init"], dest)
+    return dest
+
+
+@pytest.fixture
+def project(tmp_path: Path) -> Path:
+    return make_project(tmp_path / "proj", SMALL)
+
+
+@pytest.fixture
+def ctx_factory(tmp_path: Path, monkeypatch):
+    """Build an in-process Context on a folder of its own with the given params."""
+    from pipeline.config import parse_params
+    from pipeline.context import Context
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
+
+    def build(extra: dict | None = None, folder: str = "work") -> Context:
+        work = tmp_path / folder
+        work.mkdir(exist_ok=True)
+        params = parse_params(merge(SMALL, extra or {}))
+        return Context(params=params, workdir=work, env={})
+    return build
+
+
+def write_idx(folder: Path, n_train: int = 60, n_test: int = 20, seed: int = 0,
+              gz: bool = False) -> None:
+    """Tiny MNIST-format files (real IDX headers) in torchvision's layout."""
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    for prefix, n in (("train", n_train), ("t10k", n_test)):
+        images = rng.integers(0, 256, size=(n, 28, 28), dtype=np.uint8)
+        labels = (np.arange(n) % 10).astype(np.uint8)
+        img = struct.pack(">IIII", 0x803, n, 28, 28) + images.tobytes()
+        lab = struct.pack(">II", 0x801, n) + labels.tobytes()
+        for name, blob in ((f"{prefix}-images-idx3-ubyte", img), (f"{prefix}-labels-idx1-ubyte", lab)):
+            (folder / name).write_bytes(blob)
+            if gz:
+                (folder / f"{name}.gz").write_bytes(gzip.compress(blob))
+
+
+def runs_of(uri: str, experiment: str = "test"):
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name(experiment)
+    assert exp is not None, f"no experiment {experiment!r} in {uri}"
+    return client, client.search_runs([exp.experiment_id], max_results=1000)

@@ -1,0 +1,150 @@
+import math
+
+import pytest
+import torch
+
+from pipeline.config import TrainParams
+from pipeline.data import Split
+from pipeline.engine import (Batches, Interrupted, NonFiniteLoss, NullSink, StopSignals, fit,
+                             lr_at, scaled_lr)
+from pipeline.models import MLP
+
+
+def toy(n=203, d=5, classes=3, seed=0) -> Split:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, d, generator=g)
+    y = (x[:, 0] > 0).long() + (x[:, 1] > 1).long()
+    return Split(x, y.clamp(max=classes - 1))
+
+
+def ids_split(n=103) -> Split:
+    # Feature 0 holds the sample's index, so batches can be traced back to samples.
+    return Split(torch.arange(n, dtype=torch.float32).unsqueeze(1), torch.arange(n))
+
+
+@pytest.mark.parametrize("drop_last", [False, True])
+def test_tensor_batches_cover_each_sample_once_per_epoch(drop_last):
+    p = TrainParams(drop_last=drop_last, seed=3)
+    b = Batches(ids_split(), p, 10, torch.device("cpu"))
+    seen = [xb[:, 0].long() for xb, _ in b.epoch(0)]
+    assert all(s.shape[0] == 10 for s in seen[:-1])
+    flat = torch.cat(seen)
+    if drop_last:
+        assert len(seen) == 10 and len(flat) == 100 and len(set(flat.tolist())) == 100
+    else:
+        assert len(seen) == 11 and seen[-1].shape[0] == 3
+        assert sorted(flat.tolist()) == list(range(103))
+    for xb, yb in b.epoch(0):
+        assert xb.shape == (xb.shape[0], 1) and torch.equal(xb[:, 0].long(), yb)
+
+
+def test_batch_order_is_seeded_and_differs_between_epochs_and_seeds():
+    def order(seed, epoch):
+        b = Batches(ids_split(), TrainParams(seed=seed), 10, torch.device("cpu"))
+        return torch.cat([xb[:, 0] for xb, _ in b.epoch(epoch)]).tolist()
+    assert order(0, 0) == order(0, 0)
+    assert order(0, 0) != order(0, 1)
+    assert order(0, 0) != order(1, 0)
+
+
+def test_dataloader_path_gives_the_same_batches_as_tensor_path():
+    data = ids_split()
+    fast = Batches(data, TrainParams(seed=5), 16, torch.device("cpu"))
+    slow = Batches(data, TrainParams(seed=5, loader="dataloader"), 16, torch.device("cpu"))
+    for epoch in (0, 1):
+        for (a, ya), (b, yb) in zip(fast.epoch(epoch), slow.epoch(epoch), strict=True):
+            assert torch.equal(a, b) and torch.equal(ya, yb)
+
+
+def test_resume_mid_epoch_starts_at_the_right_batch():
+    b = Batches(ids_split(), TrainParams(), 10, torch.device("cpu"))
+    whole = [xb[:, 0].tolist() for xb, _ in b.epoch(2)]
+    rest = [xb[:, 0].tolist() for xb, _ in b.epoch(2, start=4)]
+    assert rest == whole[4:]
+
+
+def test_lr_scaling_and_warmup():
+    p = TrainParams(lr=0.1, base_batch_size=32, lr_scaling="linear", warmup_epochs=1)
+    assert scaled_lr(p, 128) == pytest.approx(0.4)
+    assert scaled_lr(TrainParams(lr=0.1, base_batch_size=32, lr_scaling="sqrt"), 128) == pytest.approx(0.2)
+    assert scaled_lr(TrainParams(lr=0.1), 128) == 0.1
+    lrs = [lr_at(p, 128, s, 10) for s in range(12)]
+    assert lrs[0] == pytest.approx(0.04) and lrs[9] == pytest.approx(0.4) and lrs[11] == pytest.approx(0.4)
+    assert all(a < b for a, b in zip(lrs[:10], lrs[1:10]))
+
+
+def _fit(p, batch_size=16, **kw):
+    torch.manual_seed(p.seed)
+    model = MLP(5, (8,), 3)
+    data = toy()
+    return fit(model, data, toy(60, seed=1), p, batch_size, "classification",
+               torch.device("cpu"), kw.pop("sink", NullSink()), **kw), model
+
+
+def test_same_params_and_seed_give_identical_loss_histories():
+    p = TrainParams(epochs=3, seed=7)
+    (a, _), (b, _) = _fit(p), _fit(p)
+    assert a.history.loss == b.history.loss
+    assert [e["val_loss"] for e in a.history.evals] == [e["val_loss"] for e in b.history.evals]
+    (c, _) = _fit(TrainParams(epochs=3, seed=8))
+    assert c.history.loss != a.history.loss
+
+
+def test_history_has_one_entry_per_optimizer_step():
+    r, _ = _fit(TrainParams(epochs=2), batch_size=16)
+    assert r.steps == 2 * math.ceil(203 / 16)
+    assert r.history.step == list(range(1, r.steps + 1))
+    assert r.history.samples[-1] == 2 * 203
+    assert len(r.history.loss) == r.steps
+
+
+class StopAt:
+    """A sink that asks for a stop at a given step, as SIGTERM would."""
+
+    def __init__(self, signals, step):
+        self.signals, self.step = signals, step
+
+    def ready(self):
+        pass
+
+    def resume_from(self, hist, step):
+        pass
+
+    def steps(self, chunk):
+        if chunk.step[-1] >= self.step and self.signals.requested is None:
+            self.signals.requested = 15
+
+    def point(self, *a):
+        pass
+
+
+@pytest.mark.parametrize("every", [0, 7])
+def test_interrupt_then_resume_gives_the_uninterrupted_result(tmp_path, every):
+    p = TrainParams(epochs=3, checkpoint_every_steps=every, eval_every_steps=5)
+    full, model_full = _fit(p)
+    ckpt = tmp_path / "ck.pt"
+    signals = StopSignals()
+    with pytest.raises(Interrupted):
+        _fit(p, sink=StopAt(signals, 20), checkpoint=ckpt, signals=signals, flush_every=1)
+    assert ckpt.is_file()
+    resumed, model_resumed = _fit(p, checkpoint=ckpt)
+    assert resumed.resumed_from_step == 20
+    assert resumed.history.loss == full.history.loss
+    for a, b in zip(model_full.state_dict().values(), model_resumed.state_dict().values()):
+        assert torch.equal(a, b)
+
+
+def test_checkpoint_of_other_params_is_not_resumed(tmp_path):
+    p = TrainParams(epochs=2)
+    ckpt = tmp_path / "ck.pt"
+    signals = StopSignals()
+    with pytest.raises(Interrupted):
+        _fit(p, sink=StopAt(signals, 5), checkpoint=ckpt, signals=signals, flush_every=1,
+             checkpoint_extra={"sweep": "a"})
+    r, _ = _fit(p, checkpoint=ckpt, checkpoint_extra={"sweep": "b"})
+    assert r.resumed_from_step == 0
+
+
+def test_non_finite_loss_stops_with_a_clear_message():
+    with pytest.raises(NonFiniteLoss, match="optimizer step"):
+        _fit(TrainParams(epochs=2, lr=1e30, optimizer="sgd"))

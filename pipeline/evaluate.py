@@ -43,8 +43,8 @@ def run(ctx: Context, batch_size: int) -> dict[str, Any]:
         metrics |= _classification(test.y.numpy(), out.argmax(1).numpy(), folder, files)
     else:
         metrics |= _regression(test.y.numpy().ravel(), out.numpy().ravel(), folder, files)
-        metrics["weight"] = float(model.weight.flatten()[0])
-        metrics["bias"] = float(model.bias[0])
+        metrics["weight"] = float(model.weight.detach().flatten()[0])
+        metrics["bias"] = float(model.bias.detach()[0])
     write_json(folder / "metrics.json", metrics)
     files.append(folder / "metrics.json")
     _log(ctx, batch_size, metrics, files)

@@ -66,13 +66,30 @@ def make_project(dest: Path, params: dict, git: bool = True) -> Path:
     return dest
 
 
+@pytest.fixture(scope="session")
+def empty_store(tmp_path_factory) -> Path:
+    """An MLflow SQLite store with its tables made once; creating them costs seconds per test."""
+    from mlflow.tracking import MlflowClient
+
+    path = tmp_path_factory.mktemp("store") / "mlflow.db"
+    MlflowClient(f"sqlite:///{path}").search_experiments()
+    return path
+
+
+@pytest.fixture
+def store(tmp_path: Path, empty_store: Path) -> Path:
+    """A folder holding a fresh copy of the empty store as mlflow.db."""
+    shutil.copy(empty_store, tmp_path / "mlflow.db")
+    return tmp_path
+
+
 @pytest.fixture
 def project(tmp_path: Path) -> Path:
     return make_project(tmp_path / "proj", SMALL)
 
 
 @pytest.fixture
-def ctx_factory(tmp_path: Path, monkeypatch):
+def ctx_factory(tmp_path: Path, monkeypatch, empty_store: Path):
     """Build an in-process Context on a folder of its own with the given params."""
     from pipeline.config import parse_params
     from pipeline.context import Context
@@ -83,6 +100,8 @@ def ctx_factory(tmp_path: Path, monkeypatch):
     def build(extra: dict | None = None, folder: str = "work") -> Context:
         work = tmp_path / folder
         work.mkdir(exist_ok=True)
+        if not (work / "mlflow.db").exists():
+            shutil.copy(empty_store, work / "mlflow.db")
         params = parse_params(merge(SMALL, extra or {}))
         return Context(params=params, workdir=work, env={})
     return build

@@ -1,0 +1,163 @@
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from conftest import BIN, env_for, make_project, runs_of, SMALL, merge
+from pipeline import compare, evaluate, prepare, train
+from pipeline.context import read_json
+from pipeline.evaluate import load_trained, predict
+from pipeline.data import load_prepared
+
+
+def _uri(ctx):
+    return f"sqlite:///{ctx.workdir / 'mlflow.db'}"
+
+
+def test_sweep_in_process_files_children_under_one_parent(ctx_factory):
+    ctx = ctx_factory()
+    prepare.run(ctx)
+    summaries = {bs: train.run(ctx, bs) for bs in ctx.params.train.batch_sizes}
+    for bs in ctx.params.train.batch_sizes:
+        evaluate.run(ctx, bs)
+    result = compare.run(ctx)
+
+    client, runs = runs_of(_uri(ctx))
+    parents = [r for r in runs if r.data.tags.get("batchlab.role") == "sweep"]
+    children = [r for r in runs if r.data.tags.get("batchlab.role") == "train"]
+    assert len(parents) == 1 and len(children) == 2
+    parent = parents[0]
+    assert all(c.data.tags["mlflow.parentRunId"] == parent.info.run_id for c in children)
+    assert all(r.info.status == "FINISHED" for r in runs)
+    # The same metric keys in every child, so Compare in the UI lines them up.
+    keys = [set(c.data.metrics) for c in children]
+    assert keys[0] == keys[1] and {"train/loss", "val/acc", "test/acc", "final/throughput"} <= keys[0]
+    for child in children:
+        bs = int(child.data.params["batch_size"])
+        steps = summaries[bs]["steps"]
+        assert steps == 2 * math.ceil(1257 / bs)
+        history = client.get_metric_history(child.info.run_id, "train/loss")
+        # Fewer steps than tracking.max_points: one point per optimizer step, at samples seen.
+        assert len(history) == steps
+        assert max(m.step for m in history) == 2 * 1257
+        for tag in ("batchlab.git_commit", "batchlab.version.torch", "batchlab.version.mlflow",
+                    "batchlab.version.dvc"):
+            assert tag in child.data.tags
+        assert child.data.params["seed"] == "0"
+        assert child.data.params["data.hash"] == parent.data.params["data.hash"]
+        assert "device" in child.data.params
+        artifacts = {a.path for a in client.list_artifacts(child.info.run_id, "outputs")}
+        assert "outputs/steps.csv" in artifacts
+        assert {a.path for a in client.list_artifacts(child.info.run_id, "evaluate")} >= {
+            "evaluate/evaluation.png", "evaluate/metrics.json"}
+    assert {a.path for a in client.list_artifacts(parent.info.run_id, "compare")} >= {
+        "compare/report.html", "compare/sweep.csv"}
+    assert "sweep/most_accurate.test_acc" in client.get_run(parent.info.run_id).data.metrics
+    report = (ctx.compare_dir / "report.html").read_text()
+    assert "Fastest to the target" in report and "data:image/png;base64," in report
+    assert len(result["rows"]) == 2
+
+
+def test_logged_model_is_a_logged_model_with_signature(ctx_factory):
+    import mlflow
+    ctx = ctx_factory({"train": {"batch_sizes": [64], "epochs": 1}})
+    prepare.run(ctx)
+    train.run(ctx, 64)
+    client, runs = runs_of(_uri(ctx))
+    child = next(r for r in runs if r.data.tags.get("batchlab.role") == "train")
+    models = mlflow.search_logged_models(experiment_ids=[child.info.experiment_id], output_format="list")
+    assert len(models) == 1 and models[0].source_run_id == child.info.run_id
+    loaded = mlflow.pytorch.load_model(f"models:/{models[0].model_id}")
+    x = load_prepared(ctx.data_dir).test.x[:3]
+    assert loaded(x).shape == (3, 10)
+
+
+def test_predictions_do_not_depend_on_inference_batch_size(ctx_factory):
+    ctx = ctx_factory({"train": {"batch_sizes": [32], "epochs": 1}})
+    prepare.run(ctx)
+    train.run(ctx, 32, log_to_mlflow=False)
+    data = load_prepared(ctx.data_dir)
+    model = load_trained(ctx, 32, data.n_features, data.n_outputs)
+    ref = predict(model, data.test.x, len(data.test.x))
+    for bs in (1, 7, 32, 1000):
+        out = predict(model, data.test.x, bs)
+        assert torch.equal(out.argmax(1), ref.argmax(1))
+        assert torch.allclose(out, ref, atol=1e-5)
+
+
+def test_linear_regression_recovers_w_2_and_b_1(ctx_factory):
+    ctx = ctx_factory({"data": {"name": "linear", "linear_samples": 200},
+                       "model": {"name": "linear"},
+                       "train": {"batch_sizes": [10], "epochs": 30, "optimizer": "sgd", "lr": 0.05,
+                                 "target_metric": "val_loss", "target_value": 0.05}})
+    prepare.run(ctx)
+    s = train.run(ctx, 10)
+    m = evaluate.run(ctx, 10)
+    assert abs(s["weight"] - 2) < 0.05 and abs(s["bias"] - 1) < 0.05
+    assert m["test_r2"] > 0.99
+
+
+def test_bad_batch_size_with_drop_last_is_refused_before_any_run(ctx_factory):
+    from pipeline.config import ParamsError
+    ctx = ctx_factory({"train": {"drop_last": True}})
+    prepare.run(ctx)
+    with pytest.raises(ParamsError, match="at most 1257"):
+        train.run(ctx, 5000)
+    _, runs = runs_of(_uri(ctx))
+    assert not [r for r in runs if r.data.tags.get("batchlab.role") == "train"]
+
+
+def _start_train(proj, bs):
+    return subprocess.Popen([sys.executable, "-m", "pipeline", "train", "--batch-size", str(bs)],
+                            cwd=proj, env=env_for(proj), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+
+
+def test_sigterm_marks_run_killed_then_rerun_resumes_to_identical_metrics(tmp_path):
+    params = merge(SMALL, {"train": {"batch_sizes": [1], "epochs": 3, "checkpoint_every_steps": 200,
+                                     "noise_scale": False}})
+    proj = make_project(tmp_path / "a", params, git=False)
+    ref = make_project(tmp_path / "b", params, git=False)
+    for p in (proj, ref):
+        subprocess.run([sys.executable, "-m", "pipeline", "prepare"], cwd=p, env=env_for(p), check=True,
+                       capture_output=True)
+    subprocess.run([sys.executable, "-m", "pipeline", "train", "--batch-size", "1"], cwd=ref,
+                   env=env_for(ref), check=True, capture_output=True)
+
+    proc = _start_train(proj, 1)
+    ckpt = proj / "checkpoints" / "bs1.pt"
+    deadline = time.monotonic() + 180
+    while not ckpt.exists() and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    assert ckpt.exists(), "no checkpoint was written"
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    assert "resume" in err
+    client, runs = runs_of(f"sqlite:///{proj / 'mlflow.db'}")
+    child = next(r for r in runs if r.data.tags.get("batchlab.role") == "train")
+    assert child.info.status == "KILLED"
+    assert "SIGTERM" in child.data.tags["batchlab.end_reason"]
+    assert not (proj / "outputs" / "train" / "bs1" / "summary.json").exists()
+
+    subprocess.run([sys.executable, "-m", "pipeline", "train", "--batch-size", "1"], cwd=proj,
+                   env=env_for(proj), check=True, capture_output=True)
+    resumed = read_json(proj / "outputs" / "train" / "bs1" / "summary.json")
+    full = read_json(ref / "outputs" / "train" / "bs1" / "summary.json")
+    assert resumed["resumed_from_step"] > 0
+    for key in ("final_train_loss", "final_val_loss", "final_val_acc", "steps", "samples"):
+        assert resumed[key] == full[key], key
+    a = (proj / "outputs" / "train" / "bs1" / "steps.csv").read_text().splitlines()
+    b = (ref / "outputs" / "train" / "bs1" / "steps.csv").read_text().splitlines()
+    column = a[0].split(",").index("loss")
+    assert [r.split(",")[column] for r in a] == [r.split(",")[column] for r in b]
+    _, runs = runs_of(f"sqlite:///{proj / 'mlflow.db'}")
+    children = [r for r in runs if r.data.tags.get("batchlab.role") == "train"]
+    assert len(children) == 1 and children[0].info.status == "FINISHED"
+    assert children[0].data.tags.get("batchlab.resumed") == "true"
+    assert not ckpt.exists()

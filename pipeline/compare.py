@@ -175,7 +175,10 @@ def _plots(ctx, rows, task, target_metric, target_value, margin) -> list[Path]:
             ax.axvline(knee["knee"], color="r", lw=0.8, label=f"leaves at bs={knee['knee']}")
     ax.set(xscale="log", yscale="log", xlabel="batch size", ylabel="optimizer steps to target",
            title="Steps to target (Shallue et al. 2018)")
-    ax.legend()
+    if ax.lines:
+        ax.legend()
+    else:
+        ax.text(0.5, 0.5, "no batch size reached the target", ha="center", transform=ax.transAxes)
     save(fig, "steps_to_target")
 
     fig, ax = plt.subplots(figsize=(7, 4))

@@ -50,7 +50,8 @@ class Context:
 
     def tracker(self):
         from .tracking import Tracker, project_root
-        return Tracker(project_root(self.workdir), self.params.tracking.experiment, self.env)
+        return Tracker(project_root(self.workdir), self.params.tracking.experiment, self.env,
+                       self.parent_run_id)
 
     def run_tags(self) -> dict[str, str]:
         """What a run needs to be reproduced, besides its params."""

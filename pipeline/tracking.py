@@ -66,12 +66,17 @@ def is_local_store(uri: str) -> bool:
 class Tracker:
     """A connection to the tracking store for one experiment."""
 
-    def __init__(self, root: Path, experiment: str, env: dict[str, str] | None = None):
+    def __init__(self, root: Path, experiment: str, env: dict[str, str] | None = None,
+                 parent_run_id: str | None = None):
         self.root = root
         self.uri = tracking_uri(root, env)
         mlflow.set_tracking_uri(self.uri)
         self.client = MlflowClient(self.uri)
-        self.experiment_id = self._experiment(experiment)
+        if parent_run_id:
+            # `mlflow run` chose the experiment (--experiment-name); children go where the parent is.
+            self.experiment_id = self.client.get_run(parent_run_id).info.experiment_id
+        else:
+            self.experiment_id = self._experiment(experiment)
         mlflow.set_experiment(experiment_id=self.experiment_id)
 
     def _experiment(self, name: str) -> str:

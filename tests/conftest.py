@@ -56,7 +56,9 @@ def make_project(dest: Path, params: dict, git: bool = True) -> Path:
     shutil.copytree(REPO / "pipeline", dest / "pipeline", ignore=shutil.ignore_patterns("__pycache__"))
     for name in ("dvc.yaml", "MLproject", ".gitignore"):
         shutil.copy(REPO / name, dest / name)
-    (dest / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    # DVC wants every key a stage lists: start from the project's own params.yaml.
+    full = merge(yaml.safe_load((REPO / "params.yaml").read_text()), params)
+    (dest / "params.yaml").write_text(yaml.safe_dump(full, sort_keys=False))
     if git:
         sh(["git", "init", "-q"], dest)
         sh(["dvc", "init", "-q"], dest)

@@ -40,6 +40,10 @@ def env_for(project: Path) -> dict[str, str]:
     env["DVC_NO_ANALYTICS"] = "1"
     env["GIT_PYTHON_REFRESH"] = "quiet"
     env["PYTHONUNBUFFERED"] = "1"
+    # `dvc exp run` commits: a machine without a git identity must still pass.
+    for key, value in (("GIT_AUTHOR_NAME", "batchlab-test"), ("GIT_AUTHOR_EMAIL", "test@localhost"),
+                       ("GIT_COMMITTER_NAME", "batchlab-test"), ("GIT_COMMITTER_EMAIL", "test@localhost")):
+        env.setdefault(key, value)
     return env
 
 

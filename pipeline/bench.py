@@ -1,0 +1,238 @@
+"""bench: training samples/s per data path and batch size, measured side by side in one run.
+
+Rows (MNIST-shaped synthetic data made in memory, the tutorial's 784-128-10 MLP with Adam):
+  tutorial       a Dataset returning one PIL image at a time through ToTensor()+Normalize(),
+                 in a DataLoader with shuffle=True (the tutorial's pattern);
+  tensordataset  a TensorDataset in a DataLoader with shuffle=True;
+  pipeline       the pipeline's own loop and data path (engine.fit), MLflow logging on;
+  compute        the same optimizer steps on one batch already in memory (the compute limit).
+Cells are interleaved and repeated; the median is reported.
+"""
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from .config import TrainParams
+from .data import Split
+from .engine import NullSink, fit, make_optimizer
+from .models import MLP
+from .system import PeakMemory, device_name, pick_device, set_threads
+
+LOADERS = ("tutorial", "tensordataset", "pipeline", "compute")
+N_SAMPLES, N_VAL = 60_000, 1_000
+MEAN, STD = 0.1307, 0.3081
+
+
+def synthetic(seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    images = rng.integers(0, 256, size=(N_SAMPLES, 28, 28), dtype=np.uint8)
+    labels = rng.integers(0, 10, size=N_SAMPLES).astype(np.int64)
+    return images, labels
+
+
+class TutorialDataset(torch.utils.data.Dataset):
+    """What torchvision's MNIST does per item: a PIL image through the transform."""
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray):
+        from torchvision import transforms
+
+        self.images, self.labels = images, labels
+        self.transform = transforms.Compose([transforms.ToTensor(), transforms.Normalize((MEAN,), (STD,))])
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int):
+        from PIL import Image
+
+        return self.transform(Image.fromarray(self.images[i], mode="L")), int(self.labels[i])
+
+
+# Noise-scale estimation is measured as a cost of its own (a line under the table), so that
+# the rows compare data paths alone.
+PARAMS = TrainParams(epochs=1000, lr=1e-3, optimizer="adam", seed=0, noise_scale=False)
+
+
+def _model(device) -> tuple[nn.Module, torch.optim.Optimizer]:
+    # Every row uses the pipeline's optimizer, so the ratios isolate the data path.
+    torch.manual_seed(0)
+    model = MLP(784, (128,), 10).to(device)
+    return model, make_optimizer(PARAMS, model, PARAMS.lr)
+
+
+def _loader_rate(loader, device, seconds: float, warmup: int = 3) -> float:
+    model, opt = _model(device)
+    crit = nn.CrossEntropyLoss()
+    samples, t0 = 0, None
+    while True:
+        for i, (xb, yb) in enumerate(loader):
+            xb, yb = xb.to(device), yb.to(device)
+            opt.zero_grad(set_to_none=True)
+            crit(model(xb), yb).backward()
+            opt.step()
+            if t0 is None and i + 1 >= warmup:
+                _sync(device)
+                t0 = time.perf_counter()
+                continue
+            if t0 is not None:
+                samples += xb.shape[0]
+                if time.perf_counter() - t0 >= seconds:
+                    _sync(device)
+                    return samples / (time.perf_counter() - t0)
+
+
+def _compute_rate(x, y, bs, device, seconds: float) -> float:
+    model, opt = _model(device)
+    crit = nn.CrossEntropyLoss()
+    xb, yb = x[:bs].to(device), y[:bs].to(device)
+    steps, t0 = 0, None
+    while True:
+        opt.zero_grad(set_to_none=True)
+        crit(model(xb), yb).backward()
+        opt.step()
+        if t0 is None:
+            if steps >= 2:
+                _sync(device)
+                t0, steps = time.perf_counter(), 0
+            steps += 1
+            continue
+        steps += 1
+        if steps % 4 == 0 and time.perf_counter() - t0 >= seconds:
+            _sync(device)
+            return steps * bs / (time.perf_counter() - t0)
+
+
+def _pipeline_rate(train: Split, val: Split, bs, device, seconds, sink, p=PARAMS) -> tuple[float, int]:
+    model, _ = _model(device)
+    if hasattr(sink, "window"):
+        # The window a real one-epoch run at this batch size gets with default settings.
+        sink.window = max(1, -(-(N_SAMPLES // bs) // 1000))
+    with PeakMemory(device) as mem:
+        result = fit(model, train, val, p, bs, "classification", device, sink, max_seconds=seconds)
+    return result.samples / result.train_seconds, mem.peak_bytes
+
+
+def _sync(device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def run_bench(batch_sizes: list[int], seconds: float, repeats: int, device: torch.device,
+              sink_factory=None, log=print) -> dict[str, Any]:
+    images, labels = synthetic()
+    x = ((torch.from_numpy(images).float() / 255 - MEAN) / STD).reshape(N_SAMPLES, -1)
+    y = torch.from_numpy(labels)
+    train = Split(x, y)
+    val = Split(x[:N_VAL], y[:N_VAL])
+    tutorial_ds = TutorialDataset(images, labels)
+    tensor_ds = torch.utils.data.TensorDataset(x, y)
+    sink = sink_factory() if sink_factory else NullSink()
+    per = seconds / repeats
+    rates: dict[tuple[str, int], list[float]] = {}
+    memory: dict[int, int] = {}
+    for r in range(repeats):
+        for bs in batch_sizes:
+            for loader in LOADERS:
+                if loader == "tutorial":
+                    rate = _loader_rate(torch.utils.data.DataLoader(tutorial_ds, batch_size=bs, shuffle=True), device, per)
+                elif loader == "tensordataset":
+                    rate = _loader_rate(torch.utils.data.DataLoader(tensor_ds, batch_size=bs, shuffle=True), device, per)
+                elif loader == "pipeline":
+                    rate, peak = _pipeline_rate(train, val, bs, device, per, sink)
+                    memory[bs] = max(memory.get(bs, 0), peak)
+                else:
+                    rate = _compute_rate(x, y, bs, device, per)
+                rates.setdefault((loader, bs), []).append(rate)
+            log(f"  repeat {r + 1}/{repeats} batch size {bs}: " + ", ".join(
+                f"{k[0]} {v[-1]:,.0f}" for k, v in rates.items() if k[1] == bs))
+    # Logging overhead at batch size 8: the same loop with logging on and off, interleaved.
+    on, off = [], []
+    for _ in range(repeats):
+        on.append(_pipeline_rate(train, val, 8, device, per * 2, sink)[0])
+        off.append(_pipeline_rate(train, val, 8, device, per * 2, NullSink())[0])
+    noisy, quiet = [], []
+    with_noise = PARAMS.model_copy(update={"noise_scale": True})
+    for _ in range(repeats):
+        noisy.append(_pipeline_rate(train, val, 64, device, per * 2, NullSink(), with_noise)[0])
+        quiet.append(_pipeline_rate(train, val, 64, device, per * 2, NullSink())[0])
+    drain_t0 = time.perf_counter()
+    if sink_factory:
+        sink.close(complete=True)
+    drain = time.perf_counter() - drain_t0
+    rows = [{"loader": loader, "batch_size": bs, "samples_per_s": statistics.median(rates[(loader, bs)]),
+             "peak_memory_bytes": memory.get(bs, 0)} for bs in batch_sizes for loader in LOADERS]
+    overhead = 1 - statistics.median(on) / statistics.median(off)
+    return {"rows": rows, "logging_overhead": {"batch_size": 8, "fraction": overhead,
+                                               "on_samples_per_s": statistics.median(on),
+                                               "off_samples_per_s": statistics.median(off),
+                                               "drain_seconds_after_training": drain},
+            "noise_scale_overhead": {"batch_size": 64, "every_steps": with_noise.noise_scale_every,
+                                     "fraction": 1 - statistics.median(noisy) / statistics.median(quiet)},
+            "device": device_name(device), "threads": torch.get_num_threads(),
+            "seconds_per_cell": seconds, "repeats": repeats}
+
+
+def table(result: dict[str, Any]) -> str:
+    rows = {(r["loader"], r["batch_size"]): r for r in result["rows"]}
+    sizes = sorted({r["batch_size"] for r in result["rows"]})
+    head = f"{'batch':>6} " + " ".join(f"{name:>14}" for name in LOADERS) + f" {'3/1':>7} {'3/4':>6} {'peak MB':>9}"
+    lines = [f"training samples/s on {result['device']} ({result['threads']} torch threads), "
+             f"median of {result['repeats']}", head]
+    for bs in sizes:
+        rate = {name: rows[(name, bs)]["samples_per_s"] for name in LOADERS}
+        lines.append(f"{bs:>6} " + " ".join(f"{rate[n]:>14,.0f}" for n in LOADERS)
+                     + f" {rate['pipeline'] / rate['tutorial']:>6.1f}x {rate['pipeline'] / rate['compute']:>6.2f}"
+                     + f" {rows[('pipeline', bs)]['peak_memory_bytes'] / 2**20:>9,.0f}")
+    lo = result["logging_overhead"]
+    lines.append(f"logging overhead at batch size 8: {lo['fraction']:+.1%} "
+                 f"({lo['on_samples_per_s']:,.0f} samples/s on vs {lo['off_samples_per_s']:,.0f} off; "
+                 f"{lo['drain_seconds_after_training']:.2f} s to drain the logger afterwards)")
+    ns = result["noise_scale_overhead"]
+    lines.append(f"gradient-noise-scale estimate (every {ns['every_steps']} steps) costs {ns['fraction']:+.1%} "
+                 f"at batch size {ns['batch_size']}; the rows above run without it")
+    return "\n".join(lines)
+
+
+def main(ctx, args) -> None:
+    from .tracking import MlflowSink
+
+    sizes = [int(s) for s in str(args.batch_sizes).split(",") if s.strip()]
+    if not sizes or any(b < 1 for b in sizes):
+        from .config import ParamsError
+        raise ParamsError(f"--batch-sizes {args.batch_sizes!r}: allowed: comma-separated positive integers")
+    device = pick_device(ctx.params.train.device)
+    set_threads(ctx.params.train.threads)
+    tracker = ctx.tracker()
+    with tracker.run(name="bench", parent_id=None, tags={"batchlab.role": "bench"}) as run_id:
+        sink_run = tracker.client.create_run(tracker.experiment_id, run_name="bench-logging-target",
+                                             tags={"batchlab.role": "bench-sink",
+                                                   "mlflow.parentRunId": run_id}).info.run_id
+        try:
+            result = run_bench(sizes, args.seconds, args.repeats, device,
+                               lambda: MlflowSink(tracker.uri, sink_run, N_SAMPLES, 1000, False, time.time()),
+                               log=lambda m: print(m, file=sys.stderr))
+        finally:
+            tracker.finish(sink_run)
+        text = table(result)
+        print(text)
+        tracker.log_params(run_id, {"batch_sizes": sizes, "seconds": args.seconds, "repeats": args.repeats,
+                                    "device": result["device"], "threads": result["threads"]})
+        for r in result["rows"]:
+            tracker.log_metrics(run_id, {f"{r['loader']}/samples_per_s": r["samples_per_s"]}, step=r["batch_size"])
+            if r["loader"] == "pipeline":
+                tracker.log_metrics(run_id, {"pipeline/peak_memory_bytes": r["peak_memory_bytes"]}, step=r["batch_size"])
+        tracker.log_metrics(run_id, {"logging_overhead_bs8": result["logging_overhead"]["fraction"]})
+        tracker.client.log_dict(run_id, result, "bench.json")
+        tracker.client.log_text(run_id, text, "bench.txt")
+    if args.json_path:
+        from .context import write_json
+        write_json(Path(args.json_path), result)

@@ -30,6 +30,12 @@ test: setup
 bench: setup
 	$(PY) -m pipeline bench
 
+HOST ?= 127.0.0.1
+PORT ?= 5000
+server: setup
+	mlflow server --host $(HOST) --port $(PORT) --backend-store-uri sqlite:///$(abspath mlflow-server.db) \
+		--artifacts-destination $(abspath mlartifacts-server) --serve-artifacts
+
 ui: setup
 	mlflow ui --backend-store-uri sqlite:///$(abspath mlflow.db) --host 127.0.0.1 --port 5000
 

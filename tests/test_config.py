@@ -91,3 +91,13 @@ def test_any_configuration_parses_or_gives_one_line_error(entries):
         assert str(err) and "\n" not in str(err)
     else:
         assert p.train.lr > 0 and p.train.epochs >= 1 and all(b >= 1 for b in p.train.batch_sizes)
+
+
+def test_named_configurations_are_valid():
+    from conftest import REPO
+    names = sorted(p.stem for p in (REPO / "configs").glob("*.yaml"))
+    assert names == ["linear", "mnist"]
+    linear = load_params(REPO / "configs" / "linear.yaml")
+    assert (linear.data.name, linear.model.name, linear.train.optimizer, linear.train.lr) == ("linear", "linear", "sgd", 0.01)
+    mnist = load_params(REPO / "configs" / "mnist.yaml")
+    assert mnist.model.hidden_sizes == (128,) and 64 in mnist.train.batch_sizes

@@ -25,6 +25,11 @@ def _parser() -> argparse.ArgumentParser:
         sp.add_argument("--batch-size", type=_positive_int, required=True)
     verb("compare", "compare the sweep: table, plots, report")
     verb("sweep", "prepare, train and evaluate every batch size, compare (what `mlflow run .` runs)")
+    sp = verb("find-batch-size", "the largest batch size whose training step fits in memory")
+    sp.add_argument("--start", type=_positive_int, default=1)
+    sp.add_argument("--max", dest="limit", type=_positive_int, default=1 << 24)
+    sp.add_argument("--memory-budget-mb", type=float, default=None,
+                    help="CPU: the memory a step may use above the process's baseline (required on CPU)")
     sp = verb("bench", "benchmark data paths and logging overhead (prints a table)")
     sp.add_argument("--batch-sizes", default="1,8,64,512,4096")
     sp.add_argument("--seconds", type=float, default=2.0, help="seconds per cell")
@@ -95,6 +100,16 @@ def _dispatch(args, ctx) -> int:
             evaluate.run(ctx, bs)
         compare.run(ctx)
         print(f"sweep done -> {ctx.compare_dir / 'report.html'}")
+    elif args.verb == "find-batch-size":
+        from . import find_batch_size
+        found = find_batch_size.run(ctx, args.start, args.limit, args.memory_budget_mb)
+        if found.largest is None:
+            print(f"no batch size from {args.start} fits: batch size {args.start} already needs "
+                  f"{found.trials[0].peak_bytes / 2**20:,.1f} MiB ({found.trials[0].note or 'over budget'})",
+                  file=sys.stderr)
+            return 3
+        print(f"largest batch size that fits: {found.largest} (peak {found.peak_bytes / 2**20:,.1f} MiB, "
+              f"{len(found.trials)} trials)")
     elif args.verb == "bench":
         from . import bench
         bench.main(ctx, args)

@@ -1,0 +1,162 @@
+"""find-batch-size: the largest batch size whose training step fits in memory.
+
+Doubles the batch size from a start value until a step runs out of memory, then bisects between
+the last success and the failure (as Lightning's batch-size finder does). On a GPU, out of memory
+is CUDA's own error (the cache is freed after it); on a CPU it is a step whose peak resident
+memory above the process's baseline exceeds a budget given as a parameter — or a size the last
+measurement predicts over it, which is then not tried, so the machine itself never runs out.
+"""
+from __future__ import annotations
+
+import ctypes
+import gc
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .config import Params, ParamsError
+from .engine import make_optimizer
+from .models import build_model, loss_fn
+
+
+@dataclass
+class Trial:
+    batch_size: int
+    fits: bool
+    peak_bytes: int
+    note: str = ""
+
+
+@dataclass
+class Found:
+    largest: int | None
+    peak_bytes: int | None
+    trials: list[Trial] = field(default_factory=list)
+
+
+def _rss_now() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def _release() -> None:
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except OSError:
+        pass
+
+
+def step_peak(p: Params, n_in: int, n_out: int, task: str, batch_size: int, device: torch.device) -> int:
+    """Bytes a training step at ``batch_size`` needs: peak allocated (GPU) or peak RSS above baseline (CPU)."""
+    from .system import PeakMemory
+
+    torch.manual_seed(0)
+    model = build_model(p.model, n_in, n_out).to(device)
+    opt = make_optimizer(p.train, model, p.train.lr)
+    _release()
+    base = torch.cuda.memory_allocated(device) if device.type == "cuda" else _rss_now()
+    try:
+        with PeakMemory(device) as mem:
+            x = torch.randn(batch_size, n_in, device=device)
+            y = (torch.randint(0, n_out, (batch_size,), device=device) if task == "classification"
+                 else torch.randn(batch_size, 1, device=device))
+            opt.zero_grad(set_to_none=True)
+            loss_fn(task)(model(x), y).backward()
+            opt.step()
+            del x, y
+        return max(0, mem.peak_bytes - base)
+    finally:
+        del model, opt
+        _release()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+def find(p: Params, n_in: int, n_out: int, task: str, device: torch.device, start: int, limit: int,
+         budget_bytes: int | None, log=print) -> Found:
+    if start < 1 or limit < start:
+        raise ParamsError(f"--start {start} / --max {limit}: allowed: 1 <= start <= max")
+    if device.type == "cpu" and not budget_bytes:
+        raise ParamsError("on a CPU --memory-budget-mb is required (allowed: a positive number of MiB)")
+    found = Found(None, None)
+    per_sample: float | None = None
+
+    def attempt(bs: int) -> bool:
+        nonlocal per_sample
+        if budget_bytes and per_sample is not None and per_sample * bs > budget_bytes * 1.5:
+            found.trials.append(Trial(bs, False, int(per_sample * bs), "predicted over budget, not run"))
+            log(f"  batch size {bs}: predicted {per_sample * bs / 2**20:,.0f} MiB, over budget: not run")
+            return False
+        try:
+            peak = step_peak(p, n_in, n_out, task, bs, device)
+        except torch.cuda.OutOfMemoryError:
+            torch.cuda.empty_cache()
+            found.trials.append(Trial(bs, False, 0, "CUDA out of memory"))
+            log(f"  batch size {bs}: CUDA out of memory")
+            return False
+        except RuntimeError as err:  # the CPU allocator's own failure
+            if "memory" not in str(err).lower():
+                raise
+            found.trials.append(Trial(bs, False, 0, "allocation failed"))
+            log(f"  batch size {bs}: allocation failed")
+            return False
+        if found.largest is None or bs > found.largest:
+            per_sample = peak / bs  # the largest measured step predicts best
+        fits = budget_bytes is None or peak <= budget_bytes
+        found.trials.append(Trial(bs, fits, peak))
+        log(f"  batch size {bs}: peak {peak / 2**20:,.1f} MiB {'fits' if fits else 'over budget'}")
+        if fits and (found.largest is None or bs > found.largest):
+            found.largest, found.peak_bytes = bs, peak
+        return fits
+
+    step_peak(p, n_in, n_out, task, 2, device)  # the first step loads library code: not a measurement
+    bs, low, high = start, None, None
+    while True:
+        if attempt(bs):
+            low = bs
+            if bs >= limit:
+                return found
+            bs = min(bs * 2, limit)
+        else:
+            high = bs
+            break
+    if low is None:
+        return found
+    # Bisect to within 1/64 of the answer: closer than that, RSS measurements are noise.
+    while high - low > max(1, low // 64):
+        mid = (low + high) // 2
+        if attempt(mid):
+            low = mid
+        else:
+            high = mid
+    return found
+
+
+def run(ctx, start: int, limit: int, budget_mb: float | None) -> Found:
+    from .data import read_manifest
+    from .system import pick_device
+
+    p = ctx.params
+    manifest = read_manifest(ctx.data_dir)
+    device = pick_device(p.train.device)
+    task = manifest["task"]
+    n_out = manifest["n_classes"] if task == "classification" else 1
+    budget = int(budget_mb * 2**20) if budget_mb else None
+    tracker = ctx.tracker()
+    with tracker.run(name="find-batch-size", parent_id=None, tags={"batchlab.role": "find-batch-size"}) as rid:
+        tracker.log_params(rid, p.flat() | {"start": start, "max": limit, "memory_budget_mb": budget_mb,
+                                            "device": str(device)})
+        found = find(p, manifest["n_features"], n_out, task, device, start, limit, budget)
+        for t in found.trials:
+            if t.peak_bytes:
+                tracker.log_metrics(rid, {"trial/peak_bytes": t.peak_bytes}, step=t.batch_size)
+        if found.largest is not None:
+            tracker.log_metrics(rid, {"largest_batch_size": found.largest, "largest_peak_bytes": found.peak_bytes})
+        tracker.client.log_dict(rid, {"trials": [t.__dict__ for t in found.trials],
+                                      "largest": found.largest, "peak_bytes": found.peak_bytes},
+                                "find_batch_size.json")
+    return found

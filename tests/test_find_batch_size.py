@@ -1,0 +1,32 @@
+import pytest
+import torch
+
+from pipeline.config import ParamsError, parse_params
+from pipeline.find_batch_size import find
+
+
+def test_doubles_then_bisects_to_the_largest_size_within_the_budget():
+    p = parse_params({"model": {"hidden_sizes": [64]}})
+    budget = 48 * 2**20
+    found = find(p, 64, 10, "classification", torch.device("cpu"), 1, 1 << 22, budget, log=lambda m: None)
+    assert found.largest is not None and found.largest > 1024
+    ok = [t for t in found.trials if t.fits]
+    bad = [t for t in found.trials if not t.fits]
+    assert all(t.peak_bytes <= budget for t in ok)
+    assert found.peak_bytes <= budget
+    # Doubling first: the successful sizes before the first failure are powers of two.
+    first_fail = found.trials.index(bad[0])
+    assert [t.batch_size for t in found.trials[:first_fail]] == [2 ** k for k in range(first_fail)]
+    # Then bisection: the smallest failure lies within 1/64 above the answer.
+    assert min(t.batch_size for t in bad) - found.largest <= max(1, found.largest // 64)
+
+
+def test_no_size_fits_is_an_answer_not_a_crash():
+    p = parse_params({})
+    found = find(p, 64, 10, "classification", torch.device("cpu"), 1 << 20, 1 << 22, 1 * 2**20, log=lambda m: None)
+    assert found.largest is None and len(found.trials) == 1 and not found.trials[0].fits
+
+
+def test_cpu_needs_a_budget():
+    with pytest.raises(ParamsError, match="memory-budget-mb"):
+        find(parse_params({}), 64, 10, "classification", torch.device("cpu"), 1, 8, None)

@@ -30,6 +30,8 @@ def _parser() -> argparse.ArgumentParser:
     sp.add_argument("--max", dest="limit", type=_positive_int, default=1 << 24)
     sp.add_argument("--memory-budget-mb", type=float, default=None,
                     help="CPU: the memory a step may use above the process's baseline (required on CPU)")
+    sp = verb("reproduce", "re-run a recorded training run; exit 1 unless every step matches")
+    sp.add_argument("run_id")
     sp = verb("bench", "benchmark data paths and logging overhead (prints a table)")
     sp.add_argument("--batch-sizes", default="1,8,64,512,4096")
     sp.add_argument("--seconds", type=float, default=2.0, help="seconds per cell")
@@ -110,6 +112,13 @@ def _dispatch(args, ctx) -> int:
             return 3
         print(f"largest batch size that fits: {found.largest} (peak {found.peak_bytes / 2**20:,.1f} MiB, "
               f"{len(found.trials)} trials)")
+    elif args.verb == "reproduce":
+        from .reproduce import Refused, run as reproduce
+        try:
+            return 0 if reproduce(ctx, args.run_id) else 1
+        except Refused as err:
+            print(f"refused: {err}", file=sys.stderr)
+            return 3
     elif args.verb == "bench":
         from . import bench
         bench.main(ctx, args)

@@ -69,6 +69,7 @@ def _train(ctx, batch_size, data, device, per_epoch, total_steps, key, ckpt, tra
             "total_steps": total_steps, "eval_every_steps_effective": eval_interval(t, per_epoch),
             "log_window_steps": sink.window, "device": device_name(device), "threads": threads(),
             "world_size": 1})
+        tracker.client.log_dict(run_id, p.model_dump(mode="json"), "params.json")
     torch.manual_seed(t.seed)
     model = build_model(p.model, data.n_features, data.n_outputs)
     extra = {"sweep": key, "batch_size": batch_size, "run_id": run_id}

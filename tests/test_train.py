@@ -161,3 +161,35 @@ def test_sigterm_marks_run_killed_then_rerun_resumes_to_identical_metrics(tmp_pa
     assert len(children) == 1 and children[0].info.status == "FINISHED"
     assert children[0].data.tags.get("batchlab.resumed") == "true"
     assert not ckpt.exists()
+
+
+def test_reproduce_matches_step_by_step_and_refuses_other_data(ctx_factory, capsys):
+    from pipeline.reproduce import Refused, run as reproduce
+    ctx = ctx_factory({"train": {"batch_sizes": [32], "epochs": 1}})
+    prepare.run(ctx)
+    train.run(ctx, 32)
+    run_id = read_json(ctx.train_dir(32) / "run.json")["run_id"]
+    assert reproduce(ctx, run_id, log=lambda m: None) is True
+
+    other = ctx_factory({"data": {"seed": 5}}, folder="work")
+    prepare.run(other)
+    with pytest.raises(Refused, match="data differ"):
+        reproduce(other, run_id)
+
+
+def test_reproduce_reports_a_mismatch(ctx_factory, monkeypatch):
+    from pipeline import reproduce as rep
+    ctx = ctx_factory({"train": {"batch_sizes": [64], "epochs": 1}})
+    prepare.run(ctx)
+    train.run(ctx, 64)
+    run_id = read_json(ctx.train_dir(64) / "run.json")["run_id"]
+    real = rep._recorded_steps
+
+    def altered(client, rid):
+        steps = real(client, rid)
+        steps["loss"][3] += 1e-7
+        return steps
+    monkeypatch.setattr(rep, "_recorded_steps", altered)
+    lines = []
+    assert rep.run(ctx, run_id, log=lines.append) is False
+    assert "first at optimizer step 4" in lines[-1]

@@ -40,4 +40,4 @@ ui: setup
 	mlflow ui --backend-store-uri sqlite:///$(abspath mlflow.db) --host 127.0.0.1 --port 5000
 
 clean:
-	rm -rf outputs data/prepared checkpoints mlflow.db mlartifacts .batchlab.lock
+	rm -rf outputs data/prepared checkpoints mlflow.db mlflow.db.lock mlartifacts .batchlab.lock dvc_plots

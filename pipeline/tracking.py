@@ -70,13 +70,17 @@ class Tracker:
                  parent_run_id: str | None = None):
         self.root = root
         self.uri = tracking_uri(root, env)
-        mlflow.set_tracking_uri(self.uri)
-        self.client = MlflowClient(self.uri)
-        if parent_run_id:
-            # `mlflow run` chose the experiment (--experiment-name); children go where the parent is.
-            self.experiment_id = self.client.get_run(parent_run_id).info.experiment_id
-        else:
-            self.experiment_id = self._experiment(experiment)
+        # The first use of a new SQLite store creates its tables; two processes doing that at
+        # once break the migration (seen with two sweeps started together), hence the lock.
+        with self._lock():
+            mlflow.set_tracking_uri(self.uri)
+            self.client = MlflowClient(self.uri)
+            self.client.search_experiments(max_results=1)
+            if parent_run_id:
+                # `mlflow run` chose the experiment (--experiment-name); children go where the parent is.
+                self.experiment_id = self.client.get_run(parent_run_id).info.experiment_id
+            else:
+                self.experiment_id = self._experiment(experiment)
         mlflow.set_experiment(experiment_id=self.experiment_id)
 
     def _experiment(self, name: str) -> str:
@@ -94,11 +98,17 @@ class Tracker:
 
     @contextmanager
     def _lock(self) -> Iterator[None]:
-        if is_local_store(self.uri):
-            from filelock import FileLock
-            with FileLock(str(self.root / ".batchlab.lock"), timeout=120):
-                yield
+        """Serialises find-or-create against one store: a lock file beside a SQLite database,
+        in the project folder for other local stores, none for a server (see README)."""
+        if self.uri.startswith("sqlite:///"):
+            path = Path(self.uri[len("sqlite:///"):] + ".lock")
+        elif is_local_store(self.uri):
+            path = self.root / ".batchlab.lock"
         else:
+            yield
+            return
+        from filelock import FileLock
+        with FileLock(str(path), timeout=300):
             yield
 
     def sweep_parent(self, key: str, params: dict[str, Any], manifest: dict[str, Any],

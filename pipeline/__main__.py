@@ -8,9 +8,17 @@ import sys
 from pathlib import Path
 
 
+class _OneLineParser(argparse.ArgumentParser):
+    """Bad arguments get the same one-line error as bad parameters (``--help`` shows usage)."""
+
+    def error(self, message: str):
+        print(f"error: {self.prog}: {message}", file=sys.stderr)
+        raise SystemExit(2)
+
+
 def _parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="python -m pipeline", description="batch-size experiments")
-    sub = ap.add_subparsers(dest="verb", required=True)
+    ap = _OneLineParser(prog="python -m pipeline", description="batch-size experiments")
+    sub = ap.add_subparsers(dest="verb", required=True, parser_class=_OneLineParser)
 
     def verb(name: str, help: str) -> argparse.ArgumentParser:
         sp = sub.add_parser(name, help=help)

@@ -193,3 +193,16 @@ def test_reproduce_reports_a_mismatch(ctx_factory, monkeypatch):
     lines = []
     assert rep.run(ctx, run_id, log=lines.append) is False
     assert "first at optimizer step 4" in lines[-1]
+
+
+def test_exception_marks_run_failed_with_reason(ctx_factory):
+    from pipeline.engine import NonFiniteLoss
+    ctx = ctx_factory({"train": {"batch_sizes": [16], "optimizer": "sgd", "lr": 1e30}})
+    prepare.run(ctx)
+    with pytest.raises(NonFiniteLoss):
+        train.run(ctx, 16)
+    _, runs = runs_of(_uri(ctx))
+    child = next(r for r in runs if r.data.tags.get("batchlab.role") == "train")
+    assert child.info.status == "FAILED"
+    assert "NonFiniteLoss" in child.data.tags["batchlab.end_reason"]
+    assert not ctx.train_dir(16).exists()

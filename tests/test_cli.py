@@ -1,0 +1,64 @@
+"""Property-based: any CLI arguments either run or stop with one line — never a traceback,
+never a RUNNING run, never a partial output file."""
+import os
+import shutil
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from conftest import SMALL, make_project, merge, runs_of
+from pipeline.__main__ import main
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory):
+    proj = make_project(tmp_path_factory.mktemp("cli") / "p",
+                        merge(SMALL, {"train": {"epochs": 1}}), git=False)
+    cwd = os.getcwd()
+    os.chdir(proj)
+    try:
+        assert main(["prepare"]) == 0
+    finally:
+        os.chdir(cwd)
+    return proj
+
+
+overrides = st.lists(st.tuples(
+    st.sampled_from(["train.lr", "train.epochs", "train.optimizer", "train.momentum", "train.seed",
+                     "train.warmup_epochs", "train.lr_scaling", "train.eval_every_steps", "train.bogus",
+                     "model.hidden_sizes", "tracking.max_points", "train.drop_last", "train.loader"]),
+    st.one_of(st.sampled_from(["-1", "0", "1", "abc", "sgd", "adam", "sqrt", "[4]", "[0]", "true", "1e9",
+                               "nan", "", "[]", "{a: 1}", "0.5"]))), max_size=3)
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(batch=st.sampled_from(["0", "-3", "x", "64", "2000"]), sets=overrides)
+def test_cli_runs_or_stops_with_one_line(prepared, capsys, batch, sets):
+    args = ["train", "--batch-size", batch]
+    for key, value in sets:
+        args += ["--set", f"{key}={value}"]
+    shutil.rmtree(prepared / "outputs", ignore_errors=True)
+    cwd = os.getcwd()
+    os.chdir(prepared)
+    try:
+        try:
+            code = main(args)
+        except SystemExit as exc:  # argparse's own refusal of --batch-size
+            code = exc.code
+    finally:
+        os.chdir(cwd)
+    err = capsys.readouterr().err
+    assert code in (0, 1, 2), err
+    if code != 0:
+        lines = [l for l in err.strip().splitlines() if not l.startswith("20")]  # MLflow's INFO lines
+        assert len(lines) == 1 and "Traceback" not in err, err
+    outputs = prepared / "outputs"
+    if outputs.exists():
+        leftovers = [p for p in outputs.rglob("*") if p.name.startswith(".")]
+        assert not leftovers
+        if code != 0:
+            assert not list(outputs.rglob("summary.json"))
+    if (prepared / "mlflow.db").exists():
+        _, runs = runs_of(f"sqlite:///{prepared / 'mlflow.db'}")
+        assert not [r for r in runs if r.info.status == "RUNNING"]

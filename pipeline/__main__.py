@@ -95,7 +95,8 @@ def _dispatch(args, ctx) -> int:
             f"{k} {v['n']}" for k, v in manifest["splits"].items()) + f" -> {ctx.data_dir}")
     elif args.verb == "train":
         summary = train.run(ctx, args.batch_size)
-        print(_train_line(summary))
+        if os.environ.get("RANK", "0") == "0":
+            print(_train_line(summary))
     elif args.verb == "evaluate":
         metrics = evaluate.run(ctx, args.batch_size)
         print("evaluated bs={}: {}".format(args.batch_size, ", ".join(

@@ -305,23 +305,34 @@ def load_checkpoint(path: Path) -> dict | None:
 def fit(model: nn.Module, train: Split, val: Split, p: TrainParams, batch_size: int, task: str,
         device: torch.device, sink: StepSink, *, flush_every: int = 500,
         checkpoint: Path | None = None, checkpoint_extra: dict | None = None,
+        checkpoint_meta: dict | None = None,
         signals: StopSignals | None = None, progress=None, rank: int = 0, world: int = 1,
         max_seconds: float | None = None) -> FitResult:
     """Train ``model`` for ``p.epochs`` epochs at ``batch_size``; resume from ``checkpoint`` if it holds one.
 
     ``checkpoint_extra`` is stored in the checkpoint and must match on resume (it names the run
-    configuration), so a checkpoint of other params is never resumed. ``max_seconds`` stops after
+    configuration), so a checkpoint of other params is never resumed; ``checkpoint_meta`` is stored
+    alongside and not compared. ``max_seconds`` stops after
     that much step time (the benchmark's cells).
     """
     torch.manual_seed(p.seed)
     model.to(device).train()
     criterion = _loss(task)
+    net = model
+    if world > 1:
+        # Each rank's loss is its shard's sum over the global batch size, times the world size:
+        # DDP averages gradients over ranks, so the result is the global batch's mean gradient
+        # even when the last batch splits unevenly.
+        from torch.nn.parallel import DistributedDataParallel
+        net = DistributedDataParallel(model)
+        shard_loss = _loss(task, reduction="sum")
     batches = Batches(train, p, batch_size, device, rank, world)
     per_epoch = batches.per_epoch
     total_steps = per_epoch * p.epochs
     every_eval = eval_interval(p, per_epoch)
     optimizer = make_optimizer(p, model, lr_at(p, batch_size, 0, per_epoch))
-    noise = NoiseScale(p.noise_scale_ema) if p.noise_scale and batch_size >= 2 else None
+    # Under DDP the half-batch trick would need gradients before their all-reduce: not measured.
+    noise = NoiseScale(p.noise_scale_ema) if p.noise_scale and batch_size >= 2 and world == 1 else None
     params = [q for q in model.parameters() if q.requires_grad]
     val = val.to(device)
     _warm_up(model, p, criterion, batches)
@@ -362,8 +373,15 @@ def fit(model: nn.Module, train: Split, val: Split, p: TrainParams, batch_size: 
     def flush() -> None:
         if not pend_step:
             return
-        losses = torch.stack(pend_loss).tolist()
-        correct = torch.stack(pend_correct).tolist() if pend_correct else []
+        stacked = torch.stack(pend_loss).to(torch.float64)
+        if pend_correct:
+            stacked = torch.cat([stacked, torch.stack(pend_correct).to(torch.float64)])
+        if world > 1:  # per-rank shares -> global figures, one collective per flush
+            from .dist import all_sum
+            stacked = all_sum(stacked, world)
+        values = stacked.tolist()
+        losses = values[:len(pend_loss)]
+        correct = [int(round(c)) for c in values[len(pend_loss):]]
         if p.stop_on_nonfinite:
             bad = next((i for i, v in enumerate(losses) if not math.isfinite(v)), None)
             if bad is not None:
@@ -387,6 +405,8 @@ def fit(model: nn.Module, train: Split, val: Split, p: TrainParams, batch_size: 
         if checkpoint is None:
             return
         flush()
+        if rank != 0:
+            return
         save_checkpoint(checkpoint, {
             "model": model.state_dict(), "optimizer": optimizer.state_dict(),
             "step": step, "samples": samples, "epoch": epoch, "batch": batch,
@@ -394,7 +414,7 @@ def fit(model: nn.Module, train: Split, val: Split, p: TrainParams, batch_size: 
             "history": {k: getattr(hist, k) for k in
                         ("step", "samples", "loss", "correct", "batch", "lr", "time", "evals", "noise")},
             "noise_state": noise.state_dict() if noise is not None else None,
-            "rng": torch.get_rng_state(), "extra": checkpoint_extra or {},
+            "rng": torch.get_rng_state(), "extra": checkpoint_extra or {}, "meta": checkpoint_meta or {},
         })
 
     def validate(epoch_end: bool) -> None:
@@ -417,7 +437,9 @@ def fit(model: nn.Module, train: Split, val: Split, p: TrainParams, batch_size: 
     lr = lr_at(p, batch_size, step, per_epoch)
     clock_offset = time.time() - time.perf_counter()  # perf_counter -> wall clock, for timestamps
     if signals is not None:
-        signals.deferred = True
+        # Under torchrun each rank gets the signal at its own step; stopping at a step boundary
+        # would need an agreement per step, so there the signal ends the process at once.
+        signals.deferred = world == 1
     try:
         for epoch in range(start_epoch, p.epochs):
             epoch_t0 = time.perf_counter()
@@ -432,10 +454,14 @@ def fit(model: nn.Module, train: Split, val: Split, p: TrainParams, batch_size: 
                     lr = peak_lr
                     for group in optimizer.param_groups:
                         group["lr"] = lr
-                n_b = xb.shape[0]
+                n_b = xb.shape[0] if world == 1 else min(batch_size, batches.n - b * batch_size)
                 if noise is not None and n_b >= 2 and step % p.noise_scale_every == 0:
-                    out, loss = _noise_step(model, criterion, xb, yb, params, noise, pend_noise,
-                                            samples + n_b * world)
+                    out, loss = _noise_step(model, criterion, xb, yb, params, noise, pend_noise, samples + n_b)
+                elif world > 1:
+                    optimizer.zero_grad(set_to_none=True)
+                    out = net(xb)
+                    (shard_loss(out, yb) * (world / n_b)).backward()
+                    loss = shard_loss(out.detach(), yb) / n_b  # this rank's share of the mean
                 else:
                     optimizer.zero_grad(set_to_none=True)
                     out = model(xb)
@@ -443,13 +469,13 @@ def fit(model: nn.Module, train: Split, val: Split, p: TrainParams, batch_size: 
                     loss.backward()
                 optimizer.step()
                 step += 1
-                samples += n_b * world
+                samples += n_b
                 pend_loss.append(loss.detach())
                 if classify:
                     pend_correct.append((out.argmax(1) == yb).sum())
                 pend_step.append(step)
                 pend_samples.append(samples)
-                pend_batch.append(n_b * world)
+                pend_batch.append(n_b)
                 pend_lr.append(lr)
                 now = time.perf_counter()
                 train_seconds += now - t_last
@@ -497,9 +523,9 @@ def _warm_up(model: nn.Module, p: TrainParams, criterion: nn.Module, batches: Ba
     opt.step()
 
 
-def _loss(task: str) -> nn.Module:
+def _loss(task: str, reduction: str = "mean") -> nn.Module:
     from .models import loss_fn
-    return loss_fn(task)
+    return loss_fn(task, reduction)
 
 
 def _noise_step(model, criterion, xb, yb, params, noise: NoiseScale, pending: list, samples: int):

@@ -30,5 +30,5 @@ def build_model(p: ModelParams, n_in: int, n_out: int) -> nn.Module:
     return MLP(n_in, p.hidden_sizes, n_out)
 
 
-def loss_fn(task: str) -> nn.Module:
-    return nn.CrossEntropyLoss() if task == "classification" else nn.MSELoss()
+def loss_fn(task: str, reduction: str = "mean") -> nn.Module:
+    return nn.CrossEntropyLoss(reduction=reduction) if task == "classification" else nn.MSELoss(reduction=reduction)

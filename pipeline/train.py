@@ -13,6 +13,7 @@ from .context import Context, write_atomic, write_json
 from .data import load_prepared
 from .engine import (NullSink, StopSignals, batch_bounds, eval_interval, fit, load_checkpoint,
                      scaled_lr)
+from . import dist
 from .models import build_model
 from .system import PeakMemory, device_name, pick_device, set_threads, threads
 
@@ -30,6 +31,14 @@ def run(ctx: Context, batch_size: int, *, log_to_mlflow: bool = True) -> dict[st
     data = load_prepared(ctx.data_dir, ("train", "val"))
     check_batch_size(ctx, batch_size, len(data.train))
     device = pick_device(p.train.device)
+    d = dist.init(device.type)
+    if d.world > 1:
+        if batch_size < d.world:
+            raise ParamsError(f"batch size {batch_size} is smaller than the {d.world} ranks "
+                              f"(allowed: at least one sample per rank)")
+        if device.type == "cuda":
+            device = torch.device("cuda", d.local_rank)
+            torch.cuda.set_device(device)
     set_threads(p.train.threads)
     per_epoch = batch_bounds(len(data.train), batch_size, p.train.drop_last)
     total_steps = per_epoch * p.train.epochs
@@ -37,24 +46,29 @@ def run(ctx: Context, batch_size: int, *, log_to_mlflow: bool = True) -> dict[st
     ckpt = ctx.checkpoint(batch_size)
     previous = load_checkpoint(ckpt) if p.train.resume else None
     resume_id = None
-    if previous and previous["extra"].get("sweep") == key and previous["extra"].get("batch_size") == batch_size:
-        resume_id = previous["extra"].get("run_id")
+    if previous and previous["extra"] == _checkpoint_key(key, batch_size, d.world):
+        resume_id = previous.get("meta", {}).get("run_id")
 
-    tracker = ctx.tracker() if log_to_mlflow else None
+    # Only rank 0 talks to MLflow and writes outputs.
+    tracker = ctx.tracker() if log_to_mlflow and d.main else None
     with StopSignals() as signals:
         if tracker is None:
             return _train(ctx, batch_size, data, device, per_epoch, total_steps, key, ckpt,
-                          None, None, signals)
+                          None, None, signals, d)
         parent = tracker.sweep_parent(key, p.flat(), data.manifest, ctx.run_tags(), ctx.parent_run_id)
         tags = ctx.run_tags() | {"batchlab.batch_size": str(batch_size), "batchlab.sweep_key": key,
                                  "batchlab.role": "train"}
         with tracker.run(name=f"bs{batch_size}", parent_id=parent, tags=tags, run_id=resume_id) as run_id:
             return _train(ctx, batch_size, data, device, per_epoch, total_steps, key, ckpt,
-                          tracker, run_id, signals)
+                          tracker, run_id, signals, d)
+
+
+def _checkpoint_key(sweep: str, batch_size: int, world: int) -> dict[str, Any]:
+    return {"sweep": sweep, "batch_size": batch_size, "world": world}
 
 
 def _train(ctx, batch_size, data, device, per_epoch, total_steps, key, ckpt, tracker, run_id,
-           signals) -> dict[str, Any]:
+           signals, d) -> dict[str, Any]:
     from .tracking import MlflowSink
 
     p = ctx.params
@@ -68,17 +82,18 @@ def _train(ctx, batch_size, data, device, per_epoch, total_steps, key, ckpt, tra
             "lr_effective": scaled_lr(t, batch_size), "steps_per_epoch": per_epoch,
             "total_steps": total_steps, "eval_every_steps_effective": eval_interval(t, per_epoch),
             "log_window_steps": sink.window, "device": device_name(device), "threads": threads(),
-            "world_size": 1})
+            "world_size": d.world})
         tracker.client.log_dict(run_id, p.model_dump(mode="json"), "params.json")
     torch.manual_seed(t.seed)
     model = build_model(p.model, data.n_features, data.n_outputs)
-    extra = {"sweep": key, "batch_size": batch_size, "run_id": run_id}
     complete = False
     try:
         with PeakMemory(device) as mem, tqdm(total=total_steps, desc=f"train bs={batch_size}",
                                              unit="step", disable=None, leave=False) as bar:
             result = fit(model, data.train, data.val, t, batch_size, data.task, device, sink,
-                         checkpoint=ckpt, checkpoint_extra=extra, signals=signals, progress=bar)
+                         checkpoint=ckpt, checkpoint_extra=_checkpoint_key(key, batch_size, d.world),
+                         checkpoint_meta={"run_id": run_id}, signals=signals,
+                         progress=bar if d.main else None, rank=d.rank, world=d.world)
         complete = True
     finally:
         if tracker is not None:
@@ -110,6 +125,9 @@ def _train(ctx, batch_size, data, device, per_epoch, total_steps, key, ckpt, tra
         w, b = model.weight.detach().cpu().flatten().tolist(), model.bias.detach().cpu().tolist()
         summary["weight"], summary["bias"] = (w[0] if len(w) == 1 else w), b[0]
 
+    summary["world_size"] = d.world
+    if not d.main:
+        return summary
     out = ctx.train_dir(batch_size)
     files = _write_outputs(out, model, hist, summary, data.task)
     if tracker is not None:

@@ -32,8 +32,9 @@ bench: setup
 
 HOST ?= 127.0.0.1
 PORT ?= 5000
+BACKEND ?= sqlite:///$(abspath mlflow-server.db)
 server: setup
-	mlflow server --host $(HOST) --port $(PORT) --backend-store-uri sqlite:///$(abspath mlflow-server.db) \
+	mlflow server --host $(HOST) --port $(PORT) --backend-store-uri $(BACKEND) \
 		--artifacts-destination $(abspath mlartifacts-server) --serve-artifacts
 
 ui: setup

@@ -1,5 +1,6 @@
 """Two sweeps at once against one store lose no run and no metric point."""
 import socket
+from contextlib import contextmanager
 import subprocess
 import sys
 import time
@@ -53,12 +54,13 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture
-def mlflow_server(tmp_path):
+@contextmanager
+def start_server(tmp_path, backend: str):
+    """`mlflow server` on 127.0.0.1 (a free port), artifacts proxied into tmp_path; yields its URL."""
     port = _free_port()
     proc = subprocess.Popen(
         [str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
-         "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
+         "--backend-store-uri", backend,
          "--artifacts-destination", str(tmp_path / "server-artifacts"), "--workers", "1"],
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
@@ -74,9 +76,17 @@ def mlflow_server(tmp_path):
             proc.kill()
             pytest.fail(f"mlflow server did not start: {proc.stderr.read()[-2000:]}")
         time.sleep(0.5)
-    yield url
-    proc.terminate()
-    proc.wait(timeout=30)
+    try:
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+@pytest.fixture
+def mlflow_server(tmp_path):
+    with start_server(tmp_path, f"sqlite:///{tmp_path / 'server.db'}") as url:
+        yield url
 
 
 def test_two_sweeps_at_once_on_a_local_mlflow_server(tmp_path, mlflow_server):

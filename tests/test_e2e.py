@@ -118,3 +118,25 @@ def test_bad_input_is_one_line_nonzero_and_leaves_nothing(project):
     if (project / "mlflow.db").exists():
         _, runs = runs_of(_uri(project))
         assert not [r for r in runs if r.info.status == "RUNNING"]
+
+
+def test_queued_experiments_run_in_parallel_and_land_in_the_project_store(tmp_path):
+    from conftest import SMALL, make_project, merge
+    project = make_project(tmp_path / "q", merge(SMALL, {"train": {"epochs": 1}}))
+    sh(["dvc", "exp", "run", "--queue", "-S", "train.batch_sizes=[16]", "-S", "train.lr=0.002", "--name", "q-a"], project)
+    sh(["dvc", "exp", "run", "--queue", "-S", "train.batch_sizes=[64]", "-S", "train.lr=0.003", "--name", "q-b"], project)
+    sh(["dvc", "exp", "run", "--run-all", "--jobs", "2"], project, timeout=900)
+    shown = sh(["dvc", "exp", "show", "--csv"], project).stdout
+    assert "q-a" in shown and "q-b" in shown
+    # The stages ran in copies under .dvc/tmp/exps; the runs are in the user's store all the same.
+    client, runs = runs_of(_uri(project))
+    parents, children = _roles(runs)
+    assert len(parents) == 2 and len(children) == 2
+    by_exp = {c.data.tags["dvc.exp_name"]: c for c in children}
+    assert set(by_exp) == {"q-a", "q-b"}
+    assert by_exp["q-a"].data.params["batch_size"] == "16"
+    for child in children:
+        parent = next(p for p in parents if p.info.run_id == child.data.tags["mlflow.parentRunId"])
+        assert parent.data.params["train.lr"] == child.data.params["train.lr"]
+        assert child.info.artifact_uri.startswith((project / "mlartifacts").as_uri())
+    assert not list((project / ".dvc" / "tmp").rglob("mlflow.db"))

@@ -45,6 +45,7 @@ def _parser() -> argparse.ArgumentParser:
     sp.add_argument("--seconds", type=float, default=2.0, help="seconds per cell")
     sp.add_argument("--repeats", type=int, default=3)
     sp.add_argument("--json", dest="json_path", default=None)
+    sp.add_argument("--ranks", type=int, default=2, help="data-parallel rows: ranks under torchrun (1: none)")
     return ap
 
 

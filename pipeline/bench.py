@@ -196,6 +196,10 @@ def table(result: dict[str, Any]) -> str:
     lines.append(f"logging overhead at batch size 8: {lo['fraction']:+.1%} "
                  f"({lo['on_samples_per_s']:,.0f} samples/s on vs {lo['off_samples_per_s']:,.0f} off; "
                  f"{lo['drain_seconds_after_training']:.2f} s to drain the logger afterwards)")
+    for row in result.get("data_parallel", []):
+        lines.append(f"{row['ranks']} ranks (torchrun, gloo, 1 thread each) at global batch {row['batch_size']}: "
+                     f"{row['samples_per_s']:,.0f} samples/s vs {row['one_rank_samples_per_s']:,.0f} on one rank "
+                     f"= {row['scaling_efficiency']:.0%} scaling efficiency")
     ns = result["noise_scale_overhead"]
     lines.append(f"gradient-noise-scale estimate (every {ns['every_steps']} steps) costs {ns['fraction']:+.1%} "
                  f"at batch size {ns['batch_size']}; the rows above run without it")
@@ -222,6 +226,11 @@ def main(ctx, args) -> None:
                                log=lambda m: print(m, file=sys.stderr))
         finally:
             tracker.finish(sink_run)
+        if args.ranks > 1:
+            big = [b for b in sizes if b >= 64] or sizes[-1:]
+            print(f"  data-parallel: 1 process vs {args.ranks} ranks (torchrun, gloo) at batch sizes {big}",
+                  file=sys.stderr)
+            result["data_parallel"] = ddp_rows(big, ranks=args.ranks)
         text = table(result)
         print(text)
         tracker.log_params(run_id, {"batch_sizes": sizes, "seconds": args.seconds, "repeats": args.repeats,
@@ -236,3 +245,52 @@ def main(ctx, args) -> None:
     if args.json_path:
         from .context import write_json
         write_json(Path(args.json_path), result)
+
+
+# ---------------------------------------------------------------- data-parallel rows
+
+def ddp_worker(batch_size: int, steps: int) -> None:
+    """One rank's share of a fixed number of steps (ranks must agree on when to stop, so no
+    time budget here); rank 0 prints samples/s as JSON."""
+    from . import dist as dist_mod
+
+    device = torch.device("cpu")
+    d = dist_mod.init(device.type)
+    set_threads(1)
+    images, labels = synthetic()
+    steps = max(1, min(steps, N_SAMPLES // batch_size))
+    n = batch_size * steps
+    x = ((torch.from_numpy(images[:n]).float() / 255 - MEAN) / STD).reshape(n, -1)
+    y = torch.from_numpy(labels[:n])
+    model, _ = _model(device)
+    p = PARAMS.model_copy(update={"epochs": 1, "eval_every_steps": steps})
+    result = fit(model, Split(x, y), Split(x[:N_VAL], y[:N_VAL]), p, batch_size, "classification",
+                 device, NullSink(), rank=d.rank, world=d.world)
+    if d.main:
+        print(json.dumps({"world": d.world, "samples_per_s": result.samples / result.train_seconds}))
+
+
+def ddp_rows(batch_sizes: list[int], steps: int = 40, ranks: int = 2) -> list[dict[str, Any]]:
+    """Throughput at the same global batch with 1 process and with ``ranks`` under torchrun (gloo)."""
+    import subprocess
+
+    bin_dir = Path(sys.executable).parent
+    rows = []
+    for bs in batch_sizes:
+        one = [sys.executable, "-m", "pipeline.bench", str(bs), str(steps)]
+        many = [str(bin_dir / "torchrun"), "--standalone", f"--nproc_per_node={ranks}",
+                "-m", "pipeline.bench", str(bs), str(steps)]
+        rates = {}
+        for world, cmd in ((1, one), (ranks, many)):
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600,
+                                  cwd=str(Path(__file__).resolve().parent.parent))
+            if proc.returncode != 0:
+                raise RuntimeError(f"{' '.join(cmd)} failed: {proc.stderr[-1000:]}")
+            rates[world] = json.loads(proc.stdout.strip().splitlines()[-1])["samples_per_s"]
+        rows.append({"batch_size": bs, "ranks": ranks, "one_rank_samples_per_s": rates[1],
+                     "samples_per_s": rates[ranks], "scaling_efficiency": rates[ranks] / (ranks * rates[1])})
+    return rows
+
+
+if __name__ == "__main__":
+    ddp_worker(int(sys.argv[1]), int(sys.argv[2]))

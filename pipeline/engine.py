@@ -359,6 +359,14 @@ def fit(model: nn.Module, train: Split, val: Split, p: TrainParams, batch_size: 
         resumed_from = step
         sink.resume_from(hist, step)
 
+    if world > 1:
+        # Every rank must resume from the same step (checkpoints/ shared between nodes), or the
+        # ranks would wait on each other for ever: equal sum and sum of squares <=> all equal.
+        from .dist import all_sum
+        seen = all_sum(torch.tensor([float(step), float(step) ** 2], dtype=torch.float64), world)
+        if seen.tolist() != [world * float(step), world * float(step) ** 2]:
+            raise RuntimeError(f"rank {rank} would resume at step {step} but other ranks disagree: "
+                               f"share the checkpoints/ folder between nodes or set train.resume=false")
     sink.ready()
     # Device-side buffers, read back at flush time only.
     pend_loss: list[torch.Tensor] = []

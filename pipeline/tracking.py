@@ -33,7 +33,6 @@ from .metric_logger import MAX_BATCH
 
 TAG_ROLE = "batchlab.role"
 TAG_SWEEP = "batchlab.sweep_key"
-TAG_STAGE = "batchlab.stage"
 TAG_END = "batchlab.end_reason"
 SEND_SECONDS = 10.0
 
@@ -185,9 +184,6 @@ class Tracker:
             raise
         else:
             mlflow.end_run("FINISHED")
-
-    def stage_run(self, stage: str, parent_id: str, tags: dict[str, str]):
-        return self.run(name=stage, parent_id=parent_id, tags={TAG_STAGE: stage, **tags})
 
 
 def _end(run_id: str, status: str, reason: str) -> None:

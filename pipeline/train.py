@@ -180,6 +180,7 @@ def _csv(cols: dict[str, list]) -> str:
 
 
 def _log_model(model, data) -> None:
+    """As a LoggedModel in the pt2 (torch.export) format: loading it runs no pickled code."""
     import mlflow
     from mlflow.models import infer_signature
 
@@ -189,5 +190,5 @@ def _log_model(model, data) -> None:
         output = model(example)
     mlflow.pytorch.log_model(
         model, name="model", signature=infer_signature(example.numpy(), output.numpy()),
-        input_example=example.numpy(), serialization_format="pickle",
+        input_example=example.numpy(), serialization_format="pt2",
         pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"])

@@ -90,16 +90,23 @@ def test_predictions_do_not_depend_on_inference_batch_size(ctx_factory):
         assert torch.allclose(out, ref, atol=1e-5)
 
 
-def test_linear_regression_recovers_w_2_and_b_1(ctx_factory):
-    ctx = ctx_factory({"data": {"name": "linear", "linear_samples": 200},
-                       "model": {"name": "linear"},
-                       "train": {"batch_sizes": [10], "epochs": 30, "optimizer": "sgd", "lr": 0.05,
-                                 "target_metric": "val_loss", "target_value": 0.05}})
+def test_named_linear_configuration_recovers_w_2_and_b_1(ctx_factory):
+    """The tutorial's example 1, by name: configs/linear.yaml."""
+    import yaml
+    from conftest import REPO
+    from pipeline.config import parse_params
+    ctx = ctx_factory()
+    ctx.params = parse_params(yaml.safe_load((REPO / "configs" / "linear.yaml").read_text())
+                              | {"tracking": {"experiment": "test"}})
     prepare.run(ctx)
     s = train.run(ctx, 10)
     m = evaluate.run(ctx, 10)
     assert abs(s["weight"] - 2) < 0.05 and abs(s["bias"] - 1) < 0.05
     assert m["test_r2"] > 0.99
+    client, runs = runs_of(_uri(ctx))
+    child = next(r for r in runs if r.data.tags.get("batchlab.role") == "train")
+    assert abs(child.data.metrics["final/weight"] - 2) < 0.05
+    assert abs(child.data.metrics["final/bias"] - 1) < 0.05
 
 
 def test_bad_batch_size_with_drop_last_is_refused_before_any_run(ctx_factory):

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .config import TrainParams
+from .config import TrackingParams, TrainParams
 from .data import Split
 from .engine import NullSink, fit, make_optimizer
 from .models import MLP
@@ -115,7 +115,7 @@ def _pipeline_rate(train: Split, val: Split, bs, device, seconds, sink, p=PARAMS
     model, _ = _model(device)
     if hasattr(sink, "window"):
         # The window a real one-epoch run at this batch size gets with default settings.
-        sink.window = max(1, -(-(N_SAMPLES // bs) // 1000))
+        sink.window = max(1, -(-(N_SAMPLES // bs) // TrackingParams().max_points))
     with PeakMemory(device) as mem:
         result = fit(model, train, val, p, bs, "classification", device, sink, max_seconds=seconds)
     return result.samples / result.train_seconds, mem.peak_bytes
@@ -222,7 +222,7 @@ def main(ctx, args) -> None:
                                                    "mlflow.parentRunId": run_id}).info.run_id
         try:
             result = run_bench(sizes, args.seconds, args.repeats, device,
-                               lambda: MlflowSink(tracker.uri, sink_run, N_SAMPLES, 1000, False, time.time()),
+                               lambda: MlflowSink(tracker.uri, sink_run, N_SAMPLES, TrackingParams().max_points, False, time.time()),
                                log=lambda m: print(m, file=sys.stderr))
         finally:
             tracker.finish(sink_run)

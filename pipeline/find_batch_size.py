@@ -11,7 +11,6 @@ from __future__ import annotations
 import ctypes
 import gc
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 
@@ -36,10 +35,8 @@ class Found:
 
 
 def _rss_now() -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024
-    return 0
+    from .system import proc_status_bytes
+    return proc_status_bytes("VmRSS") or 0
 
 
 def _release() -> None:

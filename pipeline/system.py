@@ -54,13 +54,24 @@ class PeakMemory:
             torch.cuda.synchronize(self.device)
             return int(torch.cuda.max_memory_allocated(self.device))
         if self._reset_ok:
-            for line in Path("/proc/self/status").read_text().splitlines():
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
+            peak = proc_status_bytes("VmHWM")
+            if peak is not None:
+                return peak
         return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
 
     def __exit__(self, *exc) -> None:
         self.peak_bytes = self.read()
+
+
+def proc_status_bytes(field: str) -> int | None:
+    """A kB figure of /proc/self/status (VmRSS, VmHWM, ...) in bytes; None where there is none."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(f"{field}:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
 
 
 def package_versions() -> dict[str, str]:

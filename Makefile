@@ -7,7 +7,7 @@ export PATH := $(abspath $(VENV))/bin:$(PATH)
 export DVC_NO_ANALYTICS := 1
 export GIT_PYTHON_REFRESH := quiet
 
-.PHONY: setup run test bench ui server clean
+.PHONY: setup run test test-fast bench ui server clean
 
 setup: $(STAMP)
 
@@ -26,6 +26,11 @@ run: setup
 
 test: setup
 	$(PY) -m pytest -q tests
+
+# The edit-test loop: everything but the end-to-end tests marked slow (real dvc / mlflow run /
+# servers / subprocess training).
+test-fast: setup
+	$(PY) -m pytest -q -m "not slow" tests
 
 bench: setup
 	$(PY) -m pipeline bench

@@ -32,7 +32,6 @@ def _parser() -> argparse.ArgumentParser:
         sp = verb(name, help)
         sp.add_argument("--batch-size", type=_positive_int, required=True)
     verb("compare", "compare the sweep: table, plots, report")
-    verb("sweep", "prepare, train and evaluate every batch size, compare (what `mlflow run .` runs)")
     sp = verb("find-batch-size", "the largest batch size whose training step fits in memory")
     sp.add_argument("--start", type=_positive_int, default=1)
     sp.add_argument("--max", dest="limit", type=_positive_int, default=1 << 24)
@@ -63,76 +62,86 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     from .config import ParamsError, load_params
     from .data import DataError
+    from .signals import Interrupted, NonFiniteLoss
 
     try:
         params = load_params(Path(args.params), args.overrides)
         from .context import Context
-        ctx = Context.from_environment(params)
-        return _dispatch(args, ctx)
+        ctx = Context.from_environment(params, Path(args.params))
+        return VERBS[args.verb](args, ctx) or 0
     except (ParamsError, DataError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted (SIGINT)", file=sys.stderr)
         return 128 + signal.SIGINT
-    except Exception as err:
-        from .engine import Interrupted, NonFiniteLoss
-        if isinstance(err, Interrupted):
-            print(f"interrupted: {err}; a checkpoint was kept, rerun the same command to resume",
-                  file=sys.stderr)
-            return 128 + err.signum
-        if isinstance(err, NonFiniteLoss):
-            print(f"error: {err}", file=sys.stderr)
-            return 1
-        raise
+    except Interrupted as err:
+        print(f"interrupted: {err}; a checkpoint was kept, rerun the same command to resume", file=sys.stderr)
+        return 128 + err.signum
+    except NonFiniteLoss as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
 
 
-def _dispatch(args, ctx) -> int:
-    from . import compare, evaluate, prepare, train
+# One function per verb; each imports only the modules its verb runs (dvc.yaml's deps are
+# derived from those imports by a test).
 
-    if args.verb == "prepare":
-        manifest = prepare.run(ctx)
-        print(f"prepared {ctx.params.data.name}: " + ", ".join(
-            f"{k} {v['n']}" for k, v in manifest["splits"].items()) + f" -> {ctx.data_dir}")
-    elif args.verb == "train":
-        summary = train.run(ctx, args.batch_size)
-        if os.environ.get("RANK", "0") == "0":
-            print(_train_line(summary))
-    elif args.verb == "evaluate":
-        metrics = evaluate.run(ctx, args.batch_size)
-        print("evaluated bs={}: {}".format(args.batch_size, ", ".join(
-            f"{k}={v:.4g}" for k, v in metrics.items() if isinstance(v, float))))
-    elif args.verb == "compare":
-        result = compare.run(ctx)
-        print(f"compared {len(result['rows'])} batch sizes -> {ctx.compare_dir / 'report.html'}")
-    elif args.verb == "sweep":
-        prepare.run(ctx)
-        for bs in ctx.params.train.batch_sizes:
-            print(_train_line(train.run(ctx, bs)))
-            evaluate.run(ctx, bs)
-        compare.run(ctx)
-        print(f"sweep done -> {ctx.compare_dir / 'report.html'}")
-    elif args.verb == "find-batch-size":
-        from . import find_batch_size
-        found = find_batch_size.run(ctx, args.start, args.limit, args.memory_budget_mb)
-        if found.largest is None:
-            print(f"no batch size from {args.start} fits: batch size {args.start} already needs "
-                  f"{found.trials[0].peak_bytes / 2**20:,.1f} MiB ({found.trials[0].note or 'over budget'})",
-                  file=sys.stderr)
-            return 3
-        print(f"largest batch size that fits: {found.largest} (peak {found.peak_bytes / 2**20:,.1f} MiB, "
-              f"{len(found.trials)} trials)")
-    elif args.verb == "reproduce":
-        from .reproduce import Refused, run as reproduce
-        try:
-            return 0 if reproduce(ctx, args.run_id) else 1
-        except Refused as err:
-            print(f"refused: {err}", file=sys.stderr)
-            return 3
-    elif args.verb == "bench":
-        from . import bench
-        bench.main(ctx, args)
+def _prepare(args, ctx) -> None:
+    from . import prepare
+    manifest = prepare.run(ctx)
+    print(f"prepared {ctx.params.data.name}: " + ", ".join(
+        f"{k} {v['n']}" for k, v in manifest["splits"].items()) + f" -> {ctx.data_dir}")
+
+
+def _train(args, ctx) -> None:
+    from . import train
+    summary = train.run(ctx, args.batch_size)
+    if os.environ.get("RANK", "0") == "0":
+        print(_train_line(summary))
+
+
+def _evaluate(args, ctx) -> None:
+    from . import evaluate
+    metrics = evaluate.run(ctx, args.batch_size)
+    print("evaluated bs={}: {}".format(args.batch_size, ", ".join(
+        f"{k}={v:.4g}" for k, v in metrics.items() if isinstance(v, float))))
+
+
+def _compare(args, ctx) -> None:
+    from . import compare
+    result = compare.run(ctx)
+    print(f"compared {len(result['rows'])} batch sizes -> {ctx.compare_dir / 'report.html'}")
+
+
+def _find_batch_size(args, ctx) -> int:
+    from . import find_batch_size
+    found = find_batch_size.run(ctx, args.start, args.limit, args.memory_budget_mb)
+    if found.largest is None:
+        first = found.trials[0]
+        print(f"no batch size from {args.start} fits: batch size {args.start} already needs "
+              f"{first.peak_bytes / 2**20:,.1f} MiB ({first.note or 'over budget'})", file=sys.stderr)
+        return 3
+    print(f"largest batch size that fits: {found.largest} (peak {found.peak_bytes / 2**20:,.1f} MiB, "
+          f"{len(found.trials)} trials)")
     return 0
+
+
+def _reproduce(args, ctx) -> int:
+    from .reproduce import Refused, run as reproduce
+    try:
+        return 0 if reproduce(ctx, args.run_id) else 1
+    except Refused as err:
+        print(f"refused: {err}", file=sys.stderr)
+        return 3
+
+
+def _bench(args, ctx) -> None:
+    from . import bench
+    bench.main(ctx, args)
+
+
+VERBS = {"prepare": _prepare, "train": _train, "evaluate": _evaluate, "compare": _compare,
+         "find-batch-size": _find_batch_size, "reproduce": _reproduce, "bench": _bench}
 
 
 def _train_line(s: dict) -> str:

@@ -207,6 +207,7 @@ def table(result: dict[str, Any]) -> str:
 
 
 def main(ctx, args) -> None:
+    """Logs into an experiment of its own (``<experiment>-bench``): the sweep's holds sweeps only."""
     from .tracking import MlflowSink
 
     sizes = [int(s) for s in str(args.batch_sizes).split(",") if s.strip()]
@@ -215,11 +216,9 @@ def main(ctx, args) -> None:
         raise ParamsError(f"--batch-sizes {args.batch_sizes!r}: allowed: comma-separated positive integers")
     device = pick_device(ctx.params.train.device)
     set_threads(ctx.params.train.threads)
-    tracker = ctx.tracker()
+    tracker = ctx.tracker(f"{ctx.params.tracking.experiment}-bench")
     with tracker.run(name="bench", parent_id=None, tags={"batchlab.role": "bench"}) as run_id:
-        sink_run = tracker.client.create_run(tracker.experiment_id, run_name="bench-logging-target",
-                                             tags={"batchlab.role": "bench-sink",
-                                                   "mlflow.parentRunId": run_id}).info.run_id
+        sink_run = tracker.create_run("bench-logging-target", {"batchlab.role": "bench-sink"}, parent_id=run_id)
         try:
             result = run_bench(sizes, args.seconds, args.repeats, device,
                                lambda: MlflowSink(tracker.uri, sink_run, N_SAMPLES, TrackingParams().max_points, False, time.time()),
@@ -233,18 +232,22 @@ def main(ctx, args) -> None:
             result["data_parallel"] = ddp_rows(big, ranks=args.ranks)
         text = table(result)
         print(text)
-        tracker.log_params(run_id, {"batch_sizes": sizes, "seconds": args.seconds, "repeats": args.repeats,
-                                    "device": result["device"], "threads": result["threads"]})
-        for r in result["rows"]:
-            tracker.log_metrics(run_id, {f"{r['loader']}/samples_per_s": r["samples_per_s"]}, step=r["batch_size"])
-            if r["loader"] == "pipeline":
-                tracker.log_metrics(run_id, {"pipeline/peak_memory_bytes": r["peak_memory_bytes"]}, step=r["batch_size"])
-        tracker.log_metrics(run_id, {"logging_overhead_bs8": result["logging_overhead"]["fraction"]})
-        tracker.client.log_dict(run_id, result, "bench.json")
-        tracker.client.log_text(run_id, text, "bench.txt")
+        _log_bench(tracker, run_id, sizes, args, result, text)
     if args.json_path:
         from .context import write_json
         write_json(Path(args.json_path), result)
+
+
+def _log_bench(tracker, run_id: str, sizes, args, result: dict[str, Any], text: str) -> None:
+    tracker.log_params(run_id, {"batch_sizes": sizes, "seconds": args.seconds, "repeats": args.repeats,
+                                "device": result["device"], "threads": result["threads"]})
+    for r in result["rows"]:
+        tracker.log_metrics(run_id, {f"{r['loader']}/samples_per_s": r["samples_per_s"]}, step=r["batch_size"])
+        if r["loader"] == "pipeline":
+            tracker.log_metrics(run_id, {"pipeline/peak_memory_bytes": r["peak_memory_bytes"]}, step=r["batch_size"])
+    tracker.log_metrics(run_id, {"logging_overhead_bs8": result["logging_overhead"]["fraction"]})
+    tracker.log_dict(run_id, result, "bench.json")
+    tracker.log_text(run_id, text, "bench.txt")
 
 
 # ---------------------------------------------------------------- data-parallel rows
@@ -265,7 +268,7 @@ def ddp_worker(batch_size: int, steps: int) -> None:
     model, _ = _model(device)
     p = PARAMS.model_copy(update={"epochs": 1, "eval_every_steps": steps})
     result = fit(model, Split(x, y), Split(x[:N_VAL], y[:N_VAL]), p, batch_size, "classification",
-                 device, NullSink(), rank=d.rank, world=d.world)
+                 device, NullSink(), dist=d)
     if d.main:
         print(json.dumps({"world": d.world, "samples_per_s": result.samples / result.train_seconds}))
 

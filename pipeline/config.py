@@ -47,8 +47,8 @@ class ModelParams(_Section):
 
 
 class TrainParams(_Section):
-    batch_sizes: tuple[int, ...] = (8, 32, 128, 512)
-    epochs: int = Field(10, ge=1)
+    batch_sizes: tuple[int, ...] = (1, 8, 64, 512)
+    epochs: int = Field(15, ge=1)
     optimizer: Literal["sgd", "adam"] = "adam"
     lr: float = Field(1e-3, gt=0)
     momentum: float = Field(0.0, ge=0, lt=1)
@@ -150,13 +150,10 @@ class Params(_Section):
         return out
 
     def sweep_key(self, data_hash: str) -> str:
-        """Identity of a sweep: everything that shapes a training run, except the batch size list.
-
-        Changing train.batch_sizes adds runs to the same sweep; changing anything else that a
-        training run depends on (or the data) starts a new sweep.
-        """
+        """Identity of a sweep: everything that shapes its training runs, the batch-size list
+        included, and the data. A sweep's parent run holds exactly the runs its comparison
+        describes, so another list is another sweep (DVC retrains its sizes under it)."""
         dump = self.model_dump(mode="json")
-        dump["train"].pop("batch_sizes")
         ident = {k: dump[k] for k in ("data", "model", "train")}
         blob = json.dumps({"params": ident, "data": data_hash}, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
@@ -222,14 +219,15 @@ def parse_override(text: str) -> tuple[list[str], Any]:
 
 def load_params(path: str | Path = "params.yaml", overrides: list[str] | None = None) -> Params:
     path = Path(path)
-    raw: dict[str, Any] = {}
-    if path.exists():
-        try:
-            raw = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as err:
-            raise ParamsError(f"{path}: not valid YAML ({err.__class__.__name__})") from None
-        if not isinstance(raw, dict):
-            raise ParamsError(f"{path}: top level must be a mapping of sections, got {type(raw).__name__}")
+    if not path.is_file():
+        raise ParamsError(f"params file {str(path)!r} not found (give an existing YAML file, e.g. params.yaml "
+                          f"or configs/linear.yaml)")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ParamsError(f"{path}: not valid YAML ({err.__class__.__name__})") from None
+    if not isinstance(raw, dict):
+        raise ParamsError(f"{path}: top level must be a mapping of sections, got {type(raw).__name__}")
     for text in overrides or []:
         keys, value = parse_override(text)
         node = raw

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import Params
-from .system import git_state, package_versions
+from .system import code_state, package_versions
 
 DATA_DIR = Path("data/prepared")
 OUT_DIR = Path("outputs")
@@ -23,13 +23,26 @@ class Context:
     # The run ``mlflow run`` created (MLFLOW_RUN_ID): it becomes the sweep's parent.
     parent_run_id: str | None = None
     env: dict[str, str] = field(default_factory=lambda: dict(os.environ))
+    # The params file and its sha256 as read: a stage checks it is unchanged before it writes.
+    params_file: Path | None = None
+    params_digest: str | None = None
 
     @classmethod
-    def from_environment(cls, params: Params) -> "Context":
+    def from_environment(cls, params: Params, params_file: Path | None = None) -> "Context":
         env = dict(os.environ)
         # Taken here, at the edge, so that no fluent mlflow.start_run() resumes it by accident.
         given = os.environ.pop("MLFLOW_RUN_ID", None) or None
-        return cls(params=params, parent_run_id=given, env=env)
+        digest = file_digest(params_file) if params_file is not None else None
+        return cls(params=params, parent_run_id=given, env=env, params_file=params_file, params_digest=digest)
+
+    def check_params_unchanged(self, stage: str) -> None:
+        """DVC records the params file as it is when the stage ends: refuse to end a stage whose
+        params changed while it ran, so dvc.lock never records params a result was not made with."""
+        if self.params_file is None or file_digest(self.params_file) == self.params_digest:
+            return
+        from .config import ParamsError
+        raise ParamsError(f"{self.params_file} changed while {stage} ran: its results were made with the "
+                          f"params as they were at the start; nothing was written, rerun {stage}")
 
     @property
     def data_dir(self) -> Path:
@@ -48,16 +61,18 @@ class Context:
     def checkpoint(self, batch_size: int) -> Path:
         return self.workdir / CHECKPOINT_DIR / f"bs{batch_size}.pt"
 
-    def tracker(self):
+    def tracker(self, experiment: str | None = None):
+        """The store, for this stage's experiment (``experiment`` names another, e.g. the bench's)."""
         from .tracking import Tracker, project_root
-        return Tracker(project_root(self.workdir), self.params.tracking.experiment, self.env,
-                       self.parent_run_id)
+        return Tracker(project_root(self.workdir), experiment or self.params.tracking.experiment, self.env,
+                       self.parent_run_id, params=self.params, run_tags=self.run_tags)
 
     def run_tags(self) -> dict[str, str]:
-        """What a run needs to be reproduced, besides its params."""
-        commit, dirty = git_state(self.workdir)
-        tags = {"batchlab.git_commit": commit, "batchlab.git_dirty": str(dirty).lower(),
-                "mlflow.source.git.commit": commit}
+        """What a run needs to be reproduced, besides its params. ``git_dirty`` and the code hash
+        describe the source code (pipeline/), not params.yaml, dvc.lock or outputs."""
+        code = code_state(self.workdir)
+        tags = {"batchlab.git_commit": code.commit, "batchlab.git_dirty": str(code.dirty).lower(),
+                "batchlab.code_hash": code.tree, "mlflow.source.git.commit": code.commit}
         tags |= {f"batchlab.version.{k}": v for k, v in package_versions().items()}
         if self.env.get("DVC_EXP_NAME"):
             tags["dvc.exp_name"] = self.env["DVC_EXP_NAME"]
@@ -85,6 +100,14 @@ def _json_default(obj: Any) -> Any:
     if hasattr(obj, "item"):
         return obj.item()
     raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
+
+
+def file_digest(path: Path) -> str | None:
+    import hashlib
+    try:
+        return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+    except OSError:
+        return None
 
 
 def read_json(path: Path) -> Any:

@@ -1,43 +1,37 @@
-"""The training loop: batches cut by index, metrics kept on the device, checkpoints, signals.
+"""The training loop: set the learning rate, take a step, record it, then maybe validate,
+checkpoint or stop.
 
 The loop reports to a ``StepSink``; it does not know how figures are stored or buffered.
-It syncs with the device only when it flushes (every ``flush_every`` steps), at validation
-points and at checkpoints.
+It syncs with the device only when it drains its pending figures (every ``flush_every``
+steps), at validation points and at checkpoints.
 """
 from __future__ import annotations
 
+import copy
 import math
 import os
-import signal
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Protocol
+from typing import Any, Callable, Protocol
 
 import torch
 from torch import nn
 
+from .batches import Batches
 from .config import TrainParams
 from .data import Split
+from .dist import Dist, all_sum
 from .noise import NoiseScale, squared_norm
-
-
-class Interrupted(Exception):
-    """SIGINT/SIGTERM arrived; the loop stopped at a step boundary after checkpointing."""
-
-    def __init__(self, signum: int):
-        super().__init__(f"stopped by {signal.Signals(signum).name}")
-        self.signum = signum
-
-
-class NonFiniteLoss(RuntimeError):
-    pass
+from .records import History, StepChunk
+from .signals import Interrupted, NonFiniteLoss, StopSignals
 
 
 class StepSink(Protocol):
-    def steps(self, chunk: "StepChunk") -> None: ...
+    def steps(self, chunk: StepChunk) -> None: ...
     def point(self, key: str, value: float, samples: int) -> None: ...
-    def resume_from(self, hist: "History", resumed_step: int) -> None: ...
+    def resume_from(self, hist: History, resumed_step: int) -> None: ...
     def ready(self) -> None: ...
 
 
@@ -45,10 +39,10 @@ class NullSink:
     def ready(self) -> None:
         pass
 
-    def resume_from(self, hist: "History", resumed_step: int) -> None:
+    def resume_from(self, hist: History, resumed_step: int) -> None:
         pass
 
-    def steps(self, chunk: "StepChunk") -> None:
+    def steps(self, chunk: StepChunk) -> None:
         pass
 
     def point(self, key: str, value: float, samples: int) -> None:
@@ -56,32 +50,25 @@ class NullSink:
 
 
 @dataclass
-class StepChunk:
-    """Consecutive optimizer steps, read back from the device in one go."""
-    step: list[int]          # 1-based optimizer step index
-    samples: list[int]       # samples seen after the step
-    loss: list[float]
-    correct: list[int]       # correct predictions in the batch (classification; else empty)
-    batch: list[int]         # samples in the batch
-    lr: list[float]
-    time: list[float]        # wall clock (time.time()) at the end of the step
+class LoopState:
+    """Where the loop is: everything a resume needs besides model, optimizer and RNG."""
+    step: int = 0             # optimizer steps taken
+    samples: int = 0          # samples seen
+    epoch: int = 0            # position of the next batch: epoch ...
+    batch: int = 0            # ... and batch within it
+    seconds: float = 0.0      # wall seconds in optimizer steps (validation excluded)
+    target: dict | None = None  # first validation point that reached the target
+    history: History = field(default_factory=History)
 
+    def state_dict(self) -> dict[str, Any]:
+        return {"step": self.step, "samples": self.samples, "epoch": self.epoch, "batch": self.batch,
+                "seconds": self.seconds, "target": self.target, "history": self.history.state_dict()}
 
-@dataclass
-class History:
-    step: list[int] = field(default_factory=list)
-    samples: list[int] = field(default_factory=list)
-    loss: list[float] = field(default_factory=list)
-    correct: list[int] = field(default_factory=list)
-    batch: list[int] = field(default_factory=list)
-    lr: list[float] = field(default_factory=list)
-    time: list[float] = field(default_factory=list)
-    evals: list[dict] = field(default_factory=list)
-    noise: list[tuple[int, float]] = field(default_factory=list)  # (samples, B_simple)
-
-    def extend(self, chunk: StepChunk) -> None:
-        for name in ("step", "samples", "loss", "correct", "batch", "lr", "time"):
-            getattr(self, name).extend(getattr(chunk, name))
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.step, self.samples = int(state["step"]), int(state["samples"])
+        self.epoch, self.batch = int(state["epoch"]), int(state["batch"])
+        self.seconds, self.target = float(state["seconds"]), state["target"]
+        self.history.load_state_dict(state["history"])
 
 
 @dataclass
@@ -93,108 +80,6 @@ class FitResult:
     target: dict | None       # first validation point that reached the target, or None
     noise_scale: float | None
     resumed_from_step: int
-
-
-# ------------------------------------------------------------------ batching
-
-def epoch_permutation(seed: int, epoch: int, n: int, device: torch.device) -> torch.Tensor:
-    """The order of epoch ``epoch``: a function of (seed, epoch) alone, so a resumed run
-    continues the same order without replaying earlier epochs."""
-    gen = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-    return torch.randperm(n, generator=gen).to(device)
-
-
-def batch_bounds(n: int, batch_size: int, drop_last: bool) -> int:
-    return n // batch_size if drop_last else math.ceil(n / batch_size)
-
-
-class EpochSampler(torch.utils.data.Sampler[int]):
-    """DataLoader sampler yielding the same order as the tensor path (``set_epoch`` per epoch)."""
-
-    def __init__(self, n: int, seed: int):
-        self.n, self.seed, self.epoch = n, seed, 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __iter__(self) -> Iterator[int]:
-        return iter(epoch_permutation(self.seed, self.epoch, self.n, torch.device("cpu")).tolist())
-
-    def __len__(self) -> int:
-        return self.n
-
-
-class Batches:
-    """Yields (x, y) batches for one epoch, from ``start`` batch on.
-
-    ``tensor``: data already on the device, batches cut by index from the epoch's permutation.
-    ``dataloader``: a torch DataLoader over a TensorDataset with the same sampler order.
-    """
-
-    def __init__(self, data: Split, p: TrainParams, batch_size: int, device: torch.device,
-                 rank: int = 0, world: int = 1):
-        self.p, self.batch_size, self.device = p, batch_size, device
-        self.rank, self.world = rank, world
-        self.n = len(data)
-        self.per_epoch = batch_bounds(self.n, batch_size, p.drop_last)
-        if self.per_epoch == 0:
-            raise ValueError(f"train.batch_size={batch_size} with train.drop_last=true leaves no batch "
-                             f"from {self.n} training samples (allowed: batch size <= {self.n})")
-        if p.loader == "tensor":
-            self.data = data.to(device)
-        else:
-            self.data = data
-            self.sampler = EpochSampler(self.n, p.seed)
-            self.loader = torch.utils.data.DataLoader(
-                torch.utils.data.TensorDataset(data.x, data.y), batch_size=batch_size,
-                sampler=self.sampler, drop_last=p.drop_last, num_workers=p.num_workers,
-                pin_memory=p.pin_memory and device.type == "cuda",
-                persistent_workers=p.persistent_workers and p.num_workers > 0)
-
-    # Gathering a batch of at least this many values on the CPU is worth a helper thread
-    # (measured: 784-wide rows, worth it at batch size 64, not at 8):
-    # index_select releases the GIL, so the next batch is cut on the core the step leaves idle.
-    PREFETCH_ELEMENTS = 1 << 15
-
-    def _tensor_epoch(self, epoch: int, start: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        perm = epoch_permutation(self.p.seed, epoch, self.n, self.device)
-        x, y, bs = self.data.x, self.data.y, self.batch_size
-        # Batches are gathered into reused buffers (a fresh multi-MB tensor per step costs page
-        # faults), two of them so one can fill while the step uses the other. A step is done
-        # with its batch before it asks for the one after next, which reuses that buffer.
-        rows = -(-bs // self.world)
-        bufs = [(x.new_empty((rows, *x.shape[1:])), y.new_empty((rows, *y.shape[1:]))) for _ in range(2)]
-
-        def gather(b: int) -> tuple[torch.Tensor, torch.Tensor]:
-            idx = perm[b * bs:(b + 1) * bs]
-            if self.world > 1:
-                idx = idx[self.rank::self.world]
-            xb, yb = bufs[b % 2]
-            n = idx.shape[0]
-            return torch.index_select(x, 0, idx, out=xb[:n]), torch.index_select(y, 0, idx, out=yb[:n])
-
-        if self.device.type != "cpu" or rows * x[0].numel() < self.PREFETCH_ELEMENTS:
-            for b in range(start, self.per_epoch):
-                yield gather(b)
-            return
-        from concurrent.futures import ThreadPoolExecutor
-
-        with ThreadPoolExecutor(1, thread_name_prefix="batch-prefetch") as pool:
-            nxt = pool.submit(gather, start) if start < self.per_epoch else None
-            for b in range(start, self.per_epoch):
-                batch = nxt.result()
-                nxt = pool.submit(gather, b + 1) if b + 1 < self.per_epoch else None
-                yield batch
-
-    def epoch(self, epoch: int, start: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        if self.p.loader == "tensor":
-            yield from self._tensor_epoch(epoch, start)
-        else:
-            self.sampler.set_epoch(epoch)
-            for b, (xb, yb) in enumerate(self.loader):
-                if b < start:
-                    continue
-                yield (xb.to(self.device, non_blocking=True), yb.to(self.device, non_blocking=True))
 
 
 # ------------------------------------------------------------------ schedule
@@ -247,296 +132,145 @@ def evaluate_split(model: nn.Module, data: Split, loss_fn: nn.Module, task: str,
     return total_loss.item() / n, acc
 
 
-def _reached(metric: str, value: float, target: float) -> bool:
+def reached(metric: str, value: float, target: float) -> bool:
     return value >= target if metric == "val_acc" else value <= target
-
-
-# ------------------------------------------------------------------ signals
-
-class StopSignals:
-    """Turns SIGINT/SIGTERM into a request the loop honours at its next step boundary.
-
-    Outside the loop (``deferred`` false) the signal raises Interrupted at once, so setup and
-    teardown code can clean up through ordinary exception handling. A second SIGINT while
-    deferred raises at once too.
-    """
-
-    def __init__(self):
-        self.requested: int | None = None
-        self.deferred = False
-        self._old: dict[int, object] = {}
-
-    def __enter__(self) -> "StopSignals":
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            self._old[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for sig, old in self._old.items():
-            signal.signal(sig, old)
-
-    def _handle(self, signum, frame) -> None:
-        if self.deferred and self.requested is None:
-            self.requested = signum
-            return
-        raise Interrupted(signum)
 
 
 # ------------------------------------------------------------------ checkpoints
 
-def save_checkpoint(path: Path, state: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+@dataclass(frozen=True)
+class Checkpoint:
+    """Where a run's checkpoint lives. ``key`` names the run configuration and must match on
+    resume, so a checkpoint of other params is never resumed; ``meta`` (the MLflow run id) is
+    stored alongside and not compared."""
+    path: Path
+    key: dict
+    meta: dict = field(default_factory=dict)
+
+    def save(self, state: dict) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
+        torch.save(state | {"key": self.key, "meta": self.meta}, tmp)
+        os.replace(tmp, self.path)
+
+    def read(self) -> dict | None:
+        """The stored state, whatever its key. One that cannot be read is moved aside (and
+        said so), never trusted and never silently dropped."""
+        if not self.path.is_file():
+            return None
+        try:
+            return torch.load(self.path, weights_only=True)
+        except Exception as err:
+            aside = self.path.with_name(self.path.name + ".unreadable")
+            os.replace(self.path, aside)
+            print(f"warning: checkpoint {self.path} cannot be read ({type(err).__name__}); "
+                  f"moved to {aside.name}, training starts from step 0", file=sys.stderr)
+            return None
+
+    def load(self) -> dict | None:
+        state = self.read()
+        return state if state is not None and state.get("key") == self.key else None
+
+    def remove(self) -> None:
+        self.path.unlink(missing_ok=True)
 
 
-def load_checkpoint(path: Path) -> dict | None:
-    if not path.is_file():
-        return None
-    try:
-        return torch.load(path, weights_only=True)
-    except Exception:  # a checkpoint we cannot read is ignored, never trusted
-        return None
+# ------------------------------------------------------------------ pending figures
+
+class Pending:
+    """Figures of steps not yet read back from the device: losses and correct counts stay
+    tensors until ``drain`` reads them all in one transfer (and one all-reduce under DDP)."""
+
+    def __init__(self):
+        self.loss: list[torch.Tensor] = []
+        self.correct: list[torch.Tensor] = []
+        self.noise: list[tuple[int, torch.Tensor]] = []  # (0-based index of the step, B_simple)
+        self.host: list[tuple[int, int, int, float, float]] = []  # step, samples, batch, lr, time
+
+    def __len__(self) -> int:
+        return len(self.host)
+
+    def add(self, step: int, samples: int, batch: int, lr: float, t: float,
+            loss: torch.Tensor, correct: torch.Tensor | None) -> None:
+        self.loss.append(loss.detach())
+        if correct is not None:
+            self.correct.append(correct)
+        self.host.append((step, samples, batch, lr, t))
+
+    def drain(self, world: int) -> tuple[StepChunk, list[tuple[int, float]]]:
+        """The pending steps as a chunk, and the noise-scale values at the samples seen after
+        their steps; empties the buffers."""
+        stacked = torch.stack(self.loss).to(torch.float64)
+        if self.correct:
+            stacked = torch.cat([stacked, torch.stack(self.correct).to(torch.float64)])
+        values = all_sum(stacked, world).tolist()  # per-rank shares -> global figures
+        n = len(self.loss)
+        step, samples, batch, lr, t = (list(col) for col in zip(*self.host))
+        chunk = StepChunk(step, samples, values[:n], [int(round(c)) for c in values[n:]], batch, lr, t)
+        noise = [(samples[index + 1 - step[0]], float(v)) for index, v in self.noise]
+        self.loss, self.correct, self.noise, self.host = [], [], [], []
+        return chunk, noise
 
 
-# ------------------------------------------------------------------ the loop
+def check_finite(chunk: StepChunk, batch_size: int) -> None:
+    bad = next((i for i, v in enumerate(chunk.loss) if not math.isfinite(v)), None)
+    if bad is not None:
+        raise NonFiniteLoss(f"loss became {chunk.loss[bad]} at optimizer step {chunk.step[bad]} "
+                            f"(batch size {batch_size}, lr {chunk.lr[bad]:g}); "
+                            f"set train.stop_on_nonfinite=false to continue anyway")
 
-def fit(model: nn.Module, train: Split, val: Split, p: TrainParams, batch_size: int, task: str,
-        device: torch.device, sink: StepSink, *, flush_every: int = 500,
-        checkpoint: Path | None = None, checkpoint_extra: dict | None = None,
-        checkpoint_meta: dict | None = None,
-        signals: StopSignals | None = None, progress=None, rank: int = 0, world: int = 1,
-        max_seconds: float | None = None) -> FitResult:
-    """Train ``model`` for ``p.epochs`` epochs at ``batch_size``; resume from ``checkpoint`` if it holds one.
 
-    ``checkpoint_extra`` is stored in the checkpoint and must match on resume (it names the run
-    configuration), so a checkpoint of other params is never resumed; ``checkpoint_meta`` is stored
-    alongside and not compared. ``max_seconds`` stops after
-    that much step time (the benchmark's cells).
+# ------------------------------------------------------------------ one optimizer step
+
+StepFn = Callable[[torch.Tensor, torch.Tensor, int, int], tuple[torch.Tensor, torch.Tensor]]
+
+
+def make_step(model: nn.Module, criterion: nn.Module, optimizer: torch.optim.Optimizer,
+              p: TrainParams, task: str, dist: Dist, noise: NoiseScale | None, pending: Pending) -> StepFn:
+    """The step for this run: ``step(xb, yb, n_b, step_index) -> (outputs, mean loss)``.
+
+    Under DDP each rank's loss is its shard's sum over the global batch size, times the world
+    size: DDP averages gradients over ranks, so the result is the global batch's mean gradient
+    even when the last batch splits unevenly. The noise-scale step computes the gradient from
+    two half batches every ``noise_scale_every`` steps (one rank only: under DDP it would need
+    gradients before their all-reduce, not measured).
     """
-    torch.manual_seed(p.seed)
-    model.to(device).train()
-    criterion = _loss(task)
-    net = model
-    if world > 1:
-        # Each rank's loss is its shard's sum over the global batch size, times the world size:
-        # DDP averages gradients over ranks, so the result is the global batch's mean gradient
-        # even when the last batch splits unevenly.
+    if dist.world > 1:
         from torch.nn.parallel import DistributedDataParallel
         net = DistributedDataParallel(model)
         shard_loss = _loss(task, reduction="sum")
-    batches = Batches(train, p, batch_size, device, rank, world)
-    per_epoch = batches.per_epoch
-    total_steps = per_epoch * p.epochs
-    every_eval = eval_interval(p, per_epoch)
-    optimizer = make_optimizer(p, model, lr_at(p, batch_size, 0, per_epoch))
-    # Under DDP the half-batch trick would need gradients before their all-reduce: not measured.
-    noise = NoiseScale(p.noise_scale_ema) if p.noise_scale and batch_size >= 2 and world == 1 else None
+
+        def ddp_step(xb, yb, n_b, index):
+            optimizer.zero_grad(set_to_none=True)
+            out = net(xb)
+            (shard_loss(out, yb) * (dist.world / n_b)).backward()
+            optimizer.step()
+            return out, shard_loss(out.detach(), yb) / n_b  # this rank's share of the mean
+        return ddp_step
+
+    def plain_step(xb, yb, n_b, index):
+        optimizer.zero_grad(set_to_none=True)
+        out = model(xb)
+        loss = criterion(out, yb)
+        loss.backward()
+        optimizer.step()
+        return out, loss
+
+    if noise is None:
+        return plain_step
     params = [q for q in model.parameters() if q.requires_grad]
-    val = val.to(device)
-    _warm_up(model, p, criterion, batches)
 
-    hist = History()
-    step = samples = 0
-    start_epoch = start_batch = 0
-    train_seconds = 0.0
-    target: dict | None = None
-    resumed_from = 0
-    state = load_checkpoint(checkpoint) if checkpoint and p.resume else None
-    if state is not None and state.get("extra") == (checkpoint_extra or {}):
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        for name in ("step", "samples", "loss", "correct", "batch", "lr", "time", "evals", "noise"):
-            setattr(hist, name, list(state["history"][name]))
-        hist.noise = [tuple(x) for x in hist.noise]
-        step, samples = int(state["step"]), int(state["samples"])
-        start_epoch, start_batch = int(state["epoch"]), int(state["batch"])
-        train_seconds, target = float(state["train_seconds"]), state["target"]
-        if noise is not None and state.get("noise_state"):
-            noise.load_state_dict(state["noise_state"], device)
-        torch.set_rng_state(state["rng"])
-        resumed_from = step
-        sink.resume_from(hist, step)
-
-    if world > 1:
-        # Every rank must resume from the same step (checkpoints/ shared between nodes), or the
-        # ranks would wait on each other for ever: equal sum and sum of squares <=> all equal.
-        from .dist import all_sum
-        seen = all_sum(torch.tensor([float(step), float(step) ** 2], dtype=torch.float64), world)
-        if seen.tolist() != [world * float(step), world * float(step) ** 2]:
-            raise RuntimeError(f"rank {rank} would resume at step {step} but other ranks disagree: "
-                               f"share the checkpoints/ folder between nodes or set train.resume=false")
-    sink.ready()
-    # Device-side buffers, read back at flush time only.
-    pend_loss: list[torch.Tensor] = []
-    pend_correct: list[torch.Tensor] = []
-    pend_noise: list[tuple[int, torch.Tensor]] = []
-    pend_step: list[int] = []
-    pend_samples: list[int] = []
-    pend_batch: list[int] = []
-    pend_lr: list[float] = []
-    pend_time: list[float] = []
-
-    def flush() -> None:
-        if not pend_step:
-            return
-        stacked = torch.stack(pend_loss).to(torch.float64)
-        if pend_correct:
-            stacked = torch.cat([stacked, torch.stack(pend_correct).to(torch.float64)])
-        if world > 1:  # per-rank shares -> global figures, one collective per flush
-            from .dist import all_sum
-            stacked = all_sum(stacked, world)
-        values = stacked.tolist()
-        losses = values[:len(pend_loss)]
-        correct = [int(round(c)) for c in values[len(pend_loss):]]
-        if p.stop_on_nonfinite:
-            bad = next((i for i, v in enumerate(losses) if not math.isfinite(v)), None)
-            if bad is not None:
-                raise NonFiniteLoss(f"loss became {losses[bad]} at optimizer step {pend_step[bad]} "
-                                    f"(batch size {batch_size}, lr {pend_lr[bad]:g}); "
-                                    f"set train.stop_on_nonfinite=false to continue anyway")
-        chunk = StepChunk(list(pend_step), list(pend_samples), losses, correct, list(pend_batch),
-                          list(pend_lr), list(pend_time))
-        hist.extend(chunk)
-        sink.steps(chunk)
-        if progress is not None:
-            progress.update(len(chunk.step))
-        for s, value in pend_noise:
-            v = float(value)
-            hist.noise.append((s, v))
-            sink.point("noise/b_simple", v, s)
-        for buf in (pend_loss, pend_correct, pend_noise, pend_step, pend_samples, pend_batch, pend_lr, pend_time):
-            buf.clear()
-
-    def snapshot(epoch: int, batch: int) -> None:
-        if checkpoint is None:
-            return
-        flush()
-        if rank != 0:
-            return
-        save_checkpoint(checkpoint, {
-            "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-            "step": step, "samples": samples, "epoch": epoch, "batch": batch,
-            "train_seconds": train_seconds, "target": target,
-            "history": {k: getattr(hist, k) for k in
-                        ("step", "samples", "loss", "correct", "batch", "lr", "time", "evals", "noise")},
-            "noise_state": noise.state_dict() if noise is not None else None,
-            "rng": torch.get_rng_state(), "extra": checkpoint_extra or {}, "meta": checkpoint_meta or {},
-        })
-
-    def validate(epoch_end: bool) -> None:
-        nonlocal target
-        flush()
-        v_loss, v_acc = evaluate_split(model, val, criterion, task)
-        point = {"step": step, "samples": samples, "val_loss": v_loss, "val_acc": v_acc,
-                 "train_seconds": train_seconds, "epoch_end": epoch_end}
-        hist.evals.append(point)
-        sink.point("val/loss", v_loss, samples)
-        if task == "classification":
-            sink.point("val/acc", v_acc, samples)
-        value = v_acc if p.target_metric == "val_acc" else v_loss
-        if target is None and _reached(p.target_metric, value, p.target_value):
-            target = {"step": step, "samples": samples, "seconds": train_seconds, "value": value}
-
-    classify = task == "classification"
-    peak_lr = scaled_lr(p, batch_size)
-    warmup_steps = math.ceil(p.warmup_epochs * per_epoch)
-    lr = lr_at(p, batch_size, step, per_epoch)
-    clock_offset = time.time() - time.perf_counter()  # perf_counter -> wall clock, for timestamps
-    if signals is not None:
-        # Under torchrun each rank gets the signal at its own step; stopping at a step boundary
-        # would need an agreement per step, so there the signal ends the process at once.
-        signals.deferred = world == 1
-    try:
-        for epoch in range(start_epoch, p.epochs):
-            epoch_t0 = time.perf_counter()
-            first = start_batch if epoch == start_epoch else 0
-            t_last = time.perf_counter()
-            for b, (xb, yb) in enumerate(batches.epoch(epoch, first), start=first):
-                if step < warmup_steps:
-                    lr = lr_at(p, batch_size, step, per_epoch)
-                    for group in optimizer.param_groups:
-                        group["lr"] = lr
-                elif lr != peak_lr:
-                    lr = peak_lr
-                    for group in optimizer.param_groups:
-                        group["lr"] = lr
-                n_b = xb.shape[0] if world == 1 else min(batch_size, batches.n - b * batch_size)
-                if noise is not None and n_b >= 2 and step % p.noise_scale_every == 0:
-                    out, loss = _noise_step(model, criterion, xb, yb, params, noise, pend_noise, samples + n_b)
-                elif world > 1:
-                    optimizer.zero_grad(set_to_none=True)
-                    out = net(xb)
-                    (shard_loss(out, yb) * (world / n_b)).backward()
-                    loss = shard_loss(out.detach(), yb) / n_b  # this rank's share of the mean
-                else:
-                    optimizer.zero_grad(set_to_none=True)
-                    out = model(xb)
-                    loss = criterion(out, yb)
-                    loss.backward()
-                optimizer.step()
-                step += 1
-                samples += n_b
-                pend_loss.append(loss.detach())
-                if classify:
-                    pend_correct.append((out.argmax(1) == yb).sum())
-                pend_step.append(step)
-                pend_samples.append(samples)
-                pend_batch.append(n_b)
-                pend_lr.append(lr)
-                now = time.perf_counter()
-                train_seconds += now - t_last
-                pend_time.append(now + clock_offset)
-                if len(pend_step) >= flush_every:
-                    flush()
-                last_of_epoch = b == per_epoch - 1
-                if step % every_eval == 0 or last_of_epoch:
-                    validate(last_of_epoch)
-                if p.checkpoint_every_steps and step % p.checkpoint_every_steps == 0 and not last_of_epoch:
-                    snapshot(epoch, b + 1)
-                if signals is not None and signals.requested is not None:
-                    if last_of_epoch:
-                        snapshot(epoch + 1, 0)
-                    else:
-                        snapshot(epoch, b + 1)
-                    raise Interrupted(signals.requested)
-                if max_seconds is not None and train_seconds >= max_seconds:
-                    break
-                t_last = time.perf_counter()
-            flush()
-            if max_seconds is not None and train_seconds >= max_seconds:
-                break
-            sink.point("epoch/wall_seconds", time.perf_counter() - epoch_t0, samples)
-            if epoch + 1 < p.epochs:
-                snapshot(epoch + 1, 0)
-        flush()
-    finally:
-        if signals is not None:
-            signals.deferred = False
-    b_simple = hist.noise[-1][1] if hist.noise else None
-    return FitResult(hist, step, samples, train_seconds, target, b_simple, resumed_from)
+    def noise_step(xb, yb, n_b, index):
+        if n_b < 2 or index % p.noise_scale_every:
+            return plain_step(xb, yb, n_b, index)
+        out, loss, b_simple = _half_batch_gradients(model, criterion, xb, yb, params, noise)
+        optimizer.step()
+        pending.noise.append((index, b_simple))
+        return out, loss
+    return noise_step
 
 
-def _warm_up(model: nn.Module, p: TrainParams, criterion: nn.Module, batches: Batches) -> None:
-    """One step on a throwaway copy: the first optimizer step imports and initialises library
-    code (seconds on CPU) that would otherwise be counted in the first steps' time."""
-    import copy
-
-    clone = copy.deepcopy(model)
-    opt = make_optimizer(p, clone, 1e-9)
-    xb, yb = batches.data.x[:2], batches.data.y[:2]
-    opt.zero_grad()
-    criterion(clone(xb.to(batches.device)), yb.to(batches.device)).backward()
-    opt.step()
-
-
-def _loss(task: str, reduction: str = "mean") -> nn.Module:
-    from .models import loss_fn
-    return loss_fn(task, reduction)
-
-
-def _noise_step(model, criterion, xb, yb, params, noise: NoiseScale, pending: list, samples: int):
+def _half_batch_gradients(model, criterion, xb, yb, params, noise: NoiseScale):
     """One step's gradient from two half batches, so |G|^2 is seen at two batch sizes."""
     n = xb.shape[0]
     half = n // 2
@@ -551,7 +285,176 @@ def _noise_step(model, criterion, xb, yb, params, noise: NoiseScale, pending: li
         q.grad = wa * ga + wb * gb
     small_sq = 0.5 * (squared_norm(list(grads_a)) + squared_norm(list(grads_b)))
     big_sq = squared_norm([q.grad for q in params])
-    pending.append((samples, noise.update(small_sq, big_sq, n / 2, n)))
-    out = torch.cat([out_a, out_b])
-    loss = wa * loss_a + wb * loss_b
-    return out, loss
+    b_simple = noise.update(small_sq, big_sq, n / 2, n)
+    return torch.cat([out_a, out_b]), wa * loss_a + wb * loss_b, b_simple
+
+
+def _loss(task: str, reduction: str = "mean") -> nn.Module:
+    from .models import loss_fn
+    return loss_fn(task, reduction)
+
+
+# ------------------------------------------------------------------ the loop
+
+class Trainer:
+    """One training run's parts; ``fit`` below is the loop over them."""
+
+    def __init__(self, model: nn.Module, train: Split, val: Split, p: TrainParams, batch_size: int,
+                 task: str, device: torch.device, sink: StepSink, dist: Dist,
+                 checkpoint: Checkpoint | None, progress):
+        self.model, self.p, self.batch_size, self.task = model.to(device).train(), p, batch_size, task
+        self.sink, self.dist, self.checkpoint, self.progress = sink, dist, checkpoint, progress
+        self.criterion = _loss(task)
+        self.batches = Batches(train, p, batch_size, device, dist)
+        self.per_epoch = self.batches.per_epoch
+        self.every_eval = eval_interval(p, self.per_epoch)
+        self.lr = lr_at(p, batch_size, 0, self.per_epoch)
+        self.optimizer = make_optimizer(p, self.model, self.lr)
+        self.noise = NoiseScale(p.noise_scale_ema) if p.noise_scale and batch_size >= 2 and dist.world == 1 else None
+        self.pending = Pending()
+        self.step = make_step(self.model, self.criterion, self.optimizer, p, task, dist, self.noise, self.pending)
+        self.val = val.to(device)
+        self.state = LoopState()
+        self.resumed_from = 0
+        _warm_up(self.model, p, self.criterion, self.batches)
+
+    def set_lr(self, lr: float) -> float:
+        if lr != self.lr:
+            self.lr = lr
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr
+        return lr
+
+    def record(self, b: int, n_b: int, seconds: float, t: float, out, yb, loss) -> None:
+        s = self.state
+        s.step, s.samples, s.seconds = s.step + 1, s.samples + n_b, s.seconds + seconds
+        s.epoch, s.batch = (s.epoch + 1, 0) if b + 1 == self.per_epoch else (s.epoch, b + 1)
+        correct = (out.argmax(1) == yb).sum() if self.task == "classification" else None
+        self.pending.add(s.step, s.samples, n_b, self.lr, t, loss, correct)
+
+    def flush(self) -> None:
+        if not len(self.pending):
+            return
+        chunk, noise = self.pending.drain(self.dist.world)
+        if self.p.stop_on_nonfinite:
+            check_finite(chunk, self.batch_size)
+        self.state.history.extend(chunk)
+        self.sink.steps(chunk)
+        if self.progress is not None:
+            self.progress.update(len(chunk.step))
+        for samples, value in noise:
+            self.state.history.noise.append((samples, value))
+            self.sink.point("noise/b_simple", value, samples)
+
+    def validate(self, epoch_end: bool) -> None:
+        self.flush()
+        s, p = self.state, self.p
+        v_loss, v_acc = evaluate_split(self.model, self.val, self.criterion, self.task)
+        s.history.evals.append({"step": s.step, "samples": s.samples, "val_loss": v_loss, "val_acc": v_acc,
+                                "train_seconds": s.seconds, "epoch_end": epoch_end})
+        self.sink.point("val/loss", v_loss, s.samples)
+        if self.task == "classification":
+            self.sink.point("val/acc", v_acc, s.samples)
+        value = v_acc if p.target_metric == "val_acc" else v_loss
+        if s.target is None and reached(p.target_metric, value, p.target_value):
+            s.target = {"step": s.step, "samples": s.samples, "seconds": s.seconds, "value": value}
+
+    def save(self) -> None:
+        if self.checkpoint is None:
+            return
+        self.flush()
+        if self.dist.main:
+            self.checkpoint.save({
+                "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "loop": self.state.state_dict(), "rng": torch.get_rng_state(),
+                "noise_state": self.noise.state_dict() if self.noise is not None else None})
+
+    def resume(self) -> None:
+        saved = self.checkpoint.load() if self.checkpoint and self.p.resume else None
+        if saved is not None:
+            self.model.load_state_dict(saved["model"])
+            self.optimizer.load_state_dict(saved["optimizer"])
+            self.lr = self.optimizer.param_groups[0]["lr"]
+            self.state.load_state_dict(saved["loop"])
+            if self.noise is not None and saved.get("noise_state"):
+                self.noise.load_state_dict(saved["noise_state"], self.val.x.device)
+            torch.set_rng_state(saved["rng"])
+            self.resumed_from = self.state.step
+            self.sink.resume_from(self.state.history, self.state.step)
+        if self.dist.world > 1:
+            # Every rank must resume from the same step (checkpoints/ shared between nodes), or
+            # the ranks would wait on each other for ever: equal sum and sum of squares <=> all equal.
+            step, world = float(self.state.step), self.dist.world
+            seen = all_sum(torch.tensor([step, step ** 2], dtype=torch.float64), world)
+            if seen.tolist() != [world * step, world * step ** 2]:
+                raise RuntimeError(f"rank {self.dist.rank} would resume at step {self.state.step} but other "
+                                   f"ranks disagree: share the checkpoints/ folder between nodes or set "
+                                   f"train.resume=false")
+
+    def result(self) -> FitResult:
+        s = self.state
+        b_simple = s.history.noise[-1][1] if s.history.noise else None
+        return FitResult(s.history, s.step, s.samples, s.seconds, s.target, b_simple, self.resumed_from)
+
+
+def fit(model: nn.Module, train: Split, val: Split, p: TrainParams, batch_size: int, task: str,
+        device: torch.device, sink: StepSink, *, checkpoint: Checkpoint | None = None,
+        signals: StopSignals | None = None, progress=None, dist: Dist = Dist(),
+        flush_every: int = 500, max_seconds: float | None = None) -> FitResult:
+    """Train ``model`` for ``p.epochs`` epochs at ``batch_size``; resume from ``checkpoint`` if it
+    holds this configuration. ``max_seconds`` stops after that much step time (bench cells)."""
+    torch.manual_seed(p.seed)
+    t = Trainer(model, train, val, p, batch_size, task, device, sink, dist, checkpoint, progress)
+    t.resume()
+    s = t.state
+    sink.ready()
+    clock = time.time() - time.perf_counter()  # perf_counter -> wall clock, for timestamps
+    out_of_time = False
+    if signals is not None:
+        # Under torchrun each rank gets the signal at its own step; stopping at a step boundary
+        # would need an agreement per step, so there the signal ends the process at once.
+        signals.deferred = dist.world == 1
+    try:
+        while s.epoch < p.epochs and not out_of_time:
+            epoch, epoch_t0 = s.epoch, time.perf_counter()
+            t_last = epoch_t0
+            for b, (xb, yb) in enumerate(t.batches.epoch(epoch, s.batch), start=s.batch):
+                t.set_lr(lr_at(p, batch_size, s.step, t.per_epoch))
+                n_b = t.batches.samples_in(b, xb)
+                out, loss = t.step(xb, yb, n_b, s.step)
+                now = time.perf_counter()
+                t.record(b, n_b, now - t_last, now + clock, out, yb, loss)
+                if len(t.pending) >= flush_every:
+                    t.flush()
+                epoch_end = s.epoch > epoch
+                if s.step % t.every_eval == 0 or epoch_end:
+                    t.validate(epoch_end)
+                if (p.checkpoint_every_steps and s.step % p.checkpoint_every_steps == 0 and not epoch_end) \
+                        or (signals is not None and signals.requested is not None):
+                    t.save()
+                if signals is not None and signals.requested is not None:
+                    raise Interrupted(signals.requested)
+                out_of_time = max_seconds is not None and s.seconds >= max_seconds
+                if out_of_time:
+                    break
+                t_last = time.perf_counter()
+            t.flush()
+            if not out_of_time:
+                sink.point("epoch/wall_seconds", time.perf_counter() - epoch_t0, s.samples)
+                if s.epoch < p.epochs:
+                    t.save()
+    finally:
+        if signals is not None:
+            signals.deferred = False
+    return t.result()
+
+
+def _warm_up(model: nn.Module, p: TrainParams, criterion: nn.Module, batches: Batches) -> None:
+    """One step on a throwaway copy: the first optimizer step imports and initialises library
+    code (seconds on CPU) that would otherwise be counted in the first steps' time."""
+    clone = copy.deepcopy(model)
+    opt = make_optimizer(p, clone, 1e-9)
+    xb, yb = batches.data.x[:2], batches.data.y[:2]
+    opt.zero_grad()
+    criterion(clone(xb.to(batches.device)), yb.to(batches.device)).backward()
+    opt.step()

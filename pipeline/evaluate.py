@@ -38,6 +38,7 @@ def run(ctx: Context, batch_size: int) -> dict[str, Any]:
     metrics: dict[str, Any] = {"batch_size": batch_size,
                                "test_loss": float(loss_fn(data.task)(out, test.y))}
     folder = ctx.eval_dir(batch_size)
+    ctx.check_params_unchanged(f"evaluate@{batch_size}")
     files: list[Path] = []
     if data.task == "classification":
         metrics |= _classification(test.y.numpy(), out.argmax(1).numpy(), folder, files)

@@ -75,10 +75,7 @@ def step_peak(p: Params, n_in: int, n_out: int, task: str, batch_size: int, devi
 
 def find(p: Params, n_in: int, n_out: int, task: str, device: torch.device, start: int, limit: int,
          budget_bytes: int | None, log=print) -> Found:
-    if start < 1 or limit < start:
-        raise ParamsError(f"--start {start} / --max {limit}: allowed: 1 <= start <= max")
-    if device.type == "cpu" and not budget_bytes:
-        raise ParamsError("on a CPU --memory-budget-mb is required (allowed: a positive number of MiB)")
+    check_arguments(device, start, limit, budget_bytes)
     found = Found(None, None)
     per_sample: float | None = None
 
@@ -133,7 +130,16 @@ def find(p: Params, n_in: int, n_out: int, task: str, device: torch.device, star
     return found
 
 
+def check_arguments(device: torch.device, start: int, limit: int, budget_bytes: int | None) -> None:
+    if start < 1 or limit < start:
+        raise ParamsError(f"--start {start} / --max {limit}: allowed: 1 <= start <= max")
+    if device.type == "cpu" and not budget_bytes:
+        raise ParamsError("on a CPU --memory-budget-mb is required (allowed: a positive number of MiB)")
+
+
 def run(ctx, start: int, limit: int, budget_mb: float | None) -> Found:
+    """Searches and logs into an experiment of its own (``<experiment>-find-batch-size``): the
+    sweep's experiment holds sweeps only. Bad arguments stop before any run is made."""
     from .data import read_manifest
     from .system import pick_device
 
@@ -143,7 +149,8 @@ def run(ctx, start: int, limit: int, budget_mb: float | None) -> Found:
     task = manifest["task"]
     n_out = manifest["n_classes"] if task == "classification" else 1
     budget = int(budget_mb * 2**20) if budget_mb else None
-    tracker = ctx.tracker()
+    check_arguments(device, start, limit, budget)
+    tracker = ctx.tracker(f"{p.tracking.experiment}-find-batch-size")
     with tracker.run(name="find-batch-size", parent_id=None, tags={"batchlab.role": "find-batch-size"}) as rid:
         tracker.log_params(rid, p.flat() | {"start": start, "max": limit, "memory_budget_mb": budget_mb,
                                             "device": str(device)})
@@ -153,7 +160,6 @@ def run(ctx, start: int, limit: int, budget_mb: float | None) -> Found:
                 tracker.log_metrics(rid, {"trial/peak_bytes": t.peak_bytes}, step=t.batch_size)
         if found.largest is not None:
             tracker.log_metrics(rid, {"largest_batch_size": found.largest, "largest_peak_bytes": found.peak_bytes})
-        tracker.client.log_dict(rid, {"trials": [t.__dict__ for t in found.trials],
-                                      "largest": found.largest, "peak_bytes": found.peak_bytes},
-                                "find_batch_size.json")
+        tracker.log_dict(rid, {"trials": [t.__dict__ for t in found.trials],
+                               "largest": found.largest, "peak_bytes": found.peak_bytes}, "find_batch_size.json")
     return found

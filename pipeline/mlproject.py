@@ -1,15 +1,32 @@
-"""Adapter for MLproject entry points: ``VERB [--params F] [--batch-size N] key=value ...``.
+"""MLproject entry points: ``ENTRY [--params F] [--batch-size N] key=value ...``.
+
+`mlflow run .` is a second front door to the one DVC pipeline, not a second implementation:
+with no parameter set it runs ``dvc repro [stage]``, with some it runs
+``dvc exp run -S key=value ... [stage]``, so dvc.lock records what was produced and
+`dvc status` agrees afterwards. The run `mlflow run` made (MLFLOW_RUN_ID, passed through DVC to
+the stages) becomes the parent of a new sweep. When DVC finds the sweep already done (up to date,
+or restored from its run-cache) nothing trains, and that run is tagged as pointing to the
+sweep's existing parent instead.
 
 MLflow substitutes every parameter, empty ones too; ``key=`` (no value) means "keep params.yaml".
+Entry points that are not pipeline stages (find-batch-size, reproduce) run the CLI directly.
 """
 from __future__ import annotations
 
+import json
+import os
+import subprocess
 import sys
+from pathlib import Path
 
 from .__main__ import main as cli
+from .config import ParamsError, load_params
+
+STAGE_ENTRIES = ("main", "prepare", "train", "evaluate", "compare")
 
 
 def translate(argv: list[str]) -> list[str]:
+    """``key=value`` -> ``--set key=value`` for the CLI; empty values are dropped."""
     out: list[str] = []
     for arg in argv:
         if "=" in arg and not arg.startswith("-"):
@@ -21,5 +38,87 @@ def translate(argv: list[str]) -> list[str]:
     return out
 
 
+def _hydra_value(value) -> str:
+    """A params value in the override grammar `dvc exp run -S` reads."""
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, (list, tuple)):
+        return "[" + ",".join(_hydra_value(v) for v in value) + "]"
+    if isinstance(value, str):
+        return json.dumps(value) if any(c in value for c in " ,[]{}=:'\"") or not value else value
+    return str(value)
+
+
+def dvc_command(entry: str, params_file: str, batch_size: int | None, sets: list[str]) -> list[str]:
+    """The DVC command for an entry point. Values are validated first (one-line errors before
+    DVC starts) and passed on as validated, in DVC's override grammar."""
+    overrides = [s for s in sets if s.split("=", 1)[1].strip()]
+    base = load_params("params.yaml")
+    if Path(params_file) != Path("params.yaml"):
+        named = load_params(params_file).flat()
+        overrides = [f"{k}={json.dumps(v)}" for k, v in named.items() if base.flat().get(k) != v] + overrides
+    params = load_params("params.yaml", overrides)
+    flat, changed = params.flat(), dict.fromkeys(o.split("=", 1)[0] for o in overrides)
+    sets = [f"{k}={_hydra_value(flat[k])}" for k in changed if flat[k] != base.flat()[k]]
+    target = {"main": [], "prepare": ["prepare"], "compare": ["compare"]}.get(entry)
+    if target is None:
+        if batch_size not in params.train.batch_sizes:
+            raise ParamsError(f"batch_size={batch_size} is not in train.batch_sizes "
+                              f"{list(params.train.batch_sizes)} (allowed: one of them; set -P batch_sizes=... "
+                              f"on the main entry point to sweep others)")
+        target = [f"{entry}@{batch_size}"]
+    if not sets:
+        return ["dvc", "repro", *target]
+    return ["dvc", "exp", "run", *[a for o in sets for a in ("-S", o)], *target]
+
+
+def point_to_parent(run_id: str) -> None:
+    """After DVC: if the run `mlflow run` made did not become the sweep's parent (the sweep was
+    already done), say where the sweep is instead of leaving an unexplained empty run."""
+    from .context import Context
+    from .data import read_manifest
+
+    ctx = Context.from_environment(load_params("params.yaml"))
+    tracker = ctx.tracker()
+    key = ctx.params.sweep_key(read_manifest(ctx.data_dir)["data_hash"])
+    parent = tracker.find_sweep(key)
+    if parent is None or parent == run_id:
+        return
+    tracker.set_tags(run_id, {
+        "batchlab.role": "launch", "batchlab.sweep_parent": parent, "mlflow.runName": f"up-to-date-sweep-{key[:8]}",
+        "mlflow.note.content": f"DVC found this sweep already done (up to date, or restored from its run-cache): "
+                               f"nothing trained. Its runs are under sweep-{key[:8]} ({parent})."})
+
+
+def run_stage_entry(argv: list[str]) -> int:
+    entry, rest = argv[0], argv[1:]
+    params_file, batch_size, sets = "params.yaml", None, []
+    it = iter(rest)
+    for arg in it:
+        if arg == "--params":
+            params_file = next(it)
+        elif arg == "--batch-size":
+            text = next(it)
+            if not text.isdigit() or int(text) < 1:
+                print(f"error: batch_size={text!r} is not a positive integer", file=sys.stderr)
+                return 2
+            batch_size = int(text)
+        else:
+            sets.append(arg)
+    try:
+        cmd = dvc_command(entry, params_file, batch_size, sets)
+    except ParamsError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print("running: " + " ".join(cmd), file=sys.stderr, flush=True)
+    code = subprocess.call(cmd)
+    if code == 0 and os.environ.get("MLFLOW_RUN_ID"):
+        point_to_parent(os.environ["MLFLOW_RUN_ID"])
+    return code
+
+
 if __name__ == "__main__":
-    sys.exit(cli(translate(sys.argv[1:])))
+    args = sys.argv[1:]
+    if args and args[0] in STAGE_ENTRIES:
+        sys.exit(run_stage_entry(args))
+    sys.exit(cli(translate(args)))

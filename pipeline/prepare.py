@@ -14,17 +14,12 @@ def run(ctx: Context) -> dict[str, Any]:
               "val_fraction": p.data.val_fraction, "test_fraction": p.data.test_fraction}
     if p.data.name == "linear":
         source |= {"samples": p.data.linear_samples, "noise": p.data.linear_noise}
+    ctx.check_params_unchanged("prepare")
     manifest = write_prepared(ctx.data_dir, task, splits, source)
     log_manifest(ctx, manifest)
     return manifest
 
 
 def log_manifest(ctx: Context, manifest: dict[str, Any]) -> str:
-    tracker = ctx.tracker()
-    key = ctx.params.sweep_key(manifest["data_hash"])
-    parent = tracker.sweep_parent(key, ctx.params.flat(), manifest, ctx.run_tags(), ctx.parent_run_id)
-    stats = {f"data/n_{name}": split["n"] for name, split in manifest["splits"].items()}
-    stats |= {"data/n_features": manifest["n_features"], "data/n_classes": manifest["n_classes"],
-              "data/mean": manifest["normalisation"]["mean"], "data/std": manifest["normalisation"]["std"]}
-    tracker.log_metrics(parent, stats)
-    return parent
+    """The sweep's parent run, with the data set's figures as its params."""
+    return ctx.tracker().sweep_parent(manifest)

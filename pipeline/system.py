@@ -7,6 +7,7 @@ import resource
 import subprocess
 from importlib import metadata
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -85,16 +86,25 @@ def package_versions() -> dict[str, str]:
     return out
 
 
-def git_state(cwd: Path) -> tuple[str, bool]:
-    """(commit, dirty) of the repository holding cwd; ("none", False) outside git."""
+class CodeState(NamedTuple):
+    commit: str   # HEAD, or "none" outside git
+    tree: str     # git's hash of the pipeline/ folder at HEAD: the code a run ran
+    dirty: bool   # uncommitted changes under pipeline/
+
+
+def code_state(cwd: Path) -> CodeState:
+    """The code a run ran. Only ``pipeline/`` counts: params are recorded as params, and
+    dvc.lock and outputs change with every run."""
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, check=True,
+                              timeout=10).stdout.strip()
     try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True,
-                                text=True, check=True, timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=cwd,
-                               capture_output=True, text=True, check=True, timeout=10).stdout.strip()
-        return commit, bool(dirty)
+        commit = git("rev-parse", "HEAD")
+        tree = git("rev-parse", "HEAD:pipeline")
+        dirty = git("status", "--porcelain", "--", "pipeline")
+        return CodeState(commit, tree, bool(dirty))
     except (OSError, subprocess.SubprocessError):
-        return "none", False
+        return CodeState("none", "none", False)
 
 
 def threads() -> int:

@@ -3,9 +3,10 @@
 * The store: ``MLFLOW_TRACKING_URI`` when set, else ``sqlite:///<project>/mlflow.db``. The
   project is the user's folder even when DVC runs a queued experiment in a temporary copy
   under ``.dvc/tmp/exps``; relative SQLite paths are resolved against it as well.
-* The sweep: one parent run per sweep key (params that shape training + data hash), found or
-  created under a file lock, so stages run as separate processes, partial reruns and
-  parallel queue workers all file their runs under the same parent.
+* The sweep: one parent run per sweep key (every param that shapes the sweep's runs + data
+  hash), found or created under a file lock, so stages run as separate processes, partial
+  reruns and parallel queue workers all file their runs under the same parent. The run
+  ``mlflow run`` made becomes that parent when the sweep is new.
 * Batch-wise metrics: ``MlflowSink`` buffers steps, reduces them to at most
   ``tracking.max_points`` points per metric (window means; window size recorded) and hands
   them to a logger process (``metric_logger``) that sends them with ``log_batch``.
@@ -18,6 +19,7 @@ import os
 import queue
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from contextlib import contextmanager
@@ -28,12 +30,15 @@ import mlflow
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
-from .engine import Interrupted, StepChunk
 from .metric_logger import MAX_BATCH
+from .records import StepChunk
+from .signals import Interrupted
 
 TAG_ROLE = "batchlab.role"
 TAG_SWEEP = "batchlab.sweep_key"
 TAG_END = "batchlab.end_reason"
+TAG_BATCH = "batchlab.batch_size"
+TAG_LAUNCH = "batchlab.sweep_parent"
 SEND_SECONDS = 10.0
 
 
@@ -63,12 +68,15 @@ def is_local_store(uri: str) -> bool:
 
 
 class Tracker:
-    """A connection to the tracking store for one experiment."""
+    """A connection to the tracking store for one stage: its experiment, its sweep."""
 
     def __init__(self, root: Path, experiment: str, env: dict[str, str] | None = None,
-                 parent_run_id: str | None = None):
+                 parent_run_id: str | None = None, params=None, run_tags=dict):
         self.root = root
         self.uri = tracking_uri(root, env)
+        self.params = params            # the stage's Params: they name the sweep
+        self.run_tags = run_tags        # () -> tags that make a run reproducible
+        self.given_parent = parent_run_id
         # The first use of a new SQLite store creates its tables; two processes doing that at
         # once break the migration (seen with two sweeps started together), hence the lock.
         with self._lock():
@@ -110,31 +118,50 @@ class Tracker:
         with FileLock(str(path), timeout=300):
             yield
 
-    def sweep_parent(self, key: str, params: dict[str, Any], manifest: dict[str, Any],
-                     tags: dict[str, str], given: str | None = None) -> str:
-        """The parent run of sweep ``key``: ``given`` (the run ``mlflow run`` made), or the
-        existing one with that key, or a new one. Never left RUNNING by us."""
+    def find_sweep(self, key: str) -> str | None:
+        found = self.client.search_runs(
+            [self.experiment_id], filter_string=f"tags.`{TAG_SWEEP}` = '{key}' and tags.`{TAG_ROLE}` = 'sweep'",
+            order_by=["attributes.start_time ASC"], max_results=1)
+        return found[0].info.run_id if found else None
+
+    def sweep_parent(self, manifest: dict[str, Any]) -> str:
+        """The parent run of this stage's sweep: the existing one with its key, else the run
+        ``mlflow run`` made (renamed as any parent is), else a new one. Never left RUNNING by us;
+        a run ``mlflow run`` made that is not the parent points to it (tag batchlab.sweep_parent)."""
+        key = self.params.sweep_key(manifest["data_hash"])
+        name, tags = f"sweep-{key[:8]}", {TAG_ROLE: "sweep", TAG_SWEEP: key, **self.run_tags()}
         with self._lock():
-            if given:
-                run_id = given
-                self.client.set_tag(run_id, TAG_SWEEP, key)
-                self.client.set_tag(run_id, TAG_ROLE, "sweep")
+            run_id = self.find_sweep(key)
+            if run_id is not None:
+                if self.given_parent and self.given_parent != run_id:
+                    self.set_tags(self.given_parent, {TAG_LAUNCH: run_id, TAG_ROLE: "launch"})
+                return run_id
+            if self.given_parent:
+                run_id = self.given_parent
+                self.set_tags(run_id, tags | {"mlflow.runName": name})
             else:
-                found = self.client.search_runs(
-                    [self.experiment_id],
-                    filter_string=f"tags.`{TAG_SWEEP}` = '{key}' and tags.`{TAG_ROLE}` = 'sweep'",
-                    order_by=["attributes.start_time ASC"], max_results=1)
-                if found:
-                    return found[0].info.run_id
-                run = self.client.create_run(self.experiment_id, run_name=f"sweep-{key[:8]}",
-                                             tags={TAG_ROLE: "sweep", TAG_SWEEP: key, **tags})
-                run_id = run.info.run_id
-            sweep_params = {k: v for k, v in params.items() if k != "train.batch_sizes"}
-            self.log_params(run_id, sweep_params | {"data.hash": manifest["data_hash"]})
-            self.client.log_dict(run_id, manifest, "data/manifest.json")
-            if not given:
+                run_id = self.client.create_run(self.experiment_id, run_name=name, tags=tags).info.run_id
+            self.log_params(run_id, self.params.flat() | data_params(manifest))
+            self.log_dict(run_id, manifest, "data/manifest.json")
+            if not self.given_parent:
                 self.client.set_terminated(run_id, "FINISHED")
             return run_id
+
+    def retire_others(self, parent_id: str, batch_size: int, keep: str) -> list[str]:
+        """A deliberate retrain replaces the run of the same (sweep, batch size): the older
+        finished ones are deleted (restorable from MLflow's trash), never counted side by side."""
+        runs = self.client.search_runs(
+            [self.experiment_id], max_results=100,
+            filter_string=f"tags.`mlflow.parentRunId` = '{parent_id}' and tags.`{TAG_BATCH}` = '{batch_size}' "
+                          f"and tags.`{TAG_ROLE}` = 'train'")
+        retired = [r.info.run_id for r in runs if r.info.run_id != keep]
+        for run_id in retired:
+            self.set_tags(run_id, {"batchlab.superseded_by": keep})
+            self.client.delete_run(run_id)
+        return retired
+
+    def get_run(self, run_id: str):
+        return self.client.get_run(run_id)
 
     def log_params(self, run_id: str, params: dict[str, Any]) -> None:
         """Log params, skipping those the run already holds with the same value."""
@@ -156,11 +183,42 @@ class Tracker:
         for path in paths:
             self.client.log_artifact(run_id, str(path), artifact_path)
 
+    def log_dict(self, run_id: str, obj: Any, path: str) -> None:
+        self.client.log_dict(run_id, obj, path)
+
+    def log_text(self, run_id: str, text: str, path: str) -> None:
+        self.client.log_text(run_id, text, path)
+
+    def read_artifact(self, run_id: str, path: str) -> str:
+        with tempfile.TemporaryDirectory() as tmp:
+            return Path(self.client.download_artifacts(run_id, path, tmp)).read_text()
+
+    def log_model(self, model, example) -> None:
+        """Into the active run, as a LoggedModel in the pt2 (torch.export) format: loading it
+        runs no pickled code."""
+        import mlflow.pytorch
+        import torch
+        from mlflow.models import infer_signature
+
+        model = model.cpu().eval()
+        example = example.cpu()
+        with torch.no_grad():
+            output = model(example)
+        mlflow.pytorch.log_model(
+            model, name="model", signature=infer_signature(example.numpy(), output.numpy()),
+            input_example=example.numpy(), serialization_format="pt2",
+            pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"])
+
+    def create_run(self, name: str, tags: dict[str, str], parent_id: str | None = None) -> str:
+        """A run made and ended by the caller (``finish``), for runs beside the active one."""
+        tags = tags | ({"mlflow.parentRunId": parent_id} if parent_id else {})
+        return self.client.create_run(self.experiment_id, run_name=name, tags=tags).info.run_id
+
     def finish(self, run_id: str) -> None:
         self.client.set_terminated(run_id, "FINISHED")
 
     @contextmanager
-    def run(self, *, name: str, parent_id: str, tags: dict[str, str],
+    def run(self, *, name: str, parent_id: str | None, tags: dict[str, str],
             run_id: str | None = None) -> Iterator[str]:
         """An active (fluent) run that ends FINISHED, KILLED (signal) or FAILED (exception),
         with the reason as a tag. ``run_id`` reopens an interrupted run to resume it."""
@@ -184,6 +242,14 @@ class Tracker:
             raise
         else:
             mlflow.end_run("FINISHED")
+
+
+def data_params(manifest: dict[str, Any]) -> dict[str, Any]:
+    """The data set's figures: they describe the sweep, they are not results (params, not metrics)."""
+    stats = {f"data.n_{name}": split["n"] for name, split in manifest["splits"].items()}
+    return stats | {"data.hash": manifest["data_hash"], "data.n_features": manifest["n_features"],
+                    "data.n_classes": manifest["n_classes"], "data.mean": manifest["normalisation"]["mean"],
+                    "data.std": manifest["normalisation"]["std"]}
 
 
 def _end(run_id: str, status: str, reason: str) -> None:
@@ -256,12 +322,11 @@ class MlflowSink:
     def resume_from(self, hist, resumed_step: int) -> None:
         """After a resume, refill the window the interruption left partial (it was not logged)."""
         boundary = resumed_step - resumed_step % self.window
-        idx = [i for i, s in enumerate(hist.step) if s > boundary]
-        if idx and idx[0] > 0:
-            self._prev_time = hist.time[idx[0] - 1]
-        if idx:
-            self.steps(StepChunk(*[[getattr(hist, k)[i] for i in idx] for k in
-                                   ("step", "samples", "loss", "correct", "batch", "lr", "time")]))
+        chunk = hist.after(boundary)
+        if chunk.step and len(chunk.step) < len(hist.step):
+            self._prev_time = hist.time[len(hist.step) - len(chunk.step) - 1]
+        if chunk.step:
+            self.steps(chunk)
 
     def steps(self, chunk: StepChunk) -> None:
         acc, out = self._acc, []

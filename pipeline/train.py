@@ -2,20 +2,42 @@
 from __future__ import annotations
 
 import io
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
+from . import dist
 from .config import ParamsError
 from .context import Context, write_atomic, write_json
-from .data import load_prepared
-from .engine import (NullSink, StopSignals, batch_bounds, eval_interval, fit, load_checkpoint,
-                     scaled_lr)
-from . import dist
+from .data import Prepared, load_prepared
+from .engine import Checkpoint, FitResult, NullSink, eval_interval, fit, scaled_lr
+from .batches import batch_bounds
 from .models import build_model
+from .signals import StopSignals
 from .system import PeakMemory, device_name, pick_device, set_threads, threads
+
+
+@dataclass(frozen=True)
+class Job:
+    """One training run: what it trains on, where, and where its checkpoint lives."""
+    ctx: Context
+    batch_size: int
+    data: Prepared
+    device: torch.device
+    dist: dist.Dist
+    sweep_key: str
+    checkpoint: Checkpoint
+
+    @property
+    def per_epoch(self) -> int:
+        return batch_bounds(len(self.data.train), self.batch_size, self.ctx.params.train.drop_last)
+
+    @property
+    def total_steps(self) -> int:
+        return self.per_epoch * self.ctx.params.train.epochs
 
 
 def check_batch_size(ctx: Context, batch_size: int, n_train: int) -> None:
@@ -26,11 +48,11 @@ def check_batch_size(ctx: Context, batch_size: int, n_train: int) -> None:
                           f"(allowed: at most {n_train}, the training split's size)")
 
 
-def run(ctx: Context, batch_size: int, *, log_to_mlflow: bool = True) -> dict[str, Any]:
-    p = ctx.params
+def prepare_job(ctx: Context, batch_size: int) -> Job:
+    """Everything checked and placed before any run is created."""
     data = load_prepared(ctx.data_dir, ("train", "val"))
     check_batch_size(ctx, batch_size, len(data.train))
-    device = pick_device(p.train.device)
+    device = pick_device(ctx.params.train.device)
     d = dist.init(device.type)
     if d.world > 1:
         if batch_size < d.world:
@@ -39,108 +61,122 @@ def run(ctx: Context, batch_size: int, *, log_to_mlflow: bool = True) -> dict[st
         if device.type == "cuda":
             device = torch.device("cuda", d.local_rank)
             torch.cuda.set_device(device)
-    set_threads(p.train.threads)
-    per_epoch = batch_bounds(len(data.train), batch_size, p.train.drop_last)
-    total_steps = per_epoch * p.train.epochs
-    key = p.sweep_key(data.data_hash)
-    ckpt = ctx.checkpoint(batch_size)
-    previous = load_checkpoint(ckpt) if p.train.resume else None
-    resume_id = None
-    if previous and previous["extra"] == _checkpoint_key(key, batch_size, d.world):
-        resume_id = previous.get("meta", {}).get("run_id")
+    set_threads(ctx.params.train.threads)
+    key = ctx.params.sweep_key(data.data_hash)
+    ckpt = Checkpoint(ctx.checkpoint(batch_size), {"sweep": key, "batch_size": batch_size, "world": d.world})
+    return Job(ctx, batch_size, data, device, d, key, ckpt)
 
+
+def run(ctx: Context, batch_size: int, *, log_to_mlflow: bool = True) -> dict[str, Any]:
+    job = prepare_job(ctx, batch_size)
+    previous = job.checkpoint.load() if ctx.params.train.resume else None
+    resume_id = (previous or {}).get("meta", {}).get("run_id")
     # Only rank 0 talks to MLflow and writes outputs.
-    tracker = ctx.tracker() if log_to_mlflow and d.main else None
+    tracker = ctx.tracker() if log_to_mlflow and job.dist.main else None
     with StopSignals() as signals:
         if tracker is None:
-            return _train(ctx, batch_size, data, device, per_epoch, total_steps, key, ckpt,
-                          None, None, signals, d)
-        parent = tracker.sweep_parent(key, p.flat(), data.manifest, ctx.run_tags(), ctx.parent_run_id)
-        tags = ctx.run_tags() | {"batchlab.batch_size": str(batch_size), "batchlab.sweep_key": key,
+            return _train(job, None, None, signals)
+        parent = tracker.sweep_parent(job.data.manifest)
+        tags = ctx.run_tags() | {"batchlab.batch_size": str(batch_size), "batchlab.sweep_key": job.sweep_key,
                                  "batchlab.role": "train"}
         with tracker.run(name=f"bs{batch_size}", parent_id=parent, tags=tags, run_id=resume_id) as run_id:
-            return _train(ctx, batch_size, data, device, per_epoch, total_steps, key, ckpt,
-                          tracker, run_id, signals, d)
+            summary = _train(job, tracker, run_id, signals)
+        tracker.retire_others(parent, batch_size, keep=run_id)
+        return summary
 
 
-def _checkpoint_key(sweep: str, batch_size: int, world: int) -> dict[str, Any]:
-    return {"sweep": sweep, "batch_size": batch_size, "world": world}
-
-
-def _train(ctx, batch_size, data, device, per_epoch, total_steps, key, ckpt, tracker, run_id,
-           signals, d) -> dict[str, Any]:
+def _train(job: Job, tracker, run_id: str | None, signals: StopSignals) -> dict[str, Any]:
     from .tracking import MlflowSink
 
-    p = ctx.params
-    t = p.train
+    p = job.ctx.params
     sink: Any = NullSink()
     if tracker is not None:
-        sink = MlflowSink(tracker.uri, run_id, total_steps, p.tracking.max_points,
+        sink = MlflowSink(tracker.uri, run_id, job.total_steps, p.tracking.max_points,
                           p.tracking.full_history, start_time=_now())
-        tracker.log_params(run_id, p.flat() | {
-            "batch_size": batch_size, "seed": t.seed, "data.hash": data.data_hash,
-            "lr_effective": scaled_lr(t, batch_size), "steps_per_epoch": per_epoch,
-            "total_steps": total_steps, "eval_every_steps_effective": eval_interval(t, per_epoch),
-            "log_window_steps": sink.window, "device": device_name(device), "threads": threads(),
-            "world_size": d.world})
-        tracker.client.log_dict(run_id, p.model_dump(mode="json"), "params.json")
-    torch.manual_seed(t.seed)
-    model = build_model(p.model, data.n_features, data.n_outputs)
+        tracker.log_params(run_id, _run_params(job, sink.window))
+        tracker.log_dict(run_id, p.model_dump(mode="json"), "params.json")
+    torch.manual_seed(p.train.seed)
+    model = build_model(p.model, job.data.n_features, job.data.n_outputs)
+    checkpoint = Checkpoint(job.checkpoint.path, job.checkpoint.key, {"run_id": run_id})
     complete = False
     try:
-        with PeakMemory(device) as mem, tqdm(total=total_steps, desc=f"train bs={batch_size}",
-                                             unit="step", disable=None, leave=False) as bar:
-            result = fit(model, data.train, data.val, t, batch_size, data.task, device, sink,
-                         checkpoint=ckpt, checkpoint_extra=_checkpoint_key(key, batch_size, d.world),
-                         checkpoint_meta={"run_id": run_id}, signals=signals,
-                         progress=bar if d.main else None, rank=d.rank, world=d.world)
+        with PeakMemory(job.device) as mem, tqdm(total=job.total_steps, desc=f"train bs={job.batch_size}",
+                                                 unit="step", disable=None, leave=False) as bar:
+            result = fit(model, job.data.train, job.data.val, p.train, job.batch_size, job.data.task,
+                         job.device, sink, checkpoint=checkpoint, signals=signals,
+                         progress=bar if job.dist.main else None, dist=job.dist)
         complete = True
     finally:
         if tracker is not None:
             sink.close(complete)
+    summary = _summary(job, model, result, mem.peak_bytes)
+    if not job.dist.main:
+        return summary
+    job.ctx.check_params_unchanged(f"train@{job.batch_size}")
+    out = job.ctx.train_dir(job.batch_size)
+    files = _write_outputs(out, model, result, summary, job.data.task)
+    if tracker is not None:
+        tracker.log_metrics(run_id, final_metrics(summary), step=result.samples)
+        tracker.log_artifacts(run_id, files, "outputs")
+        tracker.log_model(model, job.data.val.x[:5])
+        write_json(out / "run.json", {"run_id": run_id, "experiment_id": tracker.experiment_id,
+                                      "sweep_key": job.sweep_key})
+    job.checkpoint.remove()
+    return summary
 
-    hist = result.history
+
+def _run_params(job: Job, window: int) -> dict[str, Any]:
+    t = job.ctx.params.train
+    return job.ctx.params.flat() | {
+        "batch_size": job.batch_size, "seed": t.seed, "data.hash": job.data.data_hash,
+        "lr_effective": scaled_lr(t, job.batch_size), "steps_per_epoch": job.per_epoch,
+        "total_steps": job.total_steps, "eval_every_steps_effective": eval_interval(t, job.per_epoch),
+        "log_window_steps": window, "device": device_name(job.device), "threads": threads(),
+        "world_size": job.dist.world}
+
+
+def _summary(job: Job, model: torch.nn.Module, result: FitResult, peak_bytes: int) -> dict[str, Any]:
+    hist, t, target = result.history, job.ctx.params.train, result.target
     last = hist.evals[-1] if hist.evals else {}
     summary: dict[str, Any] = {
-        "batch_size": batch_size,
+        "batch_size": job.batch_size,
         "steps": result.steps,
         "samples": result.samples,
         "epochs": t.epochs,
         "train_seconds": result.train_seconds,
         "throughput": result.samples / max(result.train_seconds, 1e-9),
-        "peak_memory_bytes": mem.peak_bytes,
-        "final_train_loss": float(np.mean(hist.loss[-per_epoch:])) if hist.loss else None,
+        "peak_memory_bytes": peak_bytes,
+        "final_train_loss": float(np.mean(hist.loss[-job.per_epoch:])) if hist.loss else None,
         "final_val_loss": last.get("val_loss"),
-        "target_reached": result.target is not None,
-        "steps_to_target": result.target["step"] if result.target else None,
-        "samples_to_target": result.target["samples"] if result.target else None,
-        "time_to_target_s": result.target["seconds"] if result.target else None,
+        "target_reached": target is not None,
+        "steps_to_target": target["step"] if target else None,
+        "samples_to_target": target["samples"] if target else None,
+        "time_to_target_s": target["seconds"] if target else None,
         "noise_scale": result.noise_scale,
-        "lr_effective": scaled_lr(t, batch_size),
+        "lr_effective": scaled_lr(t, job.batch_size),
         "resumed_from_step": result.resumed_from_step,
+        "world_size": job.dist.world,
     }
-    if data.task == "classification":
+    if job.data.task == "classification":
         summary["final_val_acc"] = last.get("val_acc")
     else:
         w, b = model.weight.detach().cpu().flatten().tolist(), model.bias.detach().cpu().tolist()
         summary["weight"], summary["bias"] = (w[0] if len(w) == 1 else w), b[0]
-
-    summary["world_size"] = d.world
-    if not d.main:
-        return summary
-    out = ctx.train_dir(batch_size)
-    files = _write_outputs(out, model, hist, summary, data.task)
-    if tracker is not None:
-        final = {f"final/{k}": float(v) for k, v in summary.items()
-                 if isinstance(v, (int, float)) and not isinstance(v, bool) and v is not None}
-        final["final/target_reached"] = float(summary["target_reached"])
-        tracker.log_metrics(run_id, final, step=result.samples)
-        tracker.log_artifacts(run_id, files, "outputs")
-        _log_model(model, data)
-        write_json(out / "run.json", {"run_id": run_id, "experiment_id": tracker.experiment_id,
-                                      "sweep_key": key})
-    ckpt.unlink(missing_ok=True)
     return summary
+
+
+# Summary keys that are settings or bookkeeping, not results: params and tags hold them.
+_NOT_METRICS = ("batch_size", "epochs", "lr_effective", "world_size", "resumed_from_step")
+
+
+def final_metrics(summary: dict[str, Any]) -> dict[str, float]:
+    """The summary as MLflow metrics, each named once: ``final/val_acc``, ``final/throughput``."""
+    out = {}
+    for key, value in summary.items():
+        if key in _NOT_METRICS or value is None or not isinstance(value, (int, float)):
+            continue
+        out[f"final/{key.removeprefix('final_')}"] = float(value)
+    return out
 
 
 def _now() -> float:
@@ -148,7 +184,8 @@ def _now() -> float:
     return time.time()
 
 
-def _write_outputs(out, model, hist, summary, task) -> list:
+def _write_outputs(out, model, result: FitResult, summary, task) -> list:
+    hist = result.history
     buf = io.BytesIO()
     torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, buf)
     write_atomic(out / "model.pt", buf.getvalue())
@@ -162,11 +199,8 @@ def _write_outputs(out, model, hist, summary, task) -> list:
     if task != "classification":
         evals.pop("val_acc")
     write_atomic(out / "evals.csv", _csv(evals))
-    if hist.noise:
-        write_atomic(out / "noise.csv", _csv({"samples": [s for s, _ in hist.noise],
-                                              "b_simple": [v for _, v in hist.noise]}))
-    else:
-        write_atomic(out / "noise.csv", "samples,b_simple\n")
+    write_atomic(out / "noise.csv", _csv({"samples": [s for s, _ in hist.noise],
+                                          "b_simple": [v for _, v in hist.noise]}))
     write_json(out / "summary.json", summary)
     return [out / n for n in ("steps.csv", "evals.csv", "noise.csv", "summary.json", "model.pt")]
 
@@ -177,18 +211,3 @@ def _csv(cols: dict[str, list]) -> str:
     for row in zip(*cols.values()):
         lines.append(",".join(repr(v) if isinstance(v, float) else str(v) for v in row))
     return "\n".join(lines) + "\n"
-
-
-def _log_model(model, data) -> None:
-    """As a LoggedModel in the pt2 (torch.export) format: loading it runs no pickled code."""
-    import mlflow
-    from mlflow.models import infer_signature
-
-    model = model.cpu().eval()
-    example = data.val.x[:5].cpu()
-    with torch.no_grad():
-        output = model(example)
-    mlflow.pytorch.log_model(
-        model, name="model", signature=infer_signature(example.numpy(), output.numpy()),
-        input_example=example.numpy(), serialization_format="pt2",
-        pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"])

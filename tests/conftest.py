@@ -129,6 +129,19 @@ def write_idx(folder: Path, n_train: int = 60, n_test: int = 20, seed: int = 0,
                 (folder / f"{name}.gz").write_bytes(gzip.compress(blob))
 
 
+# A sweep run by the CLI's stage verbs in one process, where a test needs no DVC around them.
+SWEEP = ("import sys; from pipeline.__main__ import main; from pipeline.config import load_params; "
+         "extra = sys.argv[1:]; sets = [a for s in extra for a in ('--set', s)]; "
+         "sizes = load_params('params.yaml', extra).train.batch_sizes; "
+         "steps = [['prepare']] + [[v, '--batch-size', str(b)] for b in sizes for v in ('train', 'evaluate')] "
+         "+ [['compare']]; "
+         "sys.exit(next((c for c in (main(s + sets) for s in steps) if c), 0))")
+
+
+def sweep_cmd(*overrides: str) -> list[str]:
+    return [sys.executable, "-c", SWEEP, *overrides]
+
+
 def runs_of(uri: str, experiment: str = "test"):
     from mlflow.tracking import MlflowClient
 

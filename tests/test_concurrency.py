@@ -8,7 +8,9 @@ import urllib.request
 
 import pytest
 
-from conftest import BIN, SMALL, env_for, make_project, merge, runs_of
+from conftest import BIN, SMALL, env_for, make_project, merge, runs_of, sweep_cmd
+
+pytestmark = pytest.mark.slow
 
 PARAMS = merge(SMALL, {"train": {"batch_sizes": [16, 64], "epochs": 1}})
 
@@ -18,7 +20,7 @@ def _two_sweeps(tmp_path, uri):
     for name, lr in (("a", 0.002), ("b", 0.003)):
         proj = make_project(tmp_path / name, PARAMS, git=False)
         env = env_for(proj) | {"MLFLOW_TRACKING_URI": uri}
-        procs.append(subprocess.Popen([sys.executable, "-m", "pipeline", "sweep", "--set", f"train.lr={lr}"],
+        procs.append(subprocess.Popen(sweep_cmd(f"train.lr={lr}"),
                                       cwd=proj, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
     for p in procs:
         out, err = p.communicate(timeout=900)

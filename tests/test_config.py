@@ -61,13 +61,26 @@ def test_override_without_equals_is_an_error():
         parse_override("train.lr")
 
 
-def test_sweep_key_ignores_batch_sizes_but_not_lr():
+def test_sweep_key_names_the_batch_size_list_lr_and_data_but_not_evaluation():
     a = parse_params({"train": {"batch_sizes": [8]}})
     b = parse_params({"train": {"batch_sizes": [8, 64]}})
     c = parse_params({"train": {"batch_sizes": [8], "lr": 0.5}})
-    assert a.sweep_key("h") == b.sweep_key("h")
+    d = parse_params({"train": {"batch_sizes": [8]}, "evaluate": {"batch_size": 7}})
+    assert a.sweep_key("h") != b.sweep_key("h")
     assert a.sweep_key("h") != c.sweep_key("h")
     assert a.sweep_key("h") != a.sweep_key("other-data")
+    assert a.sweep_key("h") == d.sweep_key("h")
+
+
+def test_code_defaults_equal_params_yaml():
+    """One source of parameters: what the code assumes is what params.yaml says."""
+    from conftest import REPO
+    assert load_params(REPO / "params.yaml") == parse_params({})
+
+
+def test_a_params_file_that_does_not_exist_is_an_error_naming_it(tmp_path):
+    with pytest.raises(ParamsError, match="nosuch.yaml.*not found"):
+        load_params(tmp_path / "nosuch.yaml")
 
 
 values = st.one_of(st.none(), st.booleans(), st.integers(-5, 5000), st.floats(allow_nan=True),

@@ -1,3 +1,4 @@
+import pytest
 """torchrun with 2 ranks (gloo, CPU) against one process at the same global batch size.
 
 Tolerance: the two ranks' gradients are summed by an all-reduce, a different order of float32
@@ -21,6 +22,7 @@ def _losses(path):
         return [float(r["loss"]) for r in csv.DictReader(fh)]
 
 
+@pytest.mark.slow
 def test_two_ranks_match_one_process(tmp_path):
     one = make_project(tmp_path / "one", PARAMS, git=False)
     two = make_project(tmp_path / "two", PARAMS, git=False)

@@ -5,6 +5,9 @@ from pathlib import Path
 import yaml
 
 from conftest import BIN, runs_of, sh
+import pytest
+
+pytestmark = pytest.mark.slow
 
 
 def _uri(proj: Path) -> str:

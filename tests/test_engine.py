@@ -5,8 +5,8 @@ import torch
 
 from pipeline.config import TrainParams
 from pipeline.data import Split
-from pipeline.engine import (Batches, Interrupted, NonFiniteLoss, NullSink, StopSignals, fit,
-                             lr_at, scaled_lr)
+from pipeline.engine import (Batches, Checkpoint, Interrupted, NonFiniteLoss, NullSink, StopSignals,
+                             fit, lr_at, scaled_lr)
 from pipeline.models import MLP
 
 
@@ -122,11 +122,11 @@ class StopAt:
 def test_interrupt_then_resume_gives_the_uninterrupted_result(tmp_path, every):
     p = TrainParams(epochs=3, checkpoint_every_steps=every, eval_every_steps=5)
     full, model_full = _fit(p)
-    ckpt = tmp_path / "ck.pt"
+    ckpt = Checkpoint(tmp_path / "ck.pt", {"run": "x"})
     signals = StopSignals()
     with pytest.raises(Interrupted):
         _fit(p, sink=StopAt(signals, 20), checkpoint=ckpt, signals=signals, flush_every=1)
-    assert ckpt.is_file()
+    assert ckpt.path.is_file()
     resumed, model_resumed = _fit(p, checkpoint=ckpt)
     assert resumed.resumed_from_step == 20
     assert resumed.history.loss == full.history.loss
@@ -136,13 +136,22 @@ def test_interrupt_then_resume_gives_the_uninterrupted_result(tmp_path, every):
 
 def test_checkpoint_of_other_params_is_not_resumed(tmp_path):
     p = TrainParams(epochs=2)
-    ckpt = tmp_path / "ck.pt"
     signals = StopSignals()
     with pytest.raises(Interrupted):
-        _fit(p, sink=StopAt(signals, 5), checkpoint=ckpt, signals=signals, flush_every=1,
-             checkpoint_extra={"sweep": "a"})
-    r, _ = _fit(p, checkpoint=ckpt, checkpoint_extra={"sweep": "b"})
+        _fit(p, sink=StopAt(signals, 5), checkpoint=Checkpoint(tmp_path / "ck.pt", {"sweep": "a"}),
+             signals=signals, flush_every=1)
+    r, _ = _fit(p, checkpoint=Checkpoint(tmp_path / "ck.pt", {"sweep": "b"}))
     assert r.resumed_from_step == 0
+
+
+def test_unreadable_checkpoint_is_moved_aside_and_said(tmp_path, capsys):
+    path = tmp_path / "ck.pt"
+    path.write_bytes(b"not a checkpoint")
+    r, _ = _fit(TrainParams(epochs=1), checkpoint=Checkpoint(path, {"sweep": "a"}))
+    assert r.resumed_from_step == 0
+    assert not path.exists() and (tmp_path / "ck.pt.unreadable").read_bytes() == b"not a checkpoint"
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "cannot be read" in err and "ck.pt" in err
 
 
 def test_non_finite_loss_stops_with_a_clear_message():

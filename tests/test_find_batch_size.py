@@ -5,6 +5,7 @@ from pipeline.config import ParamsError, parse_params
 from pipeline.find_batch_size import find
 
 
+@pytest.mark.slow
 def test_doubles_then_bisects_to_the_largest_size_within_the_budget():
     p = parse_params({"model": {"hidden_sizes": [64]}})
     budget = 48 * 2**20

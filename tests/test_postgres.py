@@ -7,9 +7,11 @@ import urllib.request
 
 import pytest
 
-from conftest import SMALL, env_for, make_project, merge
+from conftest import SMALL, env_for, make_project, merge, sweep_cmd
 from postgres import Postgres
 from test_concurrency import start_server
+
+pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +38,7 @@ def test_sweep_on_a_postgres_backed_server(tmp_path, postgres):
     with start_server(tmp_path, postgres) as url:
         proj = make_project(tmp_path / "p", merge(SMALL, {"train": {"epochs": 1}}), git=False)
         env = env_for(proj) | {"MLFLOW_TRACKING_URI": url}
-        proc = subprocess.run([sys.executable, "-m", "pipeline", "sweep"], cwd=proj, env=env,
+        proc = subprocess.run(sweep_cmd(), cwd=proj, env=env,
                               capture_output=True, text=True, timeout=900)
         assert proc.returncode == 0, proc.stderr[-3000:]
         exp = _api(url, "experiments/get-by-name?experiment_name=test")["experiment"]

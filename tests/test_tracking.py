@@ -1,7 +1,7 @@
 import time
 from pathlib import Path
 
-from pipeline.engine import StepChunk
+from pipeline.records import StepChunk
 from pipeline.tracking import MlflowSink, Tracker, project_root, tracking_uri
 
 
@@ -19,26 +19,59 @@ def test_tracking_uri_default_override_and_relative_sqlite(tmp_path):
     assert tracking_uri(tmp_path, {"MLFLOW_TRACKING_URI": "sqlite:////abs/x.db"}) == "sqlite:////abs/x.db"
 
 
+def _tracker(store, lr=0.1, parent=None):
+    from pipeline.config import parse_params
+    return Tracker(store, "exp", {}, parent, params=parse_params({"train": {"lr": lr}}), run_tags=dict)
+
+
+MANIFEST = {"data_hash": "abc", "splits": {"train": {"n": 10}}, "n_features": 4, "n_classes": 2,
+            "normalisation": {"mean": 0.0, "std": 1.0}}
+
+
 def test_sweep_parent_is_found_not_duplicated_and_not_left_running(store):
-    t = Tracker(store, "exp", {})
-    manifest = {"data_hash": "abc", "splits": {}}
-    a = t.sweep_parent("key1", {"train.lr": 0.1}, manifest, {})
-    b = t.sweep_parent("key1", {"train.lr": 0.1}, manifest, {})
-    c = t.sweep_parent("key2", {"train.lr": 0.2}, manifest, {})
+    a = _tracker(store).sweep_parent(MANIFEST)
+    b = _tracker(store).sweep_parent(MANIFEST)
+    c = _tracker(store, lr=0.2).sweep_parent(MANIFEST)
     assert a == b != c
+    t = _tracker(store)
     run = t.client.get_run(a)
     assert run.info.status == "FINISHED"
-    assert run.data.params["data.hash"] == "abc"
+    assert run.data.params["data.hash"] == "abc" and run.data.params["data.n_train"] == "10"
+    assert run.data.tags["mlflow.runName"].startswith("sweep-")
+    assert not run.data.metrics  # data figures are params, not metrics
     assert run.info.artifact_uri.startswith((store / "mlartifacts").as_uri())
 
 
-def test_given_parent_is_used_as_is(store):
-    t = Tracker(store, "exp", {})
+def test_given_parent_is_adopted_and_named_like_any_parent(store):
+    t = _tracker(store)
     given = t.client.create_run(t.experiment_id).info.run_id
-    got = t.sweep_parent("k", {}, {"data_hash": "h"}, {}, given=given)
+    got = _tracker(store, parent=given).sweep_parent(MANIFEST)
     assert got == given
-    assert t.client.get_run(given).data.tags["batchlab.sweep_key"] == "k"
-    assert t.client.get_run(given).info.status == "RUNNING"  # owned by `mlflow run`, not us
+    run = t.client.get_run(given)
+    assert run.data.tags["batchlab.role"] == "sweep"
+    assert run.data.tags["mlflow.runName"] == f"sweep-{run.data.tags['batchlab.sweep_key'][:8]}"
+    assert run.info.status == "RUNNING"  # owned by `mlflow run`, which ends it
+
+
+def test_given_run_of_a_sweep_already_done_points_to_its_parent(store):
+    first = _tracker(store).sweep_parent(MANIFEST)
+    t = _tracker(store)
+    given = t.client.create_run(t.experiment_id).info.run_id
+    assert _tracker(store, parent=given).sweep_parent(MANIFEST) == first
+    tags = t.client.get_run(given).data.tags
+    assert tags["batchlab.role"] == "launch" and tags["batchlab.sweep_parent"] == first
+
+
+def test_a_retrain_retires_the_older_run_of_the_same_batch_size(store):
+    t = _tracker(store)
+    parent = t.sweep_parent(MANIFEST)
+    runs = [t.create_run(f"bs8-{i}", {"batchlab.role": "train", "batchlab.batch_size": "8"}, parent)
+            for i in range(2)]
+    other = t.create_run("bs16", {"batchlab.role": "train", "batchlab.batch_size": "16"}, parent)
+    assert t.retire_others(parent, 8, keep=runs[1]) == [runs[0]]
+    assert t.client.get_run(runs[0]).info.lifecycle_stage == "deleted"
+    assert t.client.get_run(runs[0]).data.tags["batchlab.superseded_by"] == runs[1]
+    assert t.client.get_run(other).info.lifecycle_stage == "active"
 
 
 def _chunk(start, n, batch=4):

@@ -57,7 +57,9 @@ def test_sweep_in_process_files_children_under_one_parent(ctx_factory):
             "evaluate/evaluation.png", "evaluate/metrics.json"}
     assert {a.path for a in client.list_artifacts(parent.info.run_id, "compare")} >= {
         "compare/report.html", "compare/sweep.csv"}
-    assert "sweep/most_accurate.test_acc" in client.get_run(parent.info.run_id).data.metrics
+    assert "sweep/best_test_acc" in client.get_run(parent.info.run_id).data.metrics
+    assert "final/train_loss" in keys[0] and "final/final_train_loss" not in keys[0]
+    assert not {"final/batch_size", "final/world_size"} & keys[0]
     report = (ctx.compare_dir / "report.html").read_text()
     assert "Fastest to the target" in report and "data:image/png;base64," in report
     assert len(result["rows"]) == 2
@@ -125,6 +127,7 @@ def _start_train(proj, bs):
                             text=True)
 
 
+@pytest.mark.slow
 def test_sigterm_marks_run_killed_then_rerun_resumes_to_identical_metrics(tmp_path):
     params = merge(SMALL, {"train": {"batch_sizes": [1], "epochs": 3, "checkpoint_every_steps": 200,
                                      "noise_scale": False}})

@@ -1,0 +1,181 @@
+"""DVC and MLflow tell one story: the real commands in a temporary git project, then the git
+tree, `dvc status` and the MLflow store are read back and must agree."""
+import shutil
+import sys
+
+import pytest
+import yaml
+
+from conftest import BIN, REPO, SMALL, make_project, merge, runs_of, sh
+
+pytestmark = pytest.mark.slow
+
+PARAMS = merge(SMALL, {"train": {"epochs": 1}})
+
+
+def _uri(proj):
+    return f"sqlite:///{proj / 'mlflow.db'}"
+
+
+def _store(proj):
+    """(parents, active training runs) of the project's store; nothing may be RUNNING."""
+    client, runs = runs_of(_uri(proj))
+    assert not [r for r in runs if r.info.status == "RUNNING"]
+    parents = [r for r in runs if r.data.tags.get("batchlab.role") == "sweep"]
+    children = [r for r in runs if r.data.tags.get("batchlab.role") == "train"]
+    return client, parents, children
+
+
+def _git_status(proj) -> set[str]:
+    return set(sh(["git", "status", "--porcelain"], proj).stdout.splitlines())
+
+
+def _up_to_date(proj) -> bool:
+    return "up to date" in sh(["dvc", "status"], proj).stdout
+
+
+def _commit(proj, message):
+    sh(["git", "add", "-A"], proj)
+    sh(["git", "-c", "user.name=t", "-c", "user.email=t@localhost", "commit", "-qm", message], proj)
+
+
+def _set(proj, section, key, value):
+    params = yaml.safe_load((proj / "params.yaml").read_text())
+    params[section][key] = value
+    (proj / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+@pytest.fixture
+def clone(tmp_path):
+    """A project as a clone has it: the Makefile and requirements too (timestamps kept, so that
+    `make` finds this test run's environment already set up and installs nothing)."""
+    proj = make_project(tmp_path / "clone", PARAMS, git=False)
+    for name in ("Makefile", "requirements.txt", "requirements-dev.txt"):
+        shutil.copy2(REPO / name, proj / name)
+    sh(["git", "init", "-q"], proj)
+    sh(["dvc", "init", "-q"], proj)
+    _commit(proj, "init")
+    return proj
+
+
+def test_make_run_leaves_git_clean_and_dvc_mlflow_agreeing_and_returning_restores(clone):
+    venv = BIN.parent
+    sh(["make", "run", f"VENV={venv}"], clone, timeout=900)
+    # Nothing git tracks is touched; dvc.lock is the one new file; outputs are DVC's, not git's.
+    assert _git_status(clone) == {"?? dvc.lock"}
+    assert _up_to_date(clone)
+    client, parents, children = _store(clone)
+    assert len(parents) == 1 and len(children) == 2
+    assert all(c.data.tags["batchlab.git_dirty"] == "false" for c in children)
+    assert {c.data.tags["mlflow.parentRunId"] for c in children} == {parents[0].info.run_id}
+
+    child = children[0].info.run_id
+    assert "reproduced exactly" in sh(["python", "-m", "pipeline", "reproduce", child], clone).stdout
+    _commit(clone, "results")
+    assert "reproduced exactly" in sh(["python", "-m", "pipeline", "reproduce", child], clone).stdout
+
+    # Other params: a new sweep. Back to the first: restored from DVC's run-cache, no new run.
+    _set(clone, "train", "lr", 0.002)
+    sh(["dvc", "repro"], clone)
+    _, parents, children = _store(clone)
+    assert len(parents) == 2 and len(children) == 4
+    sh(["git", "checkout", "params.yaml"], clone)
+    back = sh(["dvc", "repro"], clone).stdout
+    assert "Running stage 'train@" not in back
+    _, parents, children = _store(clone)
+    assert len(parents) == 2 and len(children) == 4
+    assert _up_to_date(clone)
+    assert _git_status(clone) <= {" M dvc.lock"}
+
+    # A deliberate retrain replaces the run of the same identity: one finished run per batch size.
+    sh(["dvc", "repro", "-f", "-s", "train@16"], clone)
+    sh(["dvc", "repro"], clone)
+    _, parents, children = _store(clone)
+    assert len(children) == 4
+    first = next(p for p in parents if p.data.params["train.lr"] == "0.003")
+    under = [c for c in children if c.data.tags["mlflow.parentRunId"] == first.info.run_id]
+    assert sorted(c.data.params["batch_size"] for c in under) == ["16", "64"]
+
+
+def test_another_batch_size_list_is_another_sweep_with_its_own_conclusions(clone):
+    sh(["dvc", "repro"], clone)
+    sh(["dvc", "exp", "run", "-S", "train.batch_sizes=[32]", "--name", "bs32"], clone)
+    client, parents, children = _store(clone)
+    assert len(parents) == 2
+    for parent in parents:
+        under = [c for c in children if c.data.tags["mlflow.parentRunId"] == parent.info.run_id]
+        described = parent.data.tags["batchlab.batch_sizes"].split(",")
+        assert sorted(c.data.params["batch_size"] for c in under) == sorted(described)
+
+
+def test_mlflow_run_goes_through_dvc_and_its_run_is_the_parent(clone):
+    mlflow = [str(BIN / "mlflow"), "run", ".", "--env-manager", "local", "--experiment-name", "test"]
+    out = sh(mlflow + ["-P", "batch_sizes=16,64", "-P", "lr=0.002"], clone, timeout=900)
+    assert "dvc exp run -S train.lr=0.002" in out.stderr
+    assert _up_to_date(clone)  # DVC recorded what `mlflow run` produced
+    client, parents, children = _store(clone)
+    assert len(parents) == 1 and len(children) == 2
+    parent = parents[0]
+    assert parent.data.params["lr"] == "0.002" and parent.data.params["train.lr"] == "0.002"
+    assert parent.data.tags["mlflow.runName"] == f"sweep-{parent.data.tags['batchlab.sweep_key'][:8]}"
+    assert parent.data.tags.get("mlflow.project.entryPoint") == "main"
+    assert {c.data.tags["mlflow.parentRunId"] for c in children} == {parent.info.run_id}
+
+    # A single stage of a sweep already done: nothing trains, its run points to the parent.
+    sh(mlflow + ["-e", "train", "-P", "batch_size=16"], clone)
+    client, runs = runs_of(_uri(clone))
+    launch = [r for r in runs if r.data.tags.get("batchlab.role") == "launch"]
+    assert len(launch) == 1 and launch[0].data.tags["batchlab.sweep_parent"] == parent.info.run_id
+    assert len(_store(clone)[2]) == 2
+
+    bad = sh(mlflow + ["-P", "params_file=nosuch.yaml"], clone, check=False)
+    assert bad.returncode != 0 and "'nosuch.yaml' not found" in bad.stderr
+    assert len(_store(clone)[2]) == 2 and _up_to_date(clone)
+
+
+def test_named_params_file_through_mlflow_run_is_a_recorded_experiment(clone):
+    shutil.copytree(REPO / "configs", clone / "configs")
+    _commit(clone, "configs")
+    sh([str(BIN / "mlflow"), "run", ".", "--env-manager", "local", "--experiment-name", "test",
+        "-P", "params_file=configs/linear.yaml"], clone, timeout=900)
+    assert _up_to_date(clone)
+    assert yaml.safe_load((clone / "params.yaml").read_text())["data"]["name"] == "linear"
+    _, parents, children = _store(clone)
+    assert len(parents) == 1 and {c.data.params["data.name"] for c in children} == {"linear"}
+
+
+def test_params_file_changed_while_a_stage_runs_fails_the_stage(ctx_factory, tmp_path):
+    """dvc.lock must never record params a model was not trained with."""
+    from pipeline import prepare, train
+    from pipeline.config import ParamsError
+    from pipeline.context import file_digest
+
+    ctx = ctx_factory({"train": {"batch_sizes": [64], "epochs": 1}})
+    prepare.run(ctx)
+    path = tmp_path / "params.yaml"
+    path.write_text("train: {lr: 0.003}\n")
+    ctx.params_file, ctx.params_digest = path, file_digest(path)
+    path.write_text("train: {lr: 0.005}\n")  # edited while the stage runs
+    with pytest.raises(ParamsError, match="changed while train@64 ran"):
+        train.run(ctx, 64)
+    assert not ctx.train_dir(64).exists()
+    _, runs = runs_of(f"sqlite:///{ctx.workdir / 'mlflow.db'}")
+    run = next(r for r in runs if r.data.tags.get("batchlab.role") == "train")
+    assert run.info.status == "FAILED" and "changed while" in run.data.tags["batchlab.end_reason"]
+
+
+def test_tools_log_to_their_own_experiments_and_usage_errors_make_no_run(ctx_factory):
+    from pipeline import find_batch_size, prepare
+    from pipeline.config import ParamsError
+
+    ctx = ctx_factory()
+    prepare.run(ctx)
+    with pytest.raises(ParamsError):
+        find_batch_size.run(ctx, 8, 4, 100.0)  # start > max
+    client, _ = runs_of(f"sqlite:///{ctx.workdir / 'mlflow.db'}")
+    assert client.get_experiment_by_name("test-find-batch-size") is None
+    find_batch_size.run(ctx, 256, 512, 10_000.0)
+    _, runs = runs_of(f"sqlite:///{ctx.workdir / 'mlflow.db'}", "test-find-batch-size")
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+    _, sweep_runs = runs_of(f"sqlite:///{ctx.workdir / 'mlflow.db'}")
+    assert {r.data.tags.get("batchlab.role") for r in sweep_runs} == {"sweep"}

@@ -29,6 +29,10 @@ class DataParams(_Section):
     val_fraction: float = Field(0.1, gt=0, lt=0.5)
     test_fraction: float = Field(0.2, gt=0, lt=0.5)
     seed: int = Field(0, ge=0)
+    # MNIST / Fashion-MNIST: fetch missing files through torchvision's own download, which
+    # checks its md5 sums; mirrors (base URLs) replace torchvision's list when given.
+    download: bool = False
+    mirrors: tuple[str, ...] = ()
     # The tutorial's synthetic regression y = 2x + 1 + noise.
     linear_samples: int = Field(1000, ge=10)
     linear_noise: float = Field(0.1, ge=0)
@@ -154,6 +158,8 @@ class Params(_Section):
         included, and the data. A sweep's parent run holds exactly the runs its comparison
         describes, so another list is another sweep (DVC retrains its sizes under it)."""
         dump = self.model_dump(mode="json")
+        for how_fetched in ("download", "mirrors"):  # checksummed: the same files either way
+            dump["data"].pop(how_fetched)
         ident = {k: dump[k] for k in ("data", "model", "train")}
         blob = json.dumps({"params": ident, "data": data_hash}, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]

@@ -114,10 +114,13 @@ def _torchvision(name: str, p: DataParams) -> dict[str, tuple[np.ndarray, np.nda
 
     folder = idx_folder(name, p.root)
     missing = [f for pair in IDX_FILES.values() for f in pair if not (folder / f).is_file()]
+    if missing and p.download:
+        _download(name, p)
+        missing = [f for pair in IDX_FILES.values() for f in pair if not (folder / f).is_file()]
     if missing:
         raise DataError(
             f"data.name={name!r}: files not found under {folder}/: {', '.join(missing)}. "
-            f"Put the uncompressed IDX files there (torchvision's layout; no download is attempted)."
+            f"Put the uncompressed IDX files there (torchvision's layout), or set data.download=true."
         )
     for split, (images, labels) in IDX_FILES.items():
         n_img = check_idx(folder / images, 0x00000803, 3)
@@ -130,6 +133,21 @@ def _torchvision(name: str, p: DataParams) -> dict[str, tuple[np.ndarray, np.nda
         ds = cls(p.root, train=split == "train", download=False)
         out[split] = (ds.data.reshape(len(ds.data), -1).numpy(), ds.targets.numpy().astype(np.int64))
     return out
+
+
+def _download(name: str, p: DataParams) -> None:
+    """torchvision's own download: its files, its md5 sums, from data.mirrors when given."""
+    from torchvision import datasets
+
+    base = getattr(datasets, _TORCHVISION_CLASS[name])
+    # Same class name: torchvision derives the folder (root/MNIST/raw) from it.
+    cls = type(base.__name__, (base,), {"mirrors": [m.rstrip("/") + "/" for m in p.mirrors]}) if p.mirrors else base
+    try:
+        cls(p.root, train=True, download=True)
+    except RuntimeError as err:
+        first = " ".join(str(err).split())[:300]
+        raise DataError(f"data.download: fetching {name} failed ({first}); check data.mirrors or put the "
+                        f"files under {idx_folder(name, p.root)}/") from None
 
 
 def build_splits(p: DataParams) -> tuple[str, dict[str, tuple[np.ndarray, np.ndarray]]]:

@@ -78,7 +78,7 @@ def test_missing_mnist_files_say_where_to_put_them(ctx_factory, tmp_path):
     with pytest.raises(DataError) as err:
         prepare.run(ctx)
     assert str(tmp_path / "nowhere" / "MNIST" / "raw") in str(err.value)
-    assert "no download" in str(err.value)
+    assert "data.download=true" in str(err.value)
     assert not ctx.data_dir.exists()
 
 
@@ -120,3 +120,49 @@ def test_failed_write_leaves_previous_data_whole(tmp_path, monkeypatch):
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
     assert json.loads((out / "manifest.json").read_text())["data_hash"] == first["data_hash"]
     assert [p.name for p in tmp_path.iterdir()] == ["prepared"]
+
+
+@pytest.fixture
+def mirror(tmp_path):
+    """Tiny gzipped IDX files served over HTTP from 127.0.0.1, as a mirror serves MNIST."""
+    import functools
+    import http.server
+    import threading
+
+    served = tmp_path / "served"
+    write_idx(served, n_train=60, n_test=20, gz=True)
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(served))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield served, f"http://127.0.0.1:{server.server_address[1]}/"
+    server.shutdown()
+
+
+def _md5(path):
+    import hashlib
+    return hashlib.md5(path.read_bytes()).hexdigest()
+
+
+def test_download_fetches_through_torchvision_from_a_mirror(ctx_factory, tmp_path, mirror, monkeypatch):
+    from torchvision import datasets
+    served, url = mirror
+    # torchvision checks each file's md5: here the sums of the tiny files this mirror serves.
+    monkeypatch.setattr(datasets.MNIST, "resources",
+                        [(name, _md5(served / name)) for name, _ in datasets.MNIST.resources])
+    root = tmp_path / "raw"
+    ctx = ctx_factory({"data": {"name": "mnist", "root": str(root), "val_fraction": 0.2,
+                                "download": True, "mirrors": [url]}})
+    assert prepare.run(ctx)["splits"]["test"]["n"] == 20
+    assert (root / "MNIST" / "raw" / "train-images-idx3-ubyte").is_file()
+
+
+def test_download_refuses_files_whose_checksum_is_wrong(ctx_factory, tmp_path, mirror):
+    _, url = mirror  # torchvision's real MNIST sums: the tiny files do not match them
+    ctx = ctx_factory({"data": {"name": "mnist", "root": str(tmp_path / "raw"), "download": True,
+                                "mirrors": [url]}})
+    with pytest.raises(DataError) as err:
+        prepare.run(ctx)
+    msg = str(err.value)
+    assert "\n" not in msg and "data.download" in msg and "corrupted" in msg
+    assert not ctx.data_dir.exists()

@@ -6,7 +6,7 @@ import sys
 import pytest
 import yaml
 
-from conftest import BIN, REPO, SMALL, make_project, merge, runs_of, sh
+from conftest import BIN, REPO, SMALL, env_for, make_project, merge, runs_of, sh
 
 pytestmark = pytest.mark.slow
 
@@ -106,6 +106,14 @@ def test_another_batch_size_list_is_another_sweep_with_its_own_conclusions(clone
         under = [c for c in children if c.data.tags["mlflow.parentRunId"] == parent.info.run_id]
         described = parent.data.tags["batchlab.batch_sizes"].split(",")
         assert sorted(c.data.params["batch_size"] for c in under) == sorted(described)
+
+    # The README's command compares them at 120 columns: changed params and conclusions, whole.
+    env = env_for(clone) | {"COLUMNS": "120"}
+    shown = sh(["dvc", "exp", "show", "--only-changed", "--drop", "Created|outputs/|data/", "--no-pager"],
+               clone, env=env).stdout.splitlines()
+    assert max(len(line) for line in shown) <= 120 and "…" not in "\n".join(shown)
+    header = next(line for line in shown if "Experiment" in line)
+    assert "train.batch_sizes" in header and ("cbs_noise" in header or "best_test_acc" in header)
 
 
 def test_mlflow_run_goes_through_dvc_and_its_run_is_the_parent(clone):

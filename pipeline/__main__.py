@@ -39,6 +39,7 @@ def _parser() -> argparse.ArgumentParser:
                     help="CPU: the memory a step may use above the process's baseline (required on CPU)")
     sp = verb("reproduce", "re-run a recorded training run; exit 1 unless every step matches")
     sp.add_argument("run_id")
+    verb("sync", "send the records kept under spool/ while the tracking store was down")
     sp = verb("bench", "benchmark data paths and logging overhead (prints a table)")
     sp.add_argument("--batch-sizes", default="1,8,64,512,4096")
     sp.add_argument("--seconds", type=float, default=2.0, help="seconds per cell")
@@ -62,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     from .config import ParamsError, load_params
     from .data import DataError
-    from .signals import Interrupted, NonFiniteLoss
+    from .signals import Busy, Interrupted, NonFiniteLoss
 
     try:
         params = load_params(Path(args.params), args.overrides)
@@ -78,8 +79,15 @@ def main(argv: list[str] | None = None) -> int:
     except Interrupted as err:
         print(f"interrupted: {err}; a checkpoint was kept, rerun the same command to resume", file=sys.stderr)
         return 128 + err.signum
-    except NonFiniteLoss as err:
+    except (NonFiniteLoss, Busy) as err:
         print(f"error: {err}", file=sys.stderr)
+        return 1 if isinstance(err, NonFiniteLoss) else 3
+    except Exception as err:
+        # Anything else (a store that refuses a request, a bug): one line unless asked for more.
+        if os.environ.get("BATCHLAB_DEBUG"):
+            raise
+        text = " ".join(str(err).split())[:400]
+        print(f"error: {type(err).__name__}: {text} (BATCHLAB_DEBUG=1 shows the traceback)", file=sys.stderr)
         return 1
 
 
@@ -95,6 +103,8 @@ def _prepare(args, ctx) -> None:
 
 def _train(args, ctx) -> None:
     from . import train
+    from .system import stop_with_parent
+    stop_with_parent()  # a `dvc repro` that dies takes its trainer along, at a step boundary
     summary = train.run(ctx, args.batch_size)
     if os.environ.get("RANK", "0") == "0":
         print(_train_line(summary))
@@ -135,13 +145,26 @@ def _reproduce(args, ctx) -> int:
         return 3
 
 
+def _sync(args, ctx) -> int:
+    from .tracking import SPOOL_DIR, project_root
+    from . import spool
+    tracker = ctx.tracker("sync", warn=False)
+    left = spool.pending(project_root(ctx.workdir) / SPOOL_DIR)
+    if tracker.down is not None or left:
+        print(f"error: tracking store {tracker.uri} does not answer ({tracker.down}); {len(left)} journal(s) wait in "
+              f"{SPOOL_DIR}/: run sync again once it is back", file=sys.stderr)
+        return 4
+    print(f"sync: every journal under {SPOOL_DIR}/ reached {tracker.uri}")
+    return 0
+
+
 def _bench(args, ctx) -> None:
     from . import bench
     bench.main(ctx, args)
 
 
 VERBS = {"prepare": _prepare, "train": _train, "evaluate": _evaluate, "compare": _compare,
-         "find-batch-size": _find_batch_size, "reproduce": _reproduce, "bench": _bench}
+         "find-batch-size": _find_batch_size, "reproduce": _reproduce, "bench": _bench, "sync": _sync}
 
 
 def _train_line(s: dict) -> str:

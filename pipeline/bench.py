@@ -216,12 +216,12 @@ def main(ctx, args) -> None:
         raise ParamsError(f"--batch-sizes {args.batch_sizes!r}: allowed: comma-separated positive integers")
     device = pick_device(ctx.params.train.device)
     set_threads(ctx.params.train.threads)
-    tracker = ctx.tracker(f"{ctx.params.tracking.experiment}-bench")
+    tracker = ctx.tracker("bench", f"{ctx.params.tracking.experiment}-bench")
     with tracker.run(name="bench", parent_id=None, tags={"batchlab.role": "bench"}) as run_id:
         sink_run = tracker.create_run("bench-logging-target", {"batchlab.role": "bench-sink"}, parent_id=run_id)
         try:
             result = run_bench(sizes, args.seconds, args.repeats, device,
-                               lambda: MlflowSink(tracker.uri, sink_run, N_SAMPLES, TrackingParams().max_points, False, time.time()),
+                               lambda: MlflowSink(tracker, sink_run, N_SAMPLES, TrackingParams().max_points, False, time.time()),
                                log=lambda m: print(m, file=sys.stderr))
         finally:
             tracker.finish(sink_run)

@@ -327,7 +327,7 @@ def report(ctx: Context, rows, columns, concl, images: list[tuple[Path, str]], m
 
 
 def _log(ctx: Context, manifest, concl, files: list[Path]) -> None:
-    tracker = ctx.tracker()
+    tracker = ctx.tracker("compare")
     parent = tracker.sweep_parent(manifest)
     metrics = {f"sweep/{k}": v for k, v in summary_metrics(concl).items() if v is not None}
     tracker.log_metrics(parent, metrics)

@@ -61,11 +61,12 @@ class Context:
     def checkpoint(self, batch_size: int) -> Path:
         return self.workdir / CHECKPOINT_DIR / f"bs{batch_size}.pt"
 
-    def tracker(self, experiment: str | None = None):
-        """The store, for this stage's experiment (``experiment`` names another, e.g. the bench's)."""
+    def tracker(self, stage: str, experiment: str | None = None, warn: bool = True):
+        """The store for ``stage`` (it names the stage's journal if the store is down), in the
+        sweep's experiment or in ``experiment`` (e.g. the bench's)."""
         from .tracking import Tracker, project_root
         return Tracker(project_root(self.workdir), experiment or self.params.tracking.experiment, self.env,
-                       self.parent_run_id, params=self.params, run_tags=self.run_tags)
+                       self.parent_run_id, params=self.params, run_tags=self.run_tags, stage=stage, warn=warn)
 
     def run_tags(self) -> dict[str, str]:
         """What a run needs to be reproduced, besides its params. ``git_dirty`` and the code hash
@@ -90,6 +91,19 @@ def write_atomic(path: Path, content: str | bytes) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def swap_dir(tmp: Path, dest: Path) -> None:
+    """Put the folder ``tmp`` in the place of ``dest`` whole: readers see the old set or the new."""
+    import shutil
+    if dest.exists():
+        old = dest.with_name(f".{dest.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(dest, old)
+        os.replace(tmp, dest)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, dest)
 
 
 def write_json(path: Path, obj: Any) -> None:

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from .config import DataParams
+from .context import swap_dir
 
 SPLITS = ("train", "val", "test")
 MANIFEST = "manifest.json"
@@ -224,14 +225,7 @@ def write_prepared(out_dir: Path, task: str, splits: dict[str, tuple[np.ndarray,
             json.dumps({k: files[k]["sha256"] for k in SPLITS} | {"norm": [mean, std]},
                        sort_keys=True).encode()).hexdigest()
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True))
-        if out_dir.exists():
-            old = out_dir.with_name(f".{out_dir.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(out_dir, old)
-            os.replace(tmp, out_dir)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out_dir)
+        swap_dir(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -109,7 +109,7 @@ def _log(ctx: Context, batch_size: int, metrics: dict[str, Any], files: list[Pat
     if not info_path.is_file():
         return  # trained without tracking
     info = read_json(info_path)
-    tracker = ctx.tracker()
+    tracker = ctx.tracker(f"evaluate-bs{batch_size}")
     run_id = info["run_id"]
     # Logged with the client into the (finished) training run: evaluating never changes its status.
     tracker.log_metrics(run_id, {f"test/{k[5:]}" if k.startswith("test_") else f"model/{k}": v

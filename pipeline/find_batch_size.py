@@ -150,7 +150,7 @@ def run(ctx, start: int, limit: int, budget_mb: float | None) -> Found:
     n_out = manifest["n_classes"] if task == "classification" else 1
     budget = int(budget_mb * 2**20) if budget_mb else None
     check_arguments(device, start, limit, budget)
-    tracker = ctx.tracker(f"{p.tracking.experiment}-find-batch-size")
+    tracker = ctx.tracker("find-batch-size", f"{p.tracking.experiment}-find-batch-size")
     with tracker.run(name="find-batch-size", parent_id=None, tags={"batchlab.role": "find-batch-size"}) as rid:
         tracker.log_params(rid, p.flat() | {"start": start, "max": limit, "memory_budget_mb": budget_mb,
                                             "device": str(device)})

@@ -1,8 +1,14 @@
-"""``python -m pipeline.metric_logger URI RUN_ID``: sends metric batches to MLflow from its own
-process, so the training process never waits on the store.
+"""``python -m pipeline.metric_logger URI RUN_ID SPOOL_FILE``: sends metric batches to MLflow from
+its own process, so the training process never waits on the store.
 
 Protocol: stdin carries one JSON list of [key, value, timestamp_ms, step] per line; the process
-answers ``ready`` once connected, and at end of input one JSON line {"sent": n, "error": ...}.
+answers ``ready`` once connected, and at end of input one JSON line
+{"sent": n, "skipped": n, "spooled": n, "error": ...}.
+
+Exactly once: a point whose step is not beyond the last step the store already holds for its key
+is skipped (a resumed run re-trains the steps after its checkpoint; the store may hold them from
+the process that died). When the store stops answering, the failed batch and every later one are
+appended to SPOOL_FILE, which the stage's journal then carries to the store later.
 It imports only MLflow and ignores SIGINT/SIGTERM: the parent decides when it stops.
 """
 from __future__ import annotations
@@ -15,34 +21,56 @@ import sys
 MAX_BATCH = 1000  # MLflow's limit of metrics per log_batch call
 
 
-def main(uri: str, run_id: str) -> int:
+def last_steps(client, run_id: str) -> dict[str, int]:
+    """The highest step the store holds for each metric key of the run."""
+    keys = client.get_run(run_id).data.metrics
+    return {k: max((m.step for m in client.get_metric_history(run_id, k)), default=-1) for k in keys}
+
+
+def send_points(client, run_id: str, points: list) -> None:
+    from mlflow.entities import Metric
+
+    metrics = [Metric(k, v, ts, step) for k, v, ts, step in points]
+    for i in range(0, len(metrics), MAX_BATCH):
+        client.log_batch(run_id, metrics=metrics[i:i + MAX_BATCH])
+
+
+def main(uri: str, run_id: str, spool_file: str) -> int:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     os.nice(10)  # training comes first when both want the CPU
     try:
-        from mlflow.entities import Metric
         from mlflow.tracking import MlflowClient
 
         client = MlflowClient(uri)
-        client.get_run(run_id)
+        last = last_steps(client, run_id)
     except Exception as exc:
-        print(json.dumps({"sent": 0, "error": f"{type(exc).__name__}: {exc}"}), flush=True)
+        print(json.dumps({"sent": 0, "skipped": 0, "spooled": 0, "error": f"{type(exc).__name__}: {exc}"}),
+              flush=True)
         return 1
     print("ready", flush=True)
-    sent, error = 0, None
+    sent = skipped = spooled = 0
+    error = None
     for line in sys.stdin:
-        if error is not None:
-            continue
-        try:
-            metrics = [Metric(k, v, ts, step) for k, v, ts, step in json.loads(line)]
-            for i in range(0, len(metrics), MAX_BATCH):
-                client.log_batch(run_id, metrics=metrics[i:i + MAX_BATCH])
-            sent += len(metrics)
-        except Exception as exc:  # reported to the parent at the end
-            error = f"{type(exc).__name__}: {exc}"
-    print(json.dumps({"sent": sent, "error": error}), flush=True)
-    return 0 if error is None else 1
+        points = json.loads(line)
+        fresh = [p for p in points if p[3] > last.get(p[0], -1)]
+        skipped += len(points) - len(fresh)
+        for p in fresh:
+            last[p[0]] = p[3]
+        if error is None:
+            try:
+                send_points(client, run_id, fresh)
+                sent += len(fresh)
+                continue
+            except Exception as exc:  # the store stopped answering: spool from here on
+                error = " ".join(f"{type(exc).__name__}: {exc}".split())[:300]
+        os.makedirs(os.path.dirname(spool_file), exist_ok=True)
+        with open(spool_file, "a") as fh:
+            fh.write(json.dumps(fresh) + "\n")
+        spooled += len(fresh)
+    print(json.dumps({"sent": sent, "skipped": skipped, "spooled": spooled, "error": error}), flush=True)
+    return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1], sys.argv[2]))
+    sys.exit(main(sys.argv[1], sys.argv[2], sys.argv[3]))

@@ -79,7 +79,7 @@ def point_to_parent(run_id: str) -> None:
     from .data import read_manifest
 
     ctx = Context.from_environment(load_params("params.yaml"))
-    tracker = ctx.tracker()
+    tracker = ctx.tracker("mlproject")
     key = ctx.params.sweep_key(read_manifest(ctx.data_dir)["data_hash"])
     parent = tracker.find_sweep(key)
     if parent is None or parent == run_id:

@@ -22,4 +22,4 @@ def run(ctx: Context) -> dict[str, Any]:
 
 def log_manifest(ctx: Context, manifest: dict[str, Any]) -> str:
     """The sweep's parent run, with the data set's figures as its params."""
-    return ctx.tracker().sweep_parent(manifest)
+    return ctx.tracker("prepare").sweep_parent(manifest)

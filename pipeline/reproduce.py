@@ -30,7 +30,7 @@ def _recorded_steps(tracker, run_id: str) -> dict[str, list[float]]:
 
 
 def run(ctx: Context, run_id: str, log=print) -> bool:
-    tracker = ctx.tracker()
+    tracker = ctx.tracker("reproduce")
     try:
         recorded = tracker.get_run(run_id)
     except Exception:

@@ -13,6 +13,10 @@ class Interrupted(Exception):
         self.signum = signum
 
 
+class Busy(RuntimeError):
+    """Another trainer of the same (sweep, batch size) is running; the message names it."""
+
+
 class NonFiniteLoss(RuntimeError):
     """The loss became inf or nan (``train.stop_on_nonfinite``)."""
 

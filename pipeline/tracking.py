@@ -10,6 +10,10 @@
 * Batch-wise metrics: ``MlflowSink`` buffers steps, reduces them to at most
   ``tracking.max_points`` points per metric (window means; window size recorded) and hands
   them to a logger process (``metric_logger``) that sends them with ``log_batch``.
+* Faults: a store that does not answer is declared down within seconds (bounded HTTP timeouts
+  and retries below). From then on every write of the stage goes to a journal under ``spool/``
+  (``pipeline/spool.py``), and the stage goes on; ``sync`` (``python -m pipeline sync``, and the
+  start of every later stage run) replays journals in order, exactly once.
 """
 from __future__ import annotations
 
@@ -30,16 +34,26 @@ import mlflow
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
-from .metric_logger import MAX_BATCH
+from . import spool
+from .metric_logger import MAX_BATCH, last_steps, send_points
 from .records import StepChunk
 from .signals import Interrupted
+from .spool import Spool, is_local, new_local_id
 
 TAG_ROLE = "batchlab.role"
 TAG_SWEEP = "batchlab.sweep_key"
 TAG_END = "batchlab.end_reason"
 TAG_BATCH = "batchlab.batch_size"
 TAG_LAUNCH = "batchlab.sweep_parent"
+TAG_OWNER = "batchlab.owner"
 SEND_SECONDS = 10.0
+SPOOL_DIR = "spool"
+
+# A store that does not answer is declared down within about 10 s, not after MLflow's default
+# of minutes of retries (a user's own settings win).
+for _key, _value in (("MLFLOW_HTTP_REQUEST_TIMEOUT", "3"), ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1"),
+                     ("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")):
+    os.environ.setdefault(_key, _value)
 
 
 def project_root(cwd: str | Path | None = None) -> Path:
@@ -67,28 +81,176 @@ def is_local_store(uri: str) -> bool:
     return uri.startswith("sqlite:") or uri.startswith("file:") or "://" not in uri
 
 
+class StoreDown(RuntimeError):
+    """The tracking store does not answer; the message is one line with the URI."""
+
+
+def store_down(err: BaseException) -> bool:
+    """Is ``err`` the store not answering (as opposed to a request the store refused)?"""
+    import requests
+    from mlflow.exceptions import MlflowException
+
+    if isinstance(err, (StoreDown, requests.exceptions.ConnectionError, requests.exceptions.Timeout, OSError)):
+        return True
+    try:
+        import sqlalchemy.exc
+        if isinstance(err, sqlalchemy.exc.OperationalError):
+            return True
+    except ImportError:
+        pass
+    text = str(err).lower()
+    return isinstance(err, MlflowException) and any(s in text for s in (
+        "api request to", "max retries", "connection", "readonly", "read-only", "unable to open database",
+        "database is locked", "disk i/o error"))
+
+
+def first_line(err: BaseException) -> str:
+    text = " ".join(str(err).split())
+    return f"{type(err).__name__}: {text[:200]}"
+
+
 class Tracker:
-    """A connection to the tracking store for one stage: its experiment, its sweep."""
+    """A connection to the tracking store for one stage: its experiment, its sweep.
+
+    Every write goes to the store while it answers, and to the stage's journal (``spool/``)
+    from the first time it does not; runs made while it is down get local ids.
+    """
 
     def __init__(self, root: Path, experiment: str, env: dict[str, str] | None = None,
-                 parent_run_id: str | None = None, params=None, run_tags=dict):
+                 parent_run_id: str | None = None, params=None, run_tags=dict, stage: str = "stage",
+                 warn: bool = True):
         self.root = root
         self.uri = tracking_uri(root, env)
         self.params = params            # the stage's Params: they name the sweep
         self.run_tags = run_tags        # () -> tags that make a run reproducible
         self.given_parent = parent_run_id
-        # The first use of a new SQLite store creates its tables; two processes doing that at
-        # once break the migration (seen with two sweeps started together), hence the lock.
-        with self._lock():
-            mlflow.set_tracking_uri(self.uri)
+        self.experiment_name = experiment
+        self.spool = Spool(root / SPOOL_DIR, stage)
+        self.ids = spool.load_ids(root / SPOOL_DIR)
+        self.down: str | None = None
+        self.warn = warn
+        self.experiment_id: str | None = None
+        self.client: MlflowClient | None = None
+        try:
             self.client = MlflowClient(self.uri)
-            self.client.search_experiments(max_results=1)
-            if parent_run_id:
-                # `mlflow run` chose the experiment (--experiment-name); children go where the parent is.
-                self.experiment_id = self.client.get_run(parent_run_id).info.experiment_id
+            # The first use of a new SQLite store creates its tables; two processes doing that at
+            # once break the migration (seen with two sweeps started together), hence the lock.
+            with self._lock():
+                mlflow.set_tracking_uri(self.uri)
+                self.client.search_experiments(max_results=1)
+                if parent_run_id:
+                    # `mlflow run` chose the experiment (--experiment-name); children go where the parent is.
+                    self.experiment_id = self.client.get_run(parent_run_id).info.experiment_id
+                else:
+                    self.experiment_id = self._experiment(experiment)
+            self.sync()
+        except Exception as err:
+            self._fail(err)
+
+    # ------------------------------------------------------------ store or journal
+
+    def _fail(self, err: BaseException) -> None:
+        """The store stopped answering: say so once, and journal from now on."""
+        if not store_down(err):
+            raise err
+        if self.down is None:
+            self.down = first_line(err)
+            if self.warn:
+                print(f"warning: tracking store {self.uri} does not answer ({self.down}); training goes on and "
+                      f"this stage's records go to {self.spool.dir} — run `python -m pipeline sync` once the "
+                      f"store is back (the next stage run sends them too)", file=sys.stderr, flush=True)
+
+    def _do(self, op: str, run: str | None, **args) -> None:
+        """One write: to the store, or to the journal when the store is down or the run exists
+        only in the journal (its order is then kept)."""
+        run = self.resolve(run)
+        if self.down is None and not is_local(run):
+            try:
+                return self._apply(op, run, args)
+            except Exception as err:
+                self._fail(err)
+        if op == "log_artifact":
+            args = {**args, "path": self.spool.keep_file(Path(args["path"]))}
+        self.spool.append(op, run, args)
+
+    def _apply(self, op: str, run: str, args: dict[str, Any]) -> None:
+        if op == "log_params":
+            existing = self.client.get_run(run).data.params
+            items = [Param(k, v) for k, v in args["params"].items() if existing.get(k) != v]
+            for i in range(0, len(items), 100):
+                self.client.log_batch(run, params=items[i:i + 100])
+        elif op == "log_metrics":
+            send_points(self.client, run, args["points"])
+        elif op == "set_tags":
+            self.client.log_batch(run, tags=[RunTag(k, v) for k, v in args["tags"].items()])
+        elif op == "delete_tag":
+            if args["key"] in self.client.get_run(run).data.tags:
+                self.client.delete_tag(run, args["key"])
+        elif op == "log_artifact":
+            self.client.log_artifact(run, args["path"], args["artifact_path"])
+        elif op == "log_dict":
+            self.client.log_dict(run, args["obj"], args["path"])
+        elif op == "log_text":
+            self.client.log_text(run, args["text"], args["path"])
+        elif op == "status":
+            if args["status"] == "RUNNING":
+                self.client.update_run(run, status="RUNNING")
             else:
-                self.experiment_id = self._experiment(experiment)
-        mlflow.set_experiment(experiment_id=self.experiment_id)
+                self.client.set_terminated(run, args["status"])
+        elif op == "metrics_file":
+            points = [p for line in Path(args["file"]).read_text().splitlines() if line for p in json.loads(line)]
+            last = last_steps(self.client, run)
+            send_points(self.client, run, [p for p in points if p[3] > last.get(p[0], -1)])
+        elif op == "log_model":
+            self._log_model_files(run, args)
+        else:
+            raise ValueError(f"unknown journal operation {op!r}")
+
+    def resolve(self, run_id: str | None) -> str | None:
+        """A run id as the store knows it (local ids of journals already sent are mapped)."""
+        return self.ids.get(run_id, run_id) if run_id else run_id
+
+    def sync(self) -> int:
+        """Send every earlier journal under spool/ to the store, oldest first, each operation
+        once (progress is kept after each); returns how many operations were sent."""
+        root, sent = self.root / SPOOL_DIR, 0
+        if not spool.pending(root):
+            return 0
+        from filelock import FileLock
+        with FileLock(str(root / ".sync.lock"), timeout=600):
+            for folder in spool.pending(root):
+                if folder == self.spool.dir:
+                    continue
+                for index, entry in spool.entries(folder):
+                    self._replay(folder, entry)
+                    spool.mark_done(folder, index)
+                    sent += 1
+                spool.finish(folder)
+        return sent
+
+    def _replay(self, folder: Path, entry: dict[str, Any]) -> None:
+        op, run, args = entry["op"], self.resolve(entry["run"]), entry["args"]
+        if op == "create_run":
+            if args["local"] not in self.ids:
+                exp = self._experiment(args["experiment"])
+                tags = args["tags"] | ({"mlflow.parentRunId": self.resolve(args["parent"])} if args["parent"] else {})
+                self._map(args["local"], self.client.create_run(exp, run_name=args["name"], tags=tags).info.run_id)
+            return
+        if op == "sweep_parent":
+            if args["local"] not in self.ids:
+                self.experiment_id = self._experiment(args["experiment"])
+                self._map(args["local"], self._sweep_parent_online(args["key"], args["manifest"], args["params"],
+                                                                  args["tags"], args["given"]))
+            return
+        if op in ("log_artifact", "metrics_file") or op == "log_model":
+            args = {k: str(folder / v) if k in ("path", "file", "state", "example") else v for k, v in args.items()}
+        self._apply(op, run, args)
+
+    def _map(self, local: str, real: str) -> None:
+        self.ids[local] = real
+        spool.save_ids(self.root / SPOOL_DIR, self.ids)
+
+    # ------------------------------------------------------------ experiments and sweeps
 
     def _experiment(self, name: str) -> str:
         exp = self.client.get_experiment_by_name(name)
@@ -129,27 +291,44 @@ class Tracker:
         ``mlflow run`` made (renamed as any parent is), else a new one. Never left RUNNING by us;
         a run ``mlflow run`` made that is not the parent points to it (tag batchlab.sweep_parent)."""
         key = self.params.sweep_key(manifest["data_hash"])
-        name, tags = f"sweep-{key[:8]}", {TAG_ROLE: "sweep", TAG_SWEEP: key, **self.run_tags()}
+        params = {k: _text(v) for k, v in (self.params.flat() | data_params(manifest)).items()}
+        tags = {TAG_ROLE: "sweep", TAG_SWEEP: key, **self.run_tags()}
+        if self.down is None:
+            try:
+                return self._sweep_parent_online(key, manifest, params, tags, self.given_parent)
+            except Exception as err:
+                self._fail(err)
+        local = new_local_id()
+        self.spool.append("sweep_parent", None, {"local": local, "key": key, "manifest": manifest, "params": params,
+                                                 "tags": tags, "given": self.given_parent,
+                                                 "experiment": self.experiment_name})
+        return local
+
+    def _sweep_parent_online(self, key, manifest, params, tags, given) -> str:
         with self._lock():
             run_id = self.find_sweep(key)
             if run_id is not None:
-                if self.given_parent and self.given_parent != run_id:
-                    self.set_tags(self.given_parent, {TAG_LAUNCH: run_id, TAG_ROLE: "launch"})
+                if given and given != run_id:
+                    self.set_tags(given, {TAG_LAUNCH: run_id, TAG_ROLE: "launch"})
                 return run_id
-            if self.given_parent:
-                run_id = self.given_parent
+            name = f"sweep-{key[:8]}"
+            if given:
+                run_id = given
                 self.set_tags(run_id, tags | {"mlflow.runName": name})
             else:
                 run_id = self.client.create_run(self.experiment_id, run_name=name, tags=tags).info.run_id
-            self.log_params(run_id, self.params.flat() | data_params(manifest))
-            self.log_dict(run_id, manifest, "data/manifest.json")
-            if not self.given_parent:
+            self._apply("log_params", run_id, {"params": params})
+            self.client.log_dict(run_id, manifest, "data/manifest.json")
+            if not given:
                 self.client.set_terminated(run_id, "FINISHED")
             return run_id
 
     def retire_others(self, parent_id: str, batch_size: int, keep: str) -> list[str]:
         """A deliberate retrain replaces the run of the same (sweep, batch size): the older
-        finished ones are deleted (restorable from MLflow's trash), never counted side by side."""
+        ones are deleted (restorable from MLflow's trash), never counted side by side."""
+        parent_id, keep = self.resolve(parent_id), self.resolve(keep)
+        if self.down is not None or is_local(parent_id) or is_local(keep):
+            return []
         runs = self.client.search_runs(
             [self.experiment_id], max_results=100,
             filter_string=f"tags.`mlflow.parentRunId` = '{parent_id}' and tags.`{TAG_BATCH}` = '{batch_size}' "
@@ -160,88 +339,167 @@ class Tracker:
             self.client.delete_run(run_id)
         return retired
 
+    def running_runs(self, sweep_key: str, batch_size: int) -> list:
+        """Training runs of this identity still marked RUNNING (their owners' tags say who)."""
+        if self.down is not None:
+            return []
+        return self.client.search_runs(
+            [self.experiment_id], max_results=100,
+            filter_string=f"tags.`{TAG_SWEEP}` = '{sweep_key}' and tags.`{TAG_BATCH}` = '{batch_size}' "
+                          f"and tags.`{TAG_ROLE}` = 'train' and attributes.status = 'RUNNING'")
+
+    # ------------------------------------------------------------ writes
+
     def get_run(self, run_id: str):
-        return self.client.get_run(run_id)
+        return self.client.get_run(self.resolve(run_id))
 
     def log_params(self, run_id: str, params: dict[str, Any]) -> None:
         """Log params, skipping those the run already holds with the same value."""
-        existing = self.client.get_run(run_id).data.params
-        items = [Param(k, _text(v)) for k, v in params.items() if existing.get(k) != _text(v)]
-        for i in range(0, len(items), 100):
-            self.client.log_batch(run_id, params=items[i:i + 100])
+        self._do("log_params", run_id, params={k: _text(v) for k, v in params.items()})
 
     def log_metrics(self, run_id: str, metrics: dict[str, float], step: int = 0) -> None:
         now = int(time.time() * 1000)
-        items = [Metric(k, float(v), now, step) for k, v in metrics.items() if v is not None]
-        for i in range(0, len(items), MAX_BATCH):
-            self.client.log_batch(run_id, metrics=items[i:i + MAX_BATCH])
+        self._do("log_metrics", run_id, points=[[k, float(v), now, step] for k, v in metrics.items() if v is not None])
 
     def set_tags(self, run_id: str, tags: dict[str, Any]) -> None:
-        self.client.log_batch(run_id, tags=[RunTag(k, _text(v)) for k, v in tags.items()])
+        self._do("set_tags", run_id, tags={k: _text(v) for k, v in tags.items()})
+
+    def delete_tag(self, run_id: str, key: str) -> None:
+        self._do("delete_tag", run_id, key=key)
 
     def log_artifacts(self, run_id: str, paths: list[Path], artifact_path: str | None = None) -> None:
         for path in paths:
-            self.client.log_artifact(run_id, str(path), artifact_path)
+            self._do("log_artifact", run_id, path=str(path), artifact_path=artifact_path)
 
     def log_dict(self, run_id: str, obj: Any, path: str) -> None:
-        self.client.log_dict(run_id, obj, path)
+        self._do("log_dict", run_id, obj=obj, path=path)
 
     def log_text(self, run_id: str, text: str, path: str) -> None:
-        self.client.log_text(run_id, text, path)
+        self._do("log_text", run_id, text=text, path=path)
+
+    def log_metrics_file(self, run_id: str, path: Path) -> None:
+        """Metric points a sink could not send (lines of [key, value, ms, step] lists)."""
+        kept = self.spool.keep_file(path) if path.parent != self.spool.dir else str(path.relative_to(self.spool.dir))
+        self.spool.append("metrics_file", self.resolve(run_id), {"file": kept})
 
     def read_artifact(self, run_id: str, path: str) -> str:
         with tempfile.TemporaryDirectory() as tmp:
-            return Path(self.client.download_artifacts(run_id, path, tmp)).read_text()
+            return Path(self.client.download_artifacts(self.resolve(run_id), path, tmp)).read_text()
 
-    def log_model(self, model, example) -> None:
-        """Into the active run, as a LoggedModel in the pt2 (torch.export) format: loading it
-        runs no pickled code."""
-        import mlflow.pytorch
+    def log_model(self, run_id: str, model, example, spec: dict[str, Any]) -> None:
+        """As a LoggedModel in the pt2 (torch.export) format: loading it runs no pickled code.
+        ``spec`` rebuilds the model when it is sent later from the journal."""
+        run_id = self.resolve(run_id)
+        if self.down is None and not is_local(run_id):
+            try:
+                return _log_model(run_id, model, example)
+            except Exception as err:
+                self._fail(err)
         import torch
-        from mlflow.models import infer_signature
+        self.spool.dir.mkdir(parents=True, exist_ok=True)
+        state, ex = self.spool.dir / f"model-{run_id}.pt", self.spool.dir / f"example-{run_id}.pt"
+        torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, state)
+        torch.save(example.detach().cpu(), ex)
+        self.spool.append("log_model", run_id, {"state": state.name, "example": ex.name, "spec": spec})
 
-        model = model.cpu().eval()
-        example = example.cpu()
-        with torch.no_grad():
-            output = model(example)
+    def _log_model_files(self, run_id: str, args: dict[str, Any]) -> None:
+        import torch
+        from .config import ModelParams
+        from .models import build_model
+        spec = args["spec"]
+        model = build_model(ModelParams(**spec["model"]), spec["n_in"], spec["n_out"])
+        model.load_state_dict(torch.load(args["state"], weights_only=True))
+        _log_model(run_id, model, torch.load(args["example"], weights_only=True))
+
+    # ------------------------------------------------------------ runs
+
+    def create_run(self, name: str, tags: dict[str, str], parent_id: str | None = None) -> str:
+        """A run made and ended by the caller (``finish``)."""
+        parent_id = self.resolve(parent_id)
+        if self.down is None and not is_local(parent_id):
+            try:
+                tags = tags | ({"mlflow.parentRunId": parent_id} if parent_id else {})
+                return self.client.create_run(self.experiment_id, run_name=name, tags=tags).info.run_id
+            except Exception as err:
+                self._fail(err)
+        local = new_local_id()
+        self.spool.append("create_run", None, {"local": local, "name": name, "tags": tags, "parent": parent_id,
+                                               "experiment": self.experiment_name})
+        return local
+
+    def finish(self, run_id: str, status: str = "FINISHED") -> None:
+        self._do("status", run_id, status=status)
+
+    @contextmanager
+    def run(self, *, name: str, parent_id: str | None, tags: dict[str, str],
+            run_id: str | None = None) -> Iterator[str]:
+        """A run that ends FINISHED, KILLED (signal) or FAILED (exception), with the reason as a
+        tag, and says who owns it while it runs. ``run_id`` reopens an interrupted run to resume
+        it: the interruption's end reason goes."""
+        owner = owner_tags()
+        if run_id:
+            self.set_tags(run_id, {"batchlab.resumed": "true", **owner})
+            self.delete_tag(run_id, TAG_END)
+            self.finish(run_id, "RUNNING")
+        else:
+            run_id = self.create_run(name, tags | owner, parent_id)
+        try:
+            yield run_id
+        except Interrupted as exc:
+            self._end(run_id, "KILLED", str(exc))
+            raise
+        except KeyboardInterrupt:
+            self._end(run_id, "KILLED", "stopped by SIGINT")
+            raise
+        except BaseException as exc:
+            self._end(run_id, "FAILED", f"{type(exc).__name__}: {exc}"[:4000])
+            raise
+        else:
+            self.finish(run_id, "FINISHED")
+
+    def _end(self, run_id: str, status: str, reason: str) -> None:
+        self.set_tags(run_id, {TAG_END: reason})
+        self.finish(run_id, status)
+
+
+def _log_model(run_id: str, model, example) -> None:
+    import mlflow.pytorch
+    import torch
+    from mlflow.models import infer_signature
+
+    model = model.cpu().eval()
+    example = example.cpu()
+    with torch.no_grad():
+        output = model(example)
+    with mlflow.start_run(run_id=run_id):
         mlflow.pytorch.log_model(
             model, name="model", signature=infer_signature(example.numpy(), output.numpy()),
             input_example=example.numpy(), serialization_format="pt2",
             pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"])
 
-    def create_run(self, name: str, tags: dict[str, str], parent_id: str | None = None) -> str:
-        """A run made and ended by the caller (``finish``), for runs beside the active one."""
-        tags = tags | ({"mlflow.parentRunId": parent_id} if parent_id else {})
-        return self.client.create_run(self.experiment_id, run_name=name, tags=tags).info.run_id
 
-    def finish(self, run_id: str) -> None:
-        self.client.set_terminated(run_id, "FINISHED")
+def owner_tags() -> dict[str, str]:
+    """Who runs this process: enough to tell a live owner from a dead one later."""
+    import socket
+    return {f"{TAG_OWNER}.host": socket.gethostname(), f"{TAG_OWNER}.pid": str(os.getpid()),
+            f"{TAG_OWNER}.start": process_start(os.getpid())}
 
-    @contextmanager
-    def run(self, *, name: str, parent_id: str | None, tags: dict[str, str],
-            run_id: str | None = None) -> Iterator[str]:
-        """An active (fluent) run that ends FINISHED, KILLED (signal) or FAILED (exception),
-        with the reason as a tag. ``run_id`` reopens an interrupted run to resume it."""
-        if run_id:
-            run = mlflow.start_run(run_id=run_id)
-            self.set_tags(run_id, {"batchlab.resumed": "true"})
-        else:
-            run = mlflow.start_run(experiment_id=self.experiment_id, run_name=name,
-                                   parent_run_id=parent_id, tags=tags)
-        rid = run.info.run_id
-        try:
-            yield rid
-        except Interrupted as exc:
-            _end(rid, "KILLED", str(exc))
-            raise
-        except KeyboardInterrupt:
-            _end(rid, "KILLED", "stopped by SIGINT")
-            raise
-        except BaseException as exc:
-            _end(rid, "FAILED", f"{type(exc).__name__}: {exc}"[:4000])
-            raise
-        else:
-            mlflow.end_run("FINISHED")
+
+def process_start(pid: int) -> str:
+    """The process's start time in clock ticks since boot ('' where unknown): with the pid it
+    names one process, even after the pid is reused."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return ""
+
+
+def owner_alive(tags: dict[str, str]) -> bool:
+    import socket
+    host, pid = tags.get(f"{TAG_OWNER}.host"), tags.get(f"{TAG_OWNER}.pid", "")
+    if host != socket.gethostname() or not pid.isdigit():
+        return host is not None and host != socket.gethostname()  # another machine's: assume alive
+    return process_start(int(pid)) == tags.get(f"{TAG_OWNER}.start") != ""
 
 
 def data_params(manifest: dict[str, Any]) -> dict[str, Any]:
@@ -250,13 +508,6 @@ def data_params(manifest: dict[str, Any]) -> dict[str, Any]:
     return stats | {"data.hash": manifest["data_hash"], "data.n_features": manifest["n_features"],
                     "data.n_classes": manifest["n_classes"], "data.mean": manifest["normalisation"]["mean"],
                     "data.std": manifest["normalisation"]["std"]}
-
-
-def _end(run_id: str, status: str, reason: str) -> None:
-    try:
-        mlflow.set_tag(TAG_END, reason)
-    finally:
-        mlflow.end_run(status)
 
 
 def _text(value: Any) -> str:
@@ -273,23 +524,29 @@ class MlflowSink:
     A point costs hundreds of microseconds in the SQLite store (more than a training step at
     small batch sizes), so the training process only queues them; ``metric_logger`` sends them
     from its own process (start_new_session: a terminal's Ctrl-C reaches the trainer alone, which
-    flushes and then closes the logger).
+    flushes and then closes the logger). When the store is down, or goes down, the points go to
+    the stage's journal instead.
     """
 
-    def __init__(self, uri: str, run_id: str, total_steps: int, max_points: int,
-                 full_history: bool, start_time: float):
-        self.run_id = run_id
-        self.window = 1 if full_history else max(1, math.ceil(total_steps / max_points))
+    def __init__(self, tracker: Tracker, run_id: str, total_steps: int, max_points: int,
+                 full_history: bool, start_time: float, window: int | None = None):
+        self.tracker, self.run_id = tracker, tracker.resolve(run_id)
+        self.window = window or (1 if full_history else max(1, math.ceil(total_steps / max_points)))
         self._prev_time = start_time
         self._acc: dict[str, Any] = self._empty()
         self._pending: list[tuple] = []
         self._sent_at = time.monotonic()
         self.points = 0
-        self._proc = subprocess.Popen(
-            [sys.executable, "-m", "pipeline.metric_logger", uri, run_id],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-            cwd=str(Path(__file__).resolve().parent.parent), start_new_session=True)
-        self._ready = False
+        self.spool_file = tracker.spool.dir / f"metrics-{self.run_id}.jsonl"
+        self._proc = None
+        if tracker.down is None and not is_local(self.run_id):
+            self._proc = subprocess.Popen(
+                [sys.executable, "-m", "pipeline.metric_logger", tracker.uri, self.run_id, str(self.spool_file)],
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                cwd=str(Path(__file__).resolve().parent.parent), start_new_session=True)
+        self._ready = threading.Event()
+        if self._proc is None:
+            self._ready.set()
         # A pipe write blocks when the logger lags; a feeder thread takes that wait off the loop.
         self._queue: queue.Queue = queue.Queue()
         self._feeder = threading.Thread(target=self._feed, name="metric-feeder", daemon=True)
@@ -298,22 +555,31 @@ class MlflowSink:
     def ready(self) -> None:
         """Wait for the logger's imports and connection (started in __init__, they overlap the
         trainer's own start-up); they would otherwise compete with the first steps for the CPU."""
-        if self._ready:
+        if self._ready.is_set():
             return
         answer = self._proc.stdout.readline().strip()
-        if answer != "ready":
+        if answer != "ready":  # it could not reach the store: the points go to the journal
             self._proc.wait()
-            raise RuntimeError(f"the metric logger process failed to start: {answer or 'no answer'}")
-        self._ready = True
+            self._proc = None
+            error = json.loads(answer).get("error") if answer.startswith("{") else "no answer"
+            self.tracker._fail(StoreDown(f"the metric logger could not reach the store: {error}"))
+        self._ready.set()
 
     def _feed(self) -> None:
         while (item := self._queue.get()) is not None:
+            self._ready.wait()
             try:
-                self._proc.stdin.write(item)
-                self._proc.stdin.flush()
+                if self._proc is not None:
+                    self._proc.stdin.write(item)
+                    self._proc.stdin.flush()
+                    continue
             except OSError:
-                return  # the logger died; close() reports it
-        self._proc.stdin.close()
+                pass  # the logger died; close() reports it, and later points go to the journal
+            self.spool_file.parent.mkdir(parents=True, exist_ok=True)
+            with self.spool_file.open("a") as fh:
+                fh.write(item)
+        if self._proc is not None:
+            self._proc.stdin.close()
 
     @staticmethod
     def _empty() -> dict[str, Any]:
@@ -373,25 +639,25 @@ class MlflowSink:
 
     def close(self, complete: bool) -> None:
         """Send what is buffered and wait for the logger. ``complete``: training ended, so the
-        last partial window is logged too; after an interruption it is kept for the resumed run."""
+        last partial window is logged too; after an interruption it is kept for the resumed run.
+        Points the logger could not send are handed to the journal."""
         last = self._acc.get("last")
         if complete and self._acc["n"] and last:
             step, samples, lr, t, has_correct = last
             self._add(self._window_metrics(self._acc, step, samples, lr, t, has_correct))
             self._acc = self._empty()
         self._add([], force=True)
+        self.ready()
         self._queue.put(None)
         self._feeder.join()
-        if not self._ready:
-            self.ready()
-        answer = self._proc.stdout.readline().strip()
-        self._proc.wait()
-        try:
-            result = json.loads(answer)
-        except json.JSONDecodeError:
-            result = {"sent": 0, "error": f"no answer from the metric logger (exit {self._proc.returncode})"}
-        error = result.get("error")
-        if error is None and result.get("sent") != self.points:
-            error = f"sent {result.get('sent')} of {self.points} metric points"
-        if error is not None:
-            raise RuntimeError(f"logging metrics to MLflow failed: {error}")
+        if self._proc is not None:
+            answer = self._proc.stdout.readline().strip()
+            self._proc.wait()
+            try:
+                result = json.loads(answer)
+            except json.JSONDecodeError:
+                result = {"error": f"no answer from the metric logger (exit {self._proc.returncode})"}
+            if result.get("error"):
+                self.tracker._fail(StoreDown(result["error"]))
+        if self.spool_file.is_file():
+            self.tracker.log_metrics_file(self.run_id, self.spool_file)

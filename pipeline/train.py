@@ -2,7 +2,10 @@
 from __future__ import annotations
 
 import io
+import os
+from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -11,12 +14,12 @@ from tqdm import tqdm
 
 from . import dist
 from .config import ParamsError
-from .context import Context, write_atomic, write_json
+from .context import Context, swap_dir, write_atomic, write_json
 from .data import Prepared, load_prepared
 from .engine import Checkpoint, FitResult, NullSink, eval_interval, fit, scaled_lr
 from .batches import batch_bounds
 from .models import build_model
-from .signals import StopSignals
+from .signals import Busy, StopSignals
 from .system import PeakMemory, device_name, pick_device, set_threads, threads
 
 
@@ -69,20 +72,69 @@ def prepare_job(ctx: Context, batch_size: int) -> Job:
 
 def run(ctx: Context, batch_size: int, *, log_to_mlflow: bool = True) -> dict[str, Any]:
     job = prepare_job(ctx, batch_size)
-    previous = job.checkpoint.load() if ctx.params.train.resume else None
-    resume_id = (previous or {}).get("meta", {}).get("run_id")
-    # Only rank 0 talks to MLflow and writes outputs.
-    tracker = ctx.tracker() if log_to_mlflow and job.dist.main else None
-    with StopSignals() as signals:
-        if tracker is None:
-            return _train(job, None, None, signals)
-        parent = tracker.sweep_parent(job.data.manifest)
-        tags = ctx.run_tags() | {"batchlab.batch_size": str(batch_size), "batchlab.sweep_key": job.sweep_key,
-                                 "batchlab.role": "train"}
-        with tracker.run(name=f"bs{batch_size}", parent_id=parent, tags=tags, run_id=resume_id) as run_id:
-            summary = _train(job, tracker, run_id, signals)
-        tracker.retire_others(parent, batch_size, keep=run_id)
-        return summary
+    with trainer_lock(job):
+        previous = job.checkpoint.load() if ctx.params.train.resume else None
+        resume_id = (previous or {}).get("meta", {}).get("run_id")
+        # Only rank 0 talks to MLflow and writes outputs.
+        tracker = ctx.tracker(f"train-bs{batch_size}") if log_to_mlflow and job.dist.main else None
+        with StopSignals() as signals:
+            if tracker is None:
+                return _train(job, None, None, signals)
+            parent = tracker.sweep_parent(job.data.manifest)
+            resume_id = tracker.resolve(resume_id)
+            close_dead_runs(tracker, job, resume_id)
+            tags = ctx.run_tags() | {"batchlab.batch_size": str(batch_size), "batchlab.sweep_key": job.sweep_key,
+                                     "batchlab.role": "train"}
+            with tracker.run(name=f"bs{batch_size}", parent_id=parent, tags=tags, run_id=resume_id) as run_id:
+                summary = _train(job, tracker, run_id, signals)
+            tracker.retire_others(parent, batch_size, keep=run_id)
+            return summary
+
+
+@contextmanager
+def trainer_lock(job: Job):
+    """One trainer per (sweep, batch size) in a project: a second stops at once, naming the first."""
+    import fcntl
+    import socket
+    import time
+
+    if not job.dist.main:
+        yield
+        return
+    path = job.checkpoint.path.with_suffix(".lock")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a+") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            fh.seek(0)
+            raise Busy(f"train@{job.batch_size} is already running in this project ({fh.read().strip() or 'owner unknown'}); "
+                       f"wait for it or stop it (its checkpoint lets a rerun resume)") from None
+        fh.seek(0)
+        fh.truncate()
+        fh.write(f"pid {os.getpid()} on {socket.gethostname()}, started {time.strftime('%Y-%m-%d %H:%M:%S')}")
+        fh.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def close_dead_runs(tracker, job: Job, keep: str | None) -> None:
+    """Runs of this identity left RUNNING by a trainer that died (SIGKILL, power loss, the OOM
+    killer) are closed KILLED with the reason; the one a checkpoint resumes is reopened instead."""
+    from .tracking import owner_alive
+    for run in tracker.running_runs(job.sweep_key, job.batch_size):
+        if run.info.run_id == keep:
+            continue
+        tags = run.data.tags
+        if owner_alive(tags):
+            raise Busy(f"train@{job.batch_size} of this sweep is running as MLflow run {run.info.run_id} "
+                       f"(pid {tags.get('batchlab.owner.pid')} on {tags.get('batchlab.owner.host')})")
+        tracker.set_tags(run.info.run_id, {"batchlab.end_reason": (
+            f"its trainer (pid {tags.get('batchlab.owner.pid', '?')} on {tags.get('batchlab.owner.host', '?')}) "
+            f"died without ending the run; closed by a later run of train@{job.batch_size}")})
+        tracker.finish(run.info.run_id, "KILLED")
 
 
 def _train(job: Job, tracker, run_id: str | None, signals: StopSignals) -> dict[str, Any]:
@@ -91,8 +143,9 @@ def _train(job: Job, tracker, run_id: str | None, signals: StopSignals) -> dict[
     p = job.ctx.params
     sink: Any = NullSink()
     if tracker is not None:
-        sink = MlflowSink(tracker.uri, run_id, job.total_steps, p.tracking.max_points,
-                          p.tracking.full_history, start_time=_now())
+        recorded = _recorded_window(tracker, run_id)
+        sink = MlflowSink(tracker, run_id, job.total_steps, p.tracking.max_points,
+                          p.tracking.full_history, start_time=_now(), window=recorded)
         tracker.log_params(run_id, _run_params(job, sink.window))
         tracker.log_dict(run_id, p.model_dump(mode="json"), "params.json")
     torch.manual_seed(p.train.seed)
@@ -113,21 +166,25 @@ def _train(job: Job, tracker, run_id: str | None, signals: StopSignals) -> dict[
     if not job.dist.main:
         return summary
     job.ctx.check_params_unchanged(f"train@{job.batch_size}")
-    out = job.ctx.train_dir(job.batch_size)
-    files = _write_outputs(out, model, result, summary, job.data.task)
-    if tracker is not None:
-        tracker.log_metrics(run_id, final_metrics(summary), step=result.samples)
-        tracker.log_artifacts(run_id, files, "outputs")
-        tracker.log_model(model, job.data.val.x[:5])
-        write_json(out / "run.json", {"run_id": run_id, "experiment_id": tracker.experiment_id,
-                                      "sweep_key": job.sweep_key})
+    _write_outputs(job, model, result, summary, tracker, run_id)
     job.checkpoint.remove()
     return summary
 
 
+def _recorded_window(tracker, run_id: str) -> int | None:
+    """A resumed run keeps the logging window it started with (tracking.max_points may differ now)."""
+    if tracker.down is not None or run_id.startswith("local-"):
+        return None
+    value = tracker.get_run(run_id).data.params.get("log_window_steps")
+    return int(value) if value else None
+
+
 def _run_params(job: Job, window: int) -> dict[str, Any]:
+    """What shapes this run: the data, model and train sections (evaluate, compare and tracking
+    params are the parent's), and what follows from them here."""
     t = job.ctx.params.train
-    return job.ctx.params.flat() | {
+    shaping = {k: v for k, v in job.ctx.params.flat().items() if k.split(".")[0] in ("data", "model", "train")}
+    return shaping | {
         "batch_size": job.batch_size, "seed": t.seed, "data.hash": job.data.data_hash,
         "lr_effective": scaled_lr(t, job.batch_size), "steps_per_epoch": job.per_epoch,
         "total_steps": job.total_steps, "eval_every_steps_effective": eval_interval(t, job.per_epoch),
@@ -184,7 +241,32 @@ def _now() -> float:
     return time.time()
 
 
-def _write_outputs(out, model, result: FitResult, summary, task) -> list:
+def _write_outputs(job: Job, model, result: FitResult, summary, tracker, run_id) -> None:
+    """Every output of the run into a new folder, logged, then swapped in whole: the folder holds
+    one run's set or the previous set, never a mix."""
+    import shutil
+    import tempfile
+
+    out = job.ctx.train_dir(job.batch_size)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        files = _write_files(tmp, model, result, summary, job.data.task)
+        if tracker is not None:
+            tracker.log_metrics(run_id, final_metrics(summary), step=result.samples)
+            tracker.log_artifacts(run_id, files, "outputs")
+            spec = {"model": job.ctx.params.model.model_dump(mode="json"), "n_in": job.data.n_features,
+                    "n_out": job.data.n_outputs}
+            tracker.log_model(run_id, model, job.data.val.x[:5], spec)
+            write_json(tmp / "run.json", {"run_id": run_id, "experiment_id": tracker.experiment_id,
+                                          "sweep_key": job.sweep_key})
+        swap_dir(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _write_files(out: Path, model, result: FitResult, summary, task) -> list[Path]:
     hist = result.history
     buf = io.BytesIO()
     torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, buf)

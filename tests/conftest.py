@@ -142,6 +142,46 @@ def sweep_cmd(*overrides: str) -> list[str]:
     return [sys.executable, "-c", SWEEP, *overrides]
 
 
+class MlflowServer:
+    """A real `mlflow server` on 127.0.0.1, artifacts proxied into ``folder``; ``kill`` ends its
+    whole process group at once (as a crash would), ``start`` brings it back on the same port."""
+
+    def __init__(self, folder: Path, backend: str):
+        import socket
+        self.folder, self.backend, self.proc = folder, backend, None
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> "MlflowServer":
+        import time
+        import urllib.request
+        self.proc = subprocess.Popen(
+            [str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(self.port),
+             "--backend-store-uri", self.backend, "--artifacts-destination", str(self.folder / "server-artifacts"),
+             "--workers", "1"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
+        deadline = time.monotonic() + 120
+        while True:  # polls the server's health: readiness, not a timing assertion
+            try:
+                with urllib.request.urlopen(f"{self.url}/health", timeout=2) as r:
+                    if r.status == 200:
+                        return self
+            except OSError:
+                pass
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.kill()
+                pytest.fail(f"mlflow server did not start: {self.proc.stderr.read()[-2000:]}")
+            time.sleep(0.5)
+
+    def kill(self) -> None:
+        import signal
+        if self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(timeout=30)
+
+
 def runs_of(uri: str, experiment: str = "test"):
     from mlflow.tracking import MlflowClient
 

@@ -8,7 +8,7 @@ import urllib.request
 
 import pytest
 
-from conftest import BIN, SMALL, env_for, make_project, merge, runs_of, sweep_cmd
+from conftest import BIN, SMALL, MlflowServer, env_for, make_project, merge, runs_of, sweep_cmd
 
 pytestmark = pytest.mark.slow
 
@@ -50,39 +50,14 @@ def test_two_sweeps_at_once_on_one_sqlite_store(tmp_path):
     _count(uri)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @contextmanager
 def start_server(tmp_path, backend: str):
     """`mlflow server` on 127.0.0.1 (a free port), artifacts proxied into tmp_path; yields its URL."""
-    port = _free_port()
-    proc = subprocess.Popen(
-        [str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
-         "--backend-store-uri", backend,
-         "--artifacts-destination", str(tmp_path / "server-artifacts"), "--workers", "1"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while True:
-        try:
-            with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
-                if r.status == 200:
-                    break
-        except OSError:
-            pass
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            pytest.fail(f"mlflow server did not start: {proc.stderr.read()[-2000:]}")
-        time.sleep(0.5)
+    server = MlflowServer(tmp_path, backend).start()
     try:
-        yield url
+        yield server.url
     finally:
-        proc.terminate()
-        proc.wait(timeout=30)
+        server.kill()
 
 
 @pytest.fixture

@@ -84,7 +84,7 @@ def _chunk(start, n, batch=4):
 def test_sink_logs_window_means_at_samples_seen(store):
     t = Tracker(store, "exp", {})
     run = t.client.create_run(t.experiment_id).info.run_id
-    sink = MlflowSink(t.uri, run, total_steps=100, max_points=10, full_history=False, start_time=time.time())
+    sink = MlflowSink(t, run, total_steps=100, max_points=10, full_history=False, start_time=time.time())
     sink.ready()
     assert sink.window == 10
     sink.steps(_chunk(1, 55))
@@ -102,12 +102,12 @@ def test_sink_logs_window_means_at_samples_seen(store):
 def test_sink_full_history_logs_every_step_and_the_last_partial_window(store):
     t = Tracker(store, "exp", {})
     run = t.client.create_run(t.experiment_id).info.run_id
-    sink = MlflowSink(t.uri, run, total_steps=23, max_points=10, full_history=True, start_time=time.time())
+    sink = MlflowSink(t, run, total_steps=23, max_points=10, full_history=True, start_time=time.time())
     sink.steps(_chunk(1, 23))
     sink.close(complete=True)
     assert len(t.client.get_metric_history(run, "train/loss")) == 23
     run2 = t.client.create_run(t.experiment_id).info.run_id
-    sink = MlflowSink(t.uri, run2, total_steps=23, max_points=10, full_history=False, start_time=time.time())
+    sink = MlflowSink(t, run2, total_steps=23, max_points=10, full_history=False, start_time=time.time())
     sink.steps(_chunk(1, 23))
     sink.close(complete=True)
     steps = sorted(m.step for m in t.client.get_metric_history(run2, "train/loss"))

@@ -413,39 +413,37 @@ def fit(model: nn.Module, train: Split, val: Split, p: TrainParams, batch_size: 
     if signals is not None:
         # Under torchrun each rank gets the signal at its own step; stopping at a step boundary
         # would need an agreement per step, so there the signal ends the process at once.
-        signals.deferred = dist.world == 1
-    try:
-        while s.epoch < p.epochs and not out_of_time:
-            epoch, epoch_t0 = s.epoch, time.perf_counter()
-            t_last = epoch_t0
-            for b, (xb, yb) in enumerate(t.batches.epoch(epoch, s.batch), start=s.batch):
-                t.set_lr(lr_at(p, batch_size, s.step, t.per_epoch))
-                n_b = t.batches.samples_in(b, xb)
-                out, loss = t.step(xb, yb, n_b, s.step)
-                now = time.perf_counter()
-                t.record(b, n_b, now - t_last, now + clock, out, yb, loss)
-                if len(t.pending) >= flush_every:
-                    t.flush()
-                epoch_end = s.epoch > epoch
-                if s.step % t.every_eval == 0 or epoch_end:
-                    t.validate(epoch_end)
-                if (p.checkpoint_every_steps and s.step % p.checkpoint_every_steps == 0 and not epoch_end) \
-                        or (signals is not None and signals.requested is not None):
-                    t.save()
-                if signals is not None and signals.requested is not None:
-                    raise Interrupted(signals.requested)
-                out_of_time = max_seconds is not None and s.seconds >= max_seconds
-                if out_of_time:
-                    break
-                t_last = time.perf_counter()
-            t.flush()
-            if not out_of_time:
-                sink.point("epoch/wall_seconds", time.perf_counter() - epoch_t0, s.samples)
-                if s.epoch < p.epochs:
-                    t.save()
-    finally:
-        if signals is not None:
-            signals.deferred = False
+        signals.immediate = dist.world > 1
+        signals.check()  # a signal during set-up stops here: nothing trained since the checkpoint
+    while s.epoch < p.epochs and not out_of_time:
+        epoch, epoch_t0 = s.epoch, time.perf_counter()
+        t_last = epoch_t0
+        for b, (xb, yb) in enumerate(t.batches.epoch(epoch, s.batch), start=s.batch):
+            t.set_lr(lr_at(p, batch_size, s.step, t.per_epoch))
+            n_b = t.batches.samples_in(b, xb)
+            out, loss = t.step(xb, yb, n_b, s.step)
+            now = time.perf_counter()
+            t.record(b, n_b, now - t_last, now + clock, out, yb, loss)
+            if len(t.pending) >= flush_every:
+                t.flush()
+            epoch_end = s.epoch > epoch
+            if s.step % t.every_eval == 0 or epoch_end:
+                t.validate(epoch_end)
+            if (p.checkpoint_every_steps and s.step % p.checkpoint_every_steps == 0 and not epoch_end) \
+                    or (signals is not None and signals.requested is not None):
+                t.save()
+            if signals is not None and signals.requested is not None:
+                raise Interrupted(signals.requested)
+            out_of_time = max_seconds is not None and s.seconds >= max_seconds
+            if out_of_time:
+                break
+            t_last = time.perf_counter()
+        t.flush()
+        if not out_of_time:
+            sink.point("epoch/wall_seconds", time.perf_counter() - epoch_t0, s.samples)
+            if s.epoch < p.epochs:
+                t.save()
+    # A signal after the last step is left recorded: the run's outputs are written whole.
     return t.result()
 
 

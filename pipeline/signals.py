@@ -22,13 +22,16 @@ class NonFiniteLoss(RuntimeError):
 
 
 class StopSignals:
-    """Outside the loop (``deferred`` false) a signal raises Interrupted at once, so setup and
-    teardown code can clean up through ordinary exception handling. A second SIGINT while
-    deferred raises at once too."""
+    """A signal is recorded, and acted on where stopping is safe: when set-up is done and at
+    every step boundary (``check``, or the loop's own test of ``requested``). Raising from the
+    handler itself could land anywhere, even in a library's weakref callback, where Python
+    swallows the exception and the signal would be lost. A second signal acts at once, and so
+    does the first where ``immediate`` is set (under torchrun: a rank cannot stop alone at a step
+    boundary without the others)."""
 
     def __init__(self):
         self.requested: int | None = None
-        self.deferred = False
+        self.immediate = False
         self._old: dict[int, object] = {}
 
     def __enter__(self) -> "StopSignals":
@@ -41,7 +44,10 @@ class StopSignals:
             signal.signal(sig, old)
 
     def _handle(self, signum, frame) -> None:
-        if self.deferred and self.requested is None:
-            self.requested = signum
-            return
-        raise Interrupted(signum)
+        if self.immediate or self.requested is not None:
+            raise Interrupted(signum)
+        self.requested = signum
+
+    def check(self) -> None:
+        if self.requested is not None:
+            raise Interrupted(self.requested)

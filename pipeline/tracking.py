@@ -586,13 +586,18 @@ class MlflowSink:
         return {"n": 0, "loss": 0.0, "correct": 0, "batch": 0}
 
     def resume_from(self, hist, resumed_step: int) -> None:
-        """After a resume, refill the window the interruption left partial (it was not logged)."""
-        boundary = resumed_step - resumed_step % self.window
-        chunk = hist.after(boundary)
-        if chunk.step and len(chunk.step) < len(hist.step):
-            self._prev_time = hist.time[len(hist.step) - len(chunk.step) - 1]
-        if chunk.step:
-            self.steps(chunk)
+        """After a resume, offer every point the checkpoint's history holds again: what the dead
+        process had not handed over yet (its last buffer) is sent, what the store has is skipped
+        by the logger, and the window the interruption left partial is refilled."""
+        if hist.time:  # the first step's start, as near as the record tells
+            self._prev_time = hist.time[0] - (hist.time[-1] - hist.time[0]) / max(len(hist.time) - 1, 1)
+        self.steps(hist.after(0))
+        for e in hist.evals:
+            self.point("val/loss", e["val_loss"], e["samples"])
+            if not math.isnan(e["val_acc"]):
+                self.point("val/acc", e["val_acc"], e["samples"])
+        for samples, value in hist.noise:
+            self.point("noise/b_simple", value, samples)
 
     def steps(self, chunk: StepChunk) -> None:
         acc, out = self._acc, []

@@ -183,7 +183,8 @@ def test_a_second_trainer_of_the_same_identity_stops_at_once_naming_the_first(tm
     assert second.stderr.count("\n") == 1 and f"pid {first.pid}" in second.stderr
     assert first.poll() is None
     first.send_signal(signal.SIGTERM)
-    first.communicate(timeout=120)
+    _, err = first.communicate(timeout=120)
+    assert first.returncode == 128 + signal.SIGTERM, err[-2000:]
     client, runs = runs_of(f"sqlite:///{proj / 'mlflow.db'}")
     trains = [r for r in runs if r.data.tags.get("batchlab.role") == "train"]
     assert [r.info.status for r in trains] == ["KILLED"]

@@ -28,9 +28,12 @@ def _parser() -> argparse.ArgumentParser:
         return sp
 
     verb("prepare", "prepare the data set")
-    for name, help in (("train", "train at one batch size"), ("evaluate", "evaluate one trained batch size")):
+    for name, help in (("train", "train at one batch size, once per seed"),
+                       ("evaluate", "evaluate one trained batch size, every seed")):
         sp = verb(name, help)
         sp.add_argument("--batch-size", type=_positive_int, required=True)
+    sub.choices["train"].add_argument("--seed", type=int, default=None,
+                                      help="train this seed only (default: every seed of train.seeds)")
     verb("compare", "compare the sweep: table, plots, report")
     sp = verb("find-batch-size", "the largest batch size whose training step fits in memory")
     sp.add_argument("--start", type=_positive_int, default=1)
@@ -105,16 +108,18 @@ def _train(args, ctx) -> None:
     from . import train
     from .system import stop_with_parent
     stop_with_parent()  # a `dvc repro` that dies takes its trainer along, at a step boundary
-    summary = train.run(ctx, args.batch_size)
-    if os.environ.get("RANK", "0") == "0":
-        print(_train_line(summary))
+    seeds = [args.seed] if args.seed is not None else ctx.params.train.seeds
+    for seed in seeds:
+        summary = train.run_one(ctx, args.batch_size, seed)
+        if os.environ.get("RANK", "0") == "0":
+            print(_train_line(summary))
 
 
 def _evaluate(args, ctx) -> None:
     from . import evaluate
-    metrics = evaluate.run(ctx, args.batch_size)
-    print("evaluated bs={}: {}".format(args.batch_size, ", ".join(
-        f"{k}={v:.4g}" for k, v in metrics.items() if isinstance(v, float))))
+    for metrics in evaluate.run(ctx, args.batch_size):
+        print("evaluated bs={} seed={}: {}".format(args.batch_size, metrics["seed"], ", ".join(
+            f"{k}={v:.4g}" for k, v in metrics.items() if isinstance(v, float))))
 
 
 def _compare(args, ctx) -> None:
@@ -169,7 +174,7 @@ VERBS = {"prepare": _prepare, "train": _train, "evaluate": _evaluate, "compare":
 
 def _train_line(s: dict) -> str:
     acc = s.get("final_val_acc")
-    return (f"trained bs={s['batch_size']}: {s['steps']} steps, {s['throughput']:.0f} samples/s, "
+    return (f"trained bs={s['batch_size']} seed={s['seed']}: {s['steps']} steps, {s['throughput']:.0f} samples/s, "
             f"val_loss {s['final_val_loss']:.4g}" + (f", val_acc {acc:.4f}" if acc is not None else ""))
 
 

@@ -57,7 +57,11 @@ class TrainParams(_Section):
     lr: float = Field(1e-3, gt=0)
     momentum: float = Field(0.0, ge=0, lt=1)
     weight_decay: float = Field(0.0, ge=0)
-    seed: int = Field(0, ge=0)
+    # Repeats: every batch size trains once per seed (model initialisation and batch order);
+    # the comparison gives each figure's mean and 95 % interval over them.
+    seeds: tuple[int, ...] = (0, 1, 2)
+    # The seed of one run, set from ``seeds`` for each (never in params.yaml; not dumped).
+    seed: int = Field(0, ge=0, exclude=True)
     drop_last: bool = False
     device: Literal["auto", "cpu", "cuda"] = "auto"
     # torch intra-op threads; 0: all cores but one, which the MLflow logger process uses.
@@ -85,13 +89,13 @@ class TrainParams(_Section):
     resume: bool = True
     stop_on_nonfinite: bool = True
 
-    @field_validator("batch_sizes", mode="before")
+    @field_validator("batch_sizes", "seeds", mode="before")
     @classmethod
-    def _list(cls, v: Any) -> Any:
+    def _list(cls, v: Any, info) -> Any:
         if isinstance(v, int) and not isinstance(v, bool):
             return (v,)
         if isinstance(v, str):
-            return tuple(_int_item(s, "train.batch_sizes") for s in v.split(",") if s.strip())
+            return tuple(_int_item(s, f"train.{info.field_name}") for s in v.split(",") if s.strip())
         return v
 
     @field_validator("batch_sizes")
@@ -104,6 +108,17 @@ class TrainParams(_Section):
         if len(set(v)) != len(v):
             raise ValueError("batch sizes must be distinct")
         return v
+
+    @field_validator("seeds")
+    @classmethod
+    def _seeds(cls, v: tuple[int, ...]) -> tuple[int, ...]:
+        if not v or any(s < 0 for s in v) or len(set(v)) != len(v):
+            raise ValueError("needs distinct non-negative integers, at least one")
+        return v
+
+    def for_seed(self, seed: int) -> "TrainParams":
+        """The params of one run of the sweep."""
+        return self.model_copy(update={"seed": seed})
 
 
 class TrackingParams(_Section):
@@ -131,6 +146,15 @@ class Params(_Section):
     tracking: TrackingParams = TrackingParams()
     evaluate: EvaluateParams = EvaluateParams()
     compare: CompareParams = CompareParams()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_single_seed(cls, data: Any) -> Any:
+        """A params file names the sweep's seeds; ``train.seed`` is one run's, set by the code."""
+        train = data.get("train") if isinstance(data, dict) else None
+        if isinstance(train, dict) and "seed" in train:
+            raise ValueError(f"train.seed={train['seed']!r}: use train.seeds, a list (e.g. [{train['seed']}])")
+        return data
 
     @model_validator(mode="after")
     def _consistent(self) -> "Params":
@@ -169,7 +193,7 @@ def _int_item(text: str, key: str) -> int:
     try:
         return int(text)
     except ValueError:
-        raise ParamsError(f"{key}: {text!r} is not an integer (allowed: positive integers)") from None
+        raise ParamsError(f"{key}: {text!r} is not an integer (allowed: a list of integers)") from None
 
 
 def _format_error(err: ValidationError) -> str:
@@ -186,7 +210,7 @@ def _format_error(err: ValidationError) -> str:
         msg = msg.replace("Input should be", "allowed:")
     elif msg.startswith("Value error, "):
         msg = msg[len("Value error, "):]
-    if not loc:
+    if not loc or msg.startswith(f"{loc}."):
         return msg
     return f"{loc}={value!r}: {msg}"
 

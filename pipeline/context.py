@@ -48,18 +48,21 @@ class Context:
     def data_dir(self) -> Path:
         return self.workdir / DATA_DIR
 
-    def train_dir(self, batch_size: int) -> Path:
-        return self.workdir / OUT_DIR / "train" / f"bs{batch_size}"
+    def train_dir(self, batch_size: int, seed: int | None = None) -> Path:
+        """A train stage's folder, or with ``seed`` the folder of one of its runs."""
+        folder = self.workdir / OUT_DIR / "train" / f"bs{batch_size}"
+        return folder if seed is None else folder / f"seed{seed}"
 
-    def eval_dir(self, batch_size: int) -> Path:
-        return self.workdir / OUT_DIR / "evaluate" / f"bs{batch_size}"
+    def eval_dir(self, batch_size: int, seed: int | None = None) -> Path:
+        folder = self.workdir / OUT_DIR / "evaluate" / f"bs{batch_size}"
+        return folder if seed is None else folder / f"seed{seed}"
 
     @property
     def compare_dir(self) -> Path:
         return self.workdir / OUT_DIR / "compare"
 
-    def checkpoint(self, batch_size: int) -> Path:
-        return self.workdir / CHECKPOINT_DIR / f"bs{batch_size}.pt"
+    def checkpoint(self, batch_size: int, seed: int) -> Path:
+        return self.workdir / CHECKPOINT_DIR / f"bs{batch_size}-s{seed}.pt"
 
     def tracker(self, stage: str, experiment: str | None = None, warn: bool = True):
         """The store for ``stage`` (it names the stage's journal if the store is down), in the

@@ -80,6 +80,7 @@ class FitResult:
     target: dict | None       # first validation point that reached the target, or None
     noise_scale: float | None
     resumed_from_step: int
+    step_memory_bytes: int = 0  # what a step holds for its batch (``step_memory``)
 
 
 # ------------------------------------------------------------------ schedule
@@ -391,10 +392,17 @@ class Trainer:
                                    f"ranks disagree: share the checkpoints/ folder between nodes or set "
                                    f"train.resume=false")
 
+    def step_bytes(self) -> int:
+        """``step_memory`` of a full batch of this run's data."""
+        n, data, device = min(self.batch_size, self.batches.n), self.batches.data, self.val.x.device
+        # Copies: a slice would share (and be counted as) the whole data set's storage.
+        return step_memory(self.model, self.criterion, data.x[:n].to(device).clone(), data.y[:n].to(device).clone())
+
     def result(self) -> FitResult:
         s = self.state
         b_simple = s.history.noise[-1][1] if s.history.noise else None
-        return FitResult(s.history, s.step, s.samples, s.seconds, s.target, b_simple, self.resumed_from)
+        return FitResult(s.history, s.step, s.samples, s.seconds, s.target, b_simple, self.resumed_from,
+                         self.step_bytes())
 
 
 def fit(model: nn.Module, train: Split, val: Split, p: TrainParams, batch_size: int, task: str,
@@ -445,6 +453,40 @@ def fit(model: nn.Module, train: Split, val: Split, p: TrainParams, batch_size: 
                 t.save()
     # A signal after the last step is left recorded: the run's outputs are written whole.
     return t.result()
+
+
+def step_memory(model: nn.Module, criterion: nn.Module, xb: torch.Tensor, yb: torch.Tensor) -> int:
+    """Bytes one training step holds for its batch, above what the model needs anyway.
+
+    GPU: peak allocated bytes of a step on a copy, above what was allocated before it. CPU (no
+    allocator statistics; resident memory moves by whole MBs of library code): the bytes of the
+    tensors the step holds — the batch, the activations autograd saves for the backward pass, the
+    outputs — each storage counted once, parameters excluded.
+    """
+    clone = copy.deepcopy(model)
+    if xb.device.type == "cuda":
+        torch.cuda.synchronize(xb.device)
+        base = torch.cuda.memory_allocated(xb.device)
+        torch.cuda.reset_peak_memory_stats(xb.device)
+        criterion(clone(xb), yb).backward()
+        torch.cuda.synchronize(xb.device)
+        return int(torch.cuda.max_memory_allocated(xb.device) - base)
+    own = {q.untyped_storage().data_ptr() for q in clone.parameters()}
+    held: dict[int, int] = {}
+
+    def keep(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in own:
+            held[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
+        out = clone(xb)
+        loss = criterion(out, yb)
+    loss.backward()
+    for t in (xb, yb, out):
+        held[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+    return int(sum(held.values()))
 
 
 def _warm_up(model: nn.Module, p: TrainParams, criterion: nn.Module, batches: Batches) -> None:

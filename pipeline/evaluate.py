@@ -1,4 +1,4 @@
-"""evaluate: test-set figures for one trained batch size, logged into that training's run."""
+"""evaluate: test-set figures for every run of one batch size, logged into each training's run."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -20,8 +20,8 @@ def predict(model: torch.nn.Module, x: torch.Tensor, batch_size: int) -> torch.T
         if len(x) else torch.empty(0)
 
 
-def load_trained(ctx: Context, batch_size: int, n_in: int, n_out: int) -> torch.nn.Module:
-    path = ctx.train_dir(batch_size) / "model.pt"
+def load_trained(ctx: Context, batch_size: int, seed: int, n_in: int, n_out: int) -> torch.nn.Module:
+    path = ctx.train_dir(batch_size, seed) / "model.pt"
     if not path.is_file():
         raise DataError(f"{path} not found: train batch size {batch_size} first (dvc repro train@{batch_size})")
     model = build_model(ctx.params.model, n_in, n_out)
@@ -29,16 +29,19 @@ def load_trained(ctx: Context, batch_size: int, n_in: int, n_out: int) -> torch.
     return model
 
 
-def run(ctx: Context, batch_size: int) -> dict[str, Any]:
-    p = ctx.params
+def run(ctx: Context, batch_size: int) -> list[dict[str, Any]]:
     data = load_prepared(ctx.data_dir, ("test",))
-    model = load_trained(ctx, batch_size, data.n_features, data.n_outputs)
-    test = data.test
-    out = predict(model, test.x, p.evaluate.batch_size)
-    metrics: dict[str, Any] = {"batch_size": batch_size,
-                               "test_loss": float(loss_fn(data.task)(out, test.y))}
-    folder = ctx.eval_dir(batch_size)
     ctx.check_params_unchanged(f"evaluate@{batch_size}")
+    return [run_one(ctx, data, batch_size, seed) for seed in ctx.params.train.seeds]
+
+
+def run_one(ctx: Context, data, batch_size: int, seed: int) -> dict[str, Any]:
+    model = load_trained(ctx, batch_size, seed, data.n_features, data.n_outputs)
+    test = data.test
+    out = predict(model, test.x, ctx.params.evaluate.batch_size)
+    metrics: dict[str, Any] = {"batch_size": batch_size, "seed": seed,
+                               "test_loss": float(loss_fn(data.task)(out, test.y))}
+    folder = ctx.eval_dir(batch_size, seed)
     files: list[Path] = []
     if data.task == "classification":
         metrics |= _classification(test.y.numpy(), out.argmax(1).numpy(), folder, files)
@@ -48,7 +51,7 @@ def run(ctx: Context, batch_size: int) -> dict[str, Any]:
         metrics["bias"] = float(model.bias.detach()[0])
     write_json(folder / "metrics.json", metrics)
     files.append(folder / "metrics.json")
-    _log(ctx, batch_size, metrics, files)
+    _log(ctx, batch_size, seed, metrics, files)
     return metrics
 
 
@@ -104,14 +107,13 @@ def _classification(y: np.ndarray, pred: np.ndarray, folder: Path, files: list[P
             "test_recall_macro": float(recall), "test_f1_macro": float(f1)}
 
 
-def _log(ctx: Context, batch_size: int, metrics: dict[str, Any], files: list[Path]) -> None:
-    info_path = ctx.train_dir(batch_size) / "run.json"
+def _log(ctx: Context, batch_size: int, seed: int, metrics: dict[str, Any], files: list[Path]) -> None:
+    info_path = ctx.train_dir(batch_size, seed) / "run.json"
     if not info_path.is_file():
         return  # trained without tracking
-    info = read_json(info_path)
-    tracker = ctx.tracker(f"evaluate-bs{batch_size}")
-    run_id = info["run_id"]
+    tracker = ctx.tracker(f"evaluate-bs{batch_size}-s{seed}")
+    run_id = read_json(info_path)["run_id"]
     # Logged with the client into the (finished) training run: evaluating never changes its status.
     tracker.log_metrics(run_id, {f"test/{k[5:]}" if k.startswith("test_") else f"model/{k}": v
-                                 for k, v in metrics.items() if k != "batch_size"})
+                                 for k, v in metrics.items() if k not in ("batch_size", "seed")})
     tracker.log_artifacts(run_id, files, "evaluate")

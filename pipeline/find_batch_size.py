@@ -2,9 +2,10 @@
 
 Doubles the batch size from a start value until a step runs out of memory, then bisects between
 the last success and the failure (as Lightning's batch-size finder does). On a GPU, out of memory
-is CUDA's own error (the cache is freed after it); on a CPU it is a step whose peak resident
-memory above the process's baseline exceeds a budget given as a parameter — or a size the last
-measurement predicts over it, which is then not tried, so the machine itself never runs out.
+is CUDA's own error (the cache is freed after it), or a step whose peak allocated bytes exceed a
+budget; on a CPU it is a step whose tensors (batch, saved activations, outputs: the measure the
+train stage reports) exceed the budget given as a parameter — or a size the last measurement
+predicts over it, which is then not tried, so the machine itself never runs out.
 """
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .config import Params, ParamsError
-from .engine import make_optimizer
+from .engine import step_memory
 from .models import build_model, loss_fn
 
 
@@ -34,11 +35,6 @@ class Found:
     trials: list[Trial] = field(default_factory=list)
 
 
-def _rss_now() -> int:
-    from .system import proc_status_bytes
-    return proc_status_bytes("VmRSS") or 0
-
-
 def _release() -> None:
     gc.collect()
     try:
@@ -48,26 +44,17 @@ def _release() -> None:
 
 
 def step_peak(p: Params, n_in: int, n_out: int, task: str, batch_size: int, device: torch.device) -> int:
-    """Bytes a training step at ``batch_size`` needs: peak allocated (GPU) or peak RSS above baseline (CPU)."""
-    from .system import PeakMemory
-
+    """Bytes a training step at ``batch_size`` holds for its batch: the same measure the train
+    stage reports as step_memory_bytes (``engine.step_memory``)."""
     torch.manual_seed(0)
     model = build_model(p.model, n_in, n_out).to(device)
-    opt = make_optimizer(p.train, model, p.train.lr)
-    _release()
-    base = torch.cuda.memory_allocated(device) if device.type == "cuda" else _rss_now()
     try:
-        with PeakMemory(device) as mem:
-            x = torch.randn(batch_size, n_in, device=device)
-            y = (torch.randint(0, n_out, (batch_size,), device=device) if task == "classification"
-                 else torch.randn(batch_size, 1, device=device))
-            opt.zero_grad(set_to_none=True)
-            loss_fn(task)(model(x), y).backward()
-            opt.step()
-            del x, y
-        return max(0, mem.peak_bytes - base)
+        x = torch.randn(batch_size, n_in, device=device)
+        y = (torch.randint(0, n_out, (batch_size,), device=device) if task == "classification"
+             else torch.randn(batch_size, 1, device=device))
+        return step_memory(model, loss_fn(task), x, y)
     finally:
-        del model, opt
+        del model
         _release()
         if device.type == "cuda":
             torch.cuda.empty_cache()
@@ -120,7 +107,7 @@ def find(p: Params, n_in: int, n_out: int, task: str, device: torch.device, star
             break
     if low is None:
         return found
-    # Bisect to within 1/64 of the answer: closer than that, RSS measurements are noise.
+    # Bisect to within 1/64 of the answer: a few trials, and closer than a memory budget is meant.
     while high - low > max(1, low // 64):
         mid = (low + high) // 2
         if attempt(mid):

@@ -38,7 +38,7 @@ def run(ctx: Context, run_id: str, log=print) -> bool:
     if recorded.data.tags.get("batchlab.role") != "train":
         raise Refused(f"run {run_id} is not a training run (tag batchlab.role={recorded.data.tags.get('batchlab.role')!r})")
     params = parse_params(json.loads(tracker.read_artifact(run_id, "params.json")))
-    batch_size = int(recorded.data.params["batch_size"])
+    batch_size, seed = int(recorded.data.params["batch_size"]), int(recorded.data.params["seed"])
 
     code = code_state(ctx.workdir)
     want = recorded.data.tags.get("batchlab.code_hash", "none")
@@ -55,10 +55,10 @@ def run(ctx: Context, run_id: str, log=print) -> bool:
     data = load_prepared(ctx.data_dir, ("train", "val"))
     device = pick_device(params.train.device)
     set_threads(int(recorded.data.params.get("threads", 0)) or params.train.threads)
-    torch.manual_seed(params.train.seed)
+    torch.manual_seed(seed)
     model = build_model(params.model, data.n_features, data.n_outputs)
-    log(f"re-running {run_id}: batch size {batch_size}, {recorded.data.params.get('total_steps')} steps")
-    result = fit(model, data.train, data.val, params.train, batch_size, data.task, device, NullSink())
+    log(f"re-running {run_id}: batch size {batch_size}, seed {seed}, {recorded.data.params.get('total_steps')} steps")
+    result = fit(model, data.train, data.val, params.train.for_seed(seed), batch_size, data.task, device, NullSink())
     old = _recorded_steps(tracker, run_id)
     now = result.history
     if len(old["loss"]) != len(now.loss):

@@ -44,6 +44,7 @@ TAG_ROLE = "batchlab.role"
 TAG_SWEEP = "batchlab.sweep_key"
 TAG_END = "batchlab.end_reason"
 TAG_BATCH = "batchlab.batch_size"
+TAG_SEED = "batchlab.seed"
 TAG_LAUNCH = "batchlab.sweep_parent"
 TAG_OWNER = "batchlab.owner"
 SEND_SECONDS = 10.0
@@ -132,10 +133,11 @@ class Tracker:
         self.experiment_id: str | None = None
         self.client: MlflowClient | None = None
         try:
-            self.client = MlflowClient(self.uri)
-            # The first use of a new SQLite store creates its tables; two processes doing that at
-            # once break the migration (seen with two sweeps started together), hence the lock.
+            # The first use of a new SQLite store creates its tables (making the client does, for
+            # SQLite); two processes doing that at once break the migration (seen with two sweeps
+            # started together), hence the lock around both.
             with self._lock():
+                self.client = MlflowClient(self.uri)
                 mlflow.set_tracking_uri(self.uri)
                 self.client.search_experiments(max_results=1)
                 if parent_run_id:
@@ -323,8 +325,8 @@ class Tracker:
                 self.client.set_terminated(run_id, "FINISHED")
             return run_id
 
-    def retire_others(self, parent_id: str, batch_size: int, keep: str) -> list[str]:
-        """A deliberate retrain replaces the run of the same (sweep, batch size): the older
+    def retire_others(self, parent_id: str, batch_size: int, seed: int, keep: str) -> list[str]:
+        """A deliberate retrain replaces the run of the same (sweep, batch size, seed): the older
         ones are deleted (restorable from MLflow's trash), never counted side by side."""
         parent_id, keep = self.resolve(parent_id), self.resolve(keep)
         if self.down is not None or is_local(parent_id) or is_local(keep):
@@ -332,21 +334,22 @@ class Tracker:
         runs = self.client.search_runs(
             [self.experiment_id], max_results=100,
             filter_string=f"tags.`mlflow.parentRunId` = '{parent_id}' and tags.`{TAG_BATCH}` = '{batch_size}' "
-                          f"and tags.`{TAG_ROLE}` = 'train'")
+                          f"and tags.`{TAG_SEED}` = '{seed}' and tags.`{TAG_ROLE}` = 'train'")
         retired = [r.info.run_id for r in runs if r.info.run_id != keep]
         for run_id in retired:
             self.set_tags(run_id, {"batchlab.superseded_by": keep})
             self.client.delete_run(run_id)
         return retired
 
-    def running_runs(self, sweep_key: str, batch_size: int) -> list:
+    def running_runs(self, sweep_key: str, batch_size: int, seed: int) -> list:
         """Training runs of this identity still marked RUNNING (their owners' tags say who)."""
         if self.down is not None:
             return []
         return self.client.search_runs(
             [self.experiment_id], max_results=100,
             filter_string=f"tags.`{TAG_SWEEP}` = '{sweep_key}' and tags.`{TAG_BATCH}` = '{batch_size}' "
-                          f"and tags.`{TAG_ROLE}` = 'train' and attributes.status = 'RUNNING'")
+                          f"and tags.`{TAG_SEED}` = '{seed}' and tags.`{TAG_ROLE}` = 'train' "
+                          f"and attributes.status = 'RUNNING'")
 
     # ------------------------------------------------------------ writes
 

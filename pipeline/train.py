@@ -1,4 +1,4 @@
-"""train: one model at one batch size, logged as a child run of the sweep's parent."""
+"""train: one batch size, once per seed; each run is a child run of the sweep's parent."""
 from __future__ import annotations
 
 import io
@@ -28,11 +28,21 @@ class Job:
     """One training run: what it trains on, where, and where its checkpoint lives."""
     ctx: Context
     batch_size: int
+    seed: int
     data: Prepared
     device: torch.device
     dist: dist.Dist
     sweep_key: str
     checkpoint: Checkpoint
+
+    @property
+    def train(self):
+        """The train params of this run (its seed set)."""
+        return self.ctx.params.train.for_seed(self.seed)
+
+    @property
+    def name(self) -> str:
+        return f"bs{self.batch_size}-s{self.seed}"
 
     @property
     def per_epoch(self) -> int:
@@ -51,7 +61,7 @@ def check_batch_size(ctx: Context, batch_size: int, n_train: int) -> None:
                           f"(allowed: at most {n_train}, the training split's size)")
 
 
-def prepare_job(ctx: Context, batch_size: int) -> Job:
+def prepare_job(ctx: Context, batch_size: int, seed: int) -> Job:
     """Everything checked and placed before any run is created."""
     data = load_prepared(ctx.data_dir, ("train", "val"))
     check_batch_size(ctx, batch_size, len(data.train))
@@ -66,12 +76,18 @@ def prepare_job(ctx: Context, batch_size: int) -> Job:
             torch.cuda.set_device(device)
     set_threads(ctx.params.train.threads)
     key = ctx.params.sweep_key(data.data_hash)
-    ckpt = Checkpoint(ctx.checkpoint(batch_size), {"sweep": key, "batch_size": batch_size, "world": d.world})
-    return Job(ctx, batch_size, data, device, d, key, ckpt)
+    ckpt = Checkpoint(ctx.checkpoint(batch_size, seed),
+                      {"sweep": key, "batch_size": batch_size, "seed": seed, "world": d.world})
+    return Job(ctx, batch_size, seed, data, device, d, key, ckpt)
 
 
-def run(ctx: Context, batch_size: int, *, log_to_mlflow: bool = True) -> dict[str, Any]:
-    job = prepare_job(ctx, batch_size)
+def run(ctx: Context, batch_size: int, *, log_to_mlflow: bool = True) -> list[dict[str, Any]]:
+    """Every seed of the sweep at ``batch_size``; the summaries, in the order of train.seeds."""
+    return [run_one(ctx, batch_size, seed, log_to_mlflow=log_to_mlflow) for seed in ctx.params.train.seeds]
+
+
+def run_one(ctx: Context, batch_size: int, seed: int, *, log_to_mlflow: bool = True) -> dict[str, Any]:
+    job = prepare_job(ctx, batch_size, seed)
     with trainer_lock(job):
         previous = job.checkpoint.load() if ctx.params.train.resume else None
         resume_id = (previous or {}).get("meta", {}).get("run_id")
@@ -83,11 +99,11 @@ def run(ctx: Context, batch_size: int, *, log_to_mlflow: bool = True) -> dict[st
             parent = tracker.sweep_parent(job.data.manifest)
             resume_id = tracker.resolve(resume_id)
             close_dead_runs(tracker, job, resume_id)
-            tags = ctx.run_tags() | {"batchlab.batch_size": str(batch_size), "batchlab.sweep_key": job.sweep_key,
-                                     "batchlab.role": "train"}
-            with tracker.run(name=f"bs{batch_size}", parent_id=parent, tags=tags, run_id=resume_id) as run_id:
+            tags = ctx.run_tags() | {"batchlab.batch_size": str(batch_size), "batchlab.seed": str(seed),
+                                     "batchlab.sweep_key": job.sweep_key, "batchlab.role": "train"}
+            with tracker.run(name=job.name, parent_id=parent, tags=tags, run_id=resume_id) as run_id:
                 summary = _train(job, tracker, run_id, signals)
-            tracker.retire_others(parent, batch_size, keep=run_id)
+            tracker.retire_others(parent, batch_size, seed, keep=run_id)
             return summary
 
 
@@ -108,7 +124,7 @@ def trainer_lock(job: Job):
             fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             fh.seek(0)
-            raise Busy(f"train@{job.batch_size} is already running in this project ({fh.read().strip() or 'owner unknown'}); "
+            raise Busy(f"train {job.name} is already running in this project ({fh.read().strip() or 'owner unknown'}); "
                        f"wait for it or stop it (its checkpoint lets a rerun resume)") from None
         fh.seek(0)
         fh.truncate()
@@ -124,16 +140,16 @@ def close_dead_runs(tracker, job: Job, keep: str | None) -> None:
     """Runs of this identity left RUNNING by a trainer that died (SIGKILL, power loss, the OOM
     killer) are closed KILLED with the reason; the one a checkpoint resumes is reopened instead."""
     from .tracking import owner_alive
-    for run in tracker.running_runs(job.sweep_key, job.batch_size):
+    for run in tracker.running_runs(job.sweep_key, job.batch_size, job.seed):
         if run.info.run_id == keep:
             continue
         tags = run.data.tags
         if owner_alive(tags):
-            raise Busy(f"train@{job.batch_size} of this sweep is running as MLflow run {run.info.run_id} "
+            raise Busy(f"train {job.name} of this sweep is running as MLflow run {run.info.run_id} "
                        f"(pid {tags.get('batchlab.owner.pid')} on {tags.get('batchlab.owner.host')})")
         tracker.set_tags(run.info.run_id, {"batchlab.end_reason": (
             f"its trainer (pid {tags.get('batchlab.owner.pid', '?')} on {tags.get('batchlab.owner.host', '?')}) "
-            f"died without ending the run; closed by a later run of train@{job.batch_size}")})
+            f"died without ending the run; closed by a later run of train {job.name}")})
         tracker.finish(run.info.run_id, "KILLED")
 
 
@@ -148,14 +164,14 @@ def _train(job: Job, tracker, run_id: str | None, signals: StopSignals) -> dict[
                           p.tracking.full_history, start_time=_now(), window=recorded)
         tracker.log_params(run_id, _run_params(job, sink.window))
         tracker.log_dict(run_id, p.model_dump(mode="json"), "params.json")
-    torch.manual_seed(p.train.seed)
+    torch.manual_seed(job.seed)
     model = build_model(p.model, job.data.n_features, job.data.n_outputs)
     checkpoint = Checkpoint(job.checkpoint.path, job.checkpoint.key, {"run_id": run_id})
     complete = False
     try:
-        with PeakMemory(job.device) as mem, tqdm(total=job.total_steps, desc=f"train bs={job.batch_size}",
+        with PeakMemory(job.device) as mem, tqdm(total=job.total_steps, desc=f"train {job.name}",
                                                  unit="step", disable=None, leave=False) as bar:
-            result = fit(model, job.data.train, job.data.val, p.train, job.batch_size, job.data.task,
+            result = fit(model, job.data.train, job.data.val, job.train, job.batch_size, job.data.task,
                          job.device, sink, checkpoint=checkpoint, signals=signals,
                          progress=bar if job.dist.main else None, dist=job.dist)
         complete = True
@@ -182,10 +198,10 @@ def _recorded_window(tracker, run_id: str) -> int | None:
 def _run_params(job: Job, window: int) -> dict[str, Any]:
     """What shapes this run: the data, model and train sections (evaluate, compare and tracking
     params are the parent's), and what follows from them here."""
-    t = job.ctx.params.train
+    t = job.train
     shaping = {k: v for k, v in job.ctx.params.flat().items() if k.split(".")[0] in ("data", "model", "train")}
     return shaping | {
-        "batch_size": job.batch_size, "seed": t.seed, "data.hash": job.data.data_hash,
+        "batch_size": job.batch_size, "seed": job.seed, "data.hash": job.data.data_hash,
         "lr_effective": scaled_lr(t, job.batch_size), "steps_per_epoch": job.per_epoch,
         "total_steps": job.total_steps, "eval_every_steps_effective": eval_interval(t, job.per_epoch),
         "log_window_steps": window, "device": device_name(job.device), "threads": threads(),
@@ -193,17 +209,23 @@ def _run_params(job: Job, window: int) -> dict[str, Any]:
 
 
 def _summary(job: Job, model: torch.nn.Module, result: FitResult, peak_bytes: int) -> dict[str, Any]:
-    hist, t, target = result.history, job.ctx.params.train, result.target
+    hist, t, target = result.history, job.train, result.target
     last = hist.evals[-1] if hist.evals else {}
     summary: dict[str, Any] = {
         "batch_size": job.batch_size,
+        "seed": job.seed,
         "steps": result.steps,
         "samples": result.samples,
         "epochs": t.epochs,
         "train_seconds": result.train_seconds,
         "throughput": result.samples / max(result.train_seconds, 1e-9),
         "peak_memory_bytes": peak_bytes,
+        "step_memory_bytes": result.step_memory_bytes,
+        "bytes_per_sample": result.step_memory_bytes / job.batch_size,
         "final_train_loss": float(np.mean(hist.loss[-job.per_epoch:])) if hist.loss else None,
+        # How noisy training is: the per-step loss's spread over the last epoch, relative to its mean.
+        "loss_noise": (float(np.std(hist.loss[-job.per_epoch:]) / max(np.mean(hist.loss[-job.per_epoch:]), 1e-12))
+                       if hist.loss else None),
         "final_val_loss": last.get("val_loss"),
         "target_reached": target is not None,
         "steps_to_target": target["step"] if target else None,
@@ -223,7 +245,7 @@ def _summary(job: Job, model: torch.nn.Module, result: FitResult, peak_bytes: in
 
 
 # Summary keys that are settings or bookkeeping, not results: params and tags hold them.
-_NOT_METRICS = ("batch_size", "epochs", "lr_effective", "world_size", "resumed_from_step")
+_NOT_METRICS = ("batch_size", "seed", "epochs", "lr_effective", "world_size", "resumed_from_step")
 
 
 def final_metrics(summary: dict[str, Any]) -> dict[str, float]:
@@ -247,7 +269,7 @@ def _write_outputs(job: Job, model, result: FitResult, summary, tracker, run_id)
     import shutil
     import tempfile
 
-    out = job.ctx.train_dir(job.batch_size)
+    out = job.ctx.train_dir(job.batch_size, job.seed)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:

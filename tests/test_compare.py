@@ -30,7 +30,56 @@ def test_conclusions_name_the_winners():
     rows = _rows([(8, 800), (16, 400), (32, 300)])
     rows[1]["test_acc"] = 0.95
     c = conclusions(rows, "classification", 0.5)
-    assert c["most_accurate"] == {"batch_size": 16, "test_acc": 0.95}
+    assert c["most_accurate"]["batch_size"] == 16 and c["most_accurate"]["test_acc"] == 0.95
     assert c["fastest_to_target"]["batch_size"] == 32
     assert c["highest_throughput"]["batch_size"] == 32
     assert c["critical_batch_size_noise"] == 50.0
+
+
+def test_interval_is_the_students_t_95_percent_half_width():
+    import math
+    from pipeline.compare import interval
+    mean, half = interval([1.0, 2.0, 3.0])
+    assert mean == 2.0 and abs(half - 4.302653 / math.sqrt(3)) < 1e-5
+    assert math.isnan(interval([5.0])[1])
+
+
+def test_aggregate_gives_mean_and_interval_and_to_target_only_when_every_seed_reached():
+    from pipeline.compare import aggregate
+    runs = [{"batch_size": 8, "seed": s, "test_acc": a, "time_to_target_s": t}
+            for s, a, t in ((0, 0.90, 1.0), (1, 0.92, 2.0), (2, 0.94, None))]
+    (row,) = aggregate(runs)
+    assert row["n"] == 3 and row["reached"] == 2 and abs(row["test_acc"] - 0.92) < 1e-12
+    assert row["test_acc_ci"] > 0 and "time_to_target_s" not in row
+
+
+def test_a_difference_is_called_only_when_the_intervals_separate():
+    rows = [{"batch_size": 8, "test_acc": 0.95, "test_acc_ci": 0.01, "throughput": 1.0, "time_to_target_s": 1.0},
+            {"batch_size": 64, "test_acc": 0.94, "test_acc_ci": 0.01, "throughput": 2.0, "time_to_target_s": 2.0},
+            {"batch_size": 512, "test_acc": 0.80, "test_acc_ci": 0.02, "throughput": 3.0, "time_to_target_s": 3.0}]
+    best = conclusions(rows, "classification", 0.5)["most_accurate"]
+    assert best["batch_size"] == 8 and best["ties"] == [64]
+
+
+def test_numbers_with_intervals_read_as_people_write_them():
+    from pipeline.report import human, with_ci
+    assert with_ci({"test_acc": 0.96213, "test_acc_ci": 0.0081}, "test_acc") == "0.962 ± 0.008"
+    assert with_ci({"throughput": 129837.2, "throughput_ci": 2110.0}, "throughput") == "129,837 ± 2,110"
+    assert human(129837.2) == "129,837" and human(38404, "step_memory_bytes") == "38.4 kB"
+
+
+def _claim_rows(memory):
+    return [{"batch_size": b, "throughput": tp, "throughput_ci": 10.0, "step_memory_bytes": m,
+             "bytes_per_sample": 600.0, "loss_noise": ln, "loss_noise_ci": 0.01, "test_acc": 0.9,
+             "test_acc_ci": ci, "time_to_target_s": tt, "samples_to_target": 100}
+            for b, tp, m, ln, ci, tt in zip((1, 8, 64), (1000.0, 8000.0, 40000.0), memory, (0.9, 0.5, 0.2),
+                                            (0.05, 0.02, 0.01), (9.0, 2.0, 1.0))]
+
+
+def test_claims_get_verdicts_from_the_numbers(ctx_factory):
+    from pipeline.report import claims
+    ctx = ctx_factory()
+    verdicts = [c["verdict"] for c in claims(ctx, _claim_rows((600, 4800, 38400)), "classification")]
+    assert verdicts[:3] == ["holds", "holds", "holds"] and verdicts[3].startswith("inconclusive")
+    flat = [c["verdict"] for c in claims(ctx, _claim_rows((900, 800, 700)), "classification")]
+    assert flat[1] == "does not hold here"

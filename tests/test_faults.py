@@ -75,7 +75,7 @@ def test_server_killed_mid_training_then_back_loses_nothing_and_duplicates_nothi
         warning = [line for line in err.splitlines() if "does not answer" in line]
         assert len(warning) == 1 and server.url in warning[0] and "pipeline sync" in warning[0]
         assert "Traceback" not in err
-        assert (proj / "outputs" / "train" / "bs1" / "summary.json").is_file()  # training finished
+        assert (proj / "outputs" / "train" / "bs1" / "seed0" / "summary.json").is_file()  # training finished
         assert list((proj / "spool").glob("*/journal.jsonl"))
 
         refused = sh([sys.executable, "-m", "pipeline", "sync"], proj, env=env, check=False)
@@ -149,7 +149,7 @@ def test_sigkill_after_a_checkpoint_resumes_into_the_same_run_exactly_once(tmp_p
     proj, env = _prepared(tmp_path)
     uri = f"sqlite:///{proj / 'mlflow.db'}"
     proc = _train(proj)
-    ckpt = proj / "checkpoints" / "bs1.pt"
+    ckpt = proj / "checkpoints" / "bs1-s0.pt"
     _wait_for(lambda: ckpt.exists(), "a checkpoint", proc)
     # Past the checkpoint, so points after it already reached the store.
     _wait_for(lambda: any(len(runs_of(uri)[0].get_metric_history(c.info.run_id, "train/loss")) > 400
@@ -176,8 +176,8 @@ def _child_any(uri):
 def test_a_second_trainer_of_the_same_identity_stops_at_once_naming_the_first(tmp_path):
     proj, env = _prepared(tmp_path, merge(LONG, {"train": {"epochs": 100}}))  # stopped below, long before
     first = _train(proj)
-    _wait_for(lambda: (proj / "checkpoints" / "bs1.lock").exists() and
-              "pid" in (proj / "checkpoints" / "bs1.lock").read_text(), "the first trainer's lock", first)
+    _wait_for(lambda: (proj / "checkpoints" / "bs1-s0.lock").exists() and
+              "pid" in (proj / "checkpoints" / "bs1-s0.lock").read_text(), "the first trainer's lock", first)
     second = sh([sys.executable, "-m", "pipeline", "train", "--batch-size", "1"], proj, check=False)
     assert second.returncode == 3
     assert second.stderr.count("\n") == 1 and f"pid {first.pid}" in second.stderr
@@ -196,7 +196,7 @@ def test_killing_dvc_repro_stops_its_trainer_with_a_checkpoint_and_repro_resumes
     sh(["dvc", "repro", "prepare"], proj)
     dvc = subprocess.Popen(["dvc", "repro"], cwd=proj, env=env_for(proj), stdout=subprocess.PIPE,
                            stderr=subprocess.PIPE, text=True)
-    ckpt = proj / "checkpoints" / "bs1.pt"
+    ckpt = proj / "checkpoints" / "bs1-s0.pt"
     _wait_for(lambda: ckpt.exists(), "a checkpoint", dvc)
     dvc.kill()  # SIGKILL: DVC cannot pass anything on; the trainer learns from the kernel
     dvc.wait()

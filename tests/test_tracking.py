@@ -65,10 +65,10 @@ def test_given_run_of_a_sweep_already_done_points_to_its_parent(store):
 def test_a_retrain_retires_the_older_run_of_the_same_batch_size(store):
     t = _tracker(store)
     parent = t.sweep_parent(MANIFEST)
-    runs = [t.create_run(f"bs8-{i}", {"batchlab.role": "train", "batchlab.batch_size": "8"}, parent)
-            for i in range(2)]
-    other = t.create_run("bs16", {"batchlab.role": "train", "batchlab.batch_size": "16"}, parent)
-    assert t.retire_others(parent, 8, keep=runs[1]) == [runs[0]]
+    tags = {"batchlab.role": "train", "batchlab.batch_size": "8", "batchlab.seed": "0"}
+    runs = [t.create_run(f"bs8-s0-{i}", tags, parent) for i in range(2)]
+    other = t.create_run("bs8-s1", tags | {"batchlab.seed": "1"}, parent)
+    assert t.retire_others(parent, 8, 0, keep=runs[1]) == [runs[0]]
     assert t.client.get_run(runs[0]).info.lifecycle_stage == "deleted"
     assert t.client.get_run(runs[0]).data.tags["batchlab.superseded_by"] == runs[1]
     assert t.client.get_run(other).info.lifecycle_stage == "active"

@@ -22,7 +22,7 @@ def _uri(ctx):
 def test_sweep_in_process_files_children_under_one_parent(ctx_factory):
     ctx = ctx_factory()
     prepare.run(ctx)
-    summaries = {bs: train.run(ctx, bs) for bs in ctx.params.train.batch_sizes}
+    summaries = {bs: train.run(ctx, bs)[0] for bs in ctx.params.train.batch_sizes}
     for bs in ctx.params.train.batch_sizes:
         evaluate.run(ctx, bs)
     result = compare.run(ctx)
@@ -84,7 +84,7 @@ def test_predictions_do_not_depend_on_inference_batch_size(ctx_factory):
     prepare.run(ctx)
     train.run(ctx, 32, log_to_mlflow=False)
     data = load_prepared(ctx.data_dir)
-    model = load_trained(ctx, 32, data.n_features, data.n_outputs)
+    model = load_trained(ctx, 32, 0, data.n_features, data.n_outputs)
     ref = predict(model, data.test.x, len(data.test.x))
     for bs in (1, 7, 32, 1000):
         out = predict(model, data.test.x, bs)
@@ -101,8 +101,8 @@ def test_named_linear_configuration_recovers_w_2_and_b_1(ctx_factory):
     ctx.params = parse_params(yaml.safe_load((REPO / "configs" / "linear.yaml").read_text())
                               | {"tracking": {"experiment": "test"}})
     prepare.run(ctx)
-    s = train.run(ctx, 10)
-    m = evaluate.run(ctx, 10)
+    s = train.run(ctx, 10)[0]
+    m = evaluate.run(ctx, 10)[0]
     assert abs(s["weight"] - 2) < 0.05 and abs(s["bias"] - 1) < 0.05
     assert m["test_r2"] > 0.99
     client, runs = runs_of(_uri(ctx))
@@ -140,7 +140,7 @@ def test_sigterm_marks_run_killed_then_rerun_resumes_to_identical_metrics(tmp_pa
                    env=env_for(ref), check=True, capture_output=True)
 
     proc = _start_train(proj, 1)
-    ckpt = proj / "checkpoints" / "bs1.pt"
+    ckpt = proj / "checkpoints" / "bs1-s0.pt"
     deadline = time.monotonic() + 180
     while not ckpt.exists() and time.monotonic() < deadline and proc.poll() is None:
         time.sleep(0.2)
@@ -153,17 +153,17 @@ def test_sigterm_marks_run_killed_then_rerun_resumes_to_identical_metrics(tmp_pa
     child = next(r for r in runs if r.data.tags.get("batchlab.role") == "train")
     assert child.info.status == "KILLED"
     assert "SIGTERM" in child.data.tags["batchlab.end_reason"]
-    assert not (proj / "outputs" / "train" / "bs1" / "summary.json").exists()
+    assert not (proj / "outputs" / "train" / "bs1" / "seed0" / "summary.json").exists()
 
     subprocess.run([sys.executable, "-m", "pipeline", "train", "--batch-size", "1"], cwd=proj,
                    env=env_for(proj), check=True, capture_output=True)
-    resumed = read_json(proj / "outputs" / "train" / "bs1" / "summary.json")
-    full = read_json(ref / "outputs" / "train" / "bs1" / "summary.json")
+    resumed = read_json(proj / "outputs" / "train" / "bs1" / "seed0" / "summary.json")
+    full = read_json(ref / "outputs" / "train" / "bs1" / "seed0" / "summary.json")
     assert resumed["resumed_from_step"] > 0
     for key in ("final_train_loss", "final_val_loss", "final_val_acc", "steps", "samples"):
         assert resumed[key] == full[key], key
-    a = (proj / "outputs" / "train" / "bs1" / "steps.csv").read_text().splitlines()
-    b = (ref / "outputs" / "train" / "bs1" / "steps.csv").read_text().splitlines()
+    a = (proj / "outputs" / "train" / "bs1" / "seed0" / "steps.csv").read_text().splitlines()
+    b = (ref / "outputs" / "train" / "bs1" / "seed0" / "steps.csv").read_text().splitlines()
     column = a[0].split(",").index("loss")
     assert [r.split(",")[column] for r in a] == [r.split(",")[column] for r in b]
     _, runs = runs_of(f"sqlite:///{proj / 'mlflow.db'}")
@@ -178,7 +178,7 @@ def test_reproduce_matches_step_by_step_and_refuses_other_data(ctx_factory, caps
     ctx = ctx_factory({"train": {"batch_sizes": [32], "epochs": 1}})
     prepare.run(ctx)
     train.run(ctx, 32)
-    run_id = read_json(ctx.train_dir(32) / "run.json")["run_id"]
+    run_id = read_json(ctx.train_dir(32, 0) / "run.json")["run_id"]
     assert reproduce(ctx, run_id, log=lambda m: None) is True
 
     other = ctx_factory({"data": {"seed": 5}}, folder="work")
@@ -192,7 +192,7 @@ def test_reproduce_reports_a_mismatch(ctx_factory, monkeypatch):
     ctx = ctx_factory({"train": {"batch_sizes": [64], "epochs": 1}})
     prepare.run(ctx)
     train.run(ctx, 64)
-    run_id = read_json(ctx.train_dir(64) / "run.json")["run_id"]
+    run_id = read_json(ctx.train_dir(64, 0) / "run.json")["run_id"]
     real = rep._recorded_steps
 
     def altered(client, rid):
@@ -216,3 +216,30 @@ def test_exception_marks_run_failed_with_reason(ctx_factory):
     assert child.info.status == "FAILED"
     assert "NonFiniteLoss" in child.data.tags["batchlab.end_reason"]
     assert not ctx.train_dir(16).exists()
+
+
+def test_seeds_are_repeats_under_one_parent_and_the_report_gives_intervals(ctx_factory):
+    ctx = ctx_factory({"train": {"batch_sizes": [16, 128], "seeds": [0, 1], "epochs": 1}})
+    prepare.run(ctx)
+    for bs in (16, 128):
+        summaries = train.run(ctx, bs)
+        assert [s["seed"] for s in summaries] == [0, 1]
+        assert summaries[0]["final_train_loss"] != summaries[1]["final_train_loss"]
+        evaluate.run(ctx, bs)
+    result = compare.run(ctx)
+    client, runs = runs_of(_uri(ctx))
+    parent = next(r for r in runs if r.data.tags.get("batchlab.role") == "sweep")
+    children = [r for r in runs if r.data.tags.get("batchlab.role") == "train"]
+    assert sorted(r.data.tags["mlflow.runName"] for r in children) == ["bs128-s0", "bs128-s1", "bs16-s0", "bs16-s1"]
+    assert {r.data.tags["mlflow.parentRunId"] for r in children} == {parent.info.run_id}
+    # Memory that measures the batch: the same bytes per sample, so a step at 128 holds ~8x one at 16.
+    rows = {r["batch_size"]: r for r in result["rows"]}
+    assert abs(rows[128]["bytes_per_sample"] / rows[16]["bytes_per_sample"] - 1) < 0.01
+    assert rows[128]["step_memory_bytes"] > 7.9 * rows[16]["step_memory_bytes"]
+    assert rows[16]["n"] == 2 and rows[16]["test_acc_ci"] > 0
+    per_size = client.get_metric_history(parent.info.run_id, "by_batch_size/test_acc")
+    assert sorted(m.step for m in per_size) == [16, 128]
+    report = (ctx.compare_dir / "report.html").read_text()
+    assert " ± " in report and "The tutorial's claims, checked" in report and "Critical batch size" in report
+    header = (ctx.compare_dir / "sweep.csv").read_text().splitlines()[0].split(",")
+    assert {"test_acc", "test_acc_ci", "step_memory_bytes_ci"} <= set(header)

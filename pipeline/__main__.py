@@ -108,9 +108,8 @@ def _train(args, ctx) -> None:
     from . import train
     from .system import stop_with_parent
     stop_with_parent()  # a `dvc repro` that dies takes its trainer along, at a step boundary
-    seeds = [args.seed] if args.seed is not None else ctx.params.train.seeds
-    for seed in seeds:
-        summary = train.run_one(ctx, args.batch_size, seed)
+    seeds = (args.seed,) if args.seed is not None else None
+    for summary in train.run(ctx, args.batch_size, seeds=seeds):
         if os.environ.get("RANK", "0") == "0":
             print(_train_line(summary))
 

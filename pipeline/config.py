@@ -51,8 +51,8 @@ class ModelParams(_Section):
 
 
 class TrainParams(_Section):
-    batch_sizes: tuple[int, ...] = (1, 8, 64, 512)
-    epochs: int = Field(15, ge=1)
+    batch_sizes: tuple[int, ...] = (4, 16, 64, 256)
+    epochs: int = Field(10, ge=1)
     optimizer: Literal["sgd", "adam"] = "adam"
     lr: float = Field(1e-3, gt=0)
     momentum: float = Field(0.0, ge=0, lt=1)

@@ -26,6 +26,7 @@ class Context:
     # The params file and its sha256 as read: a stage checks it is unchanged before it writes.
     params_file: Path | None = None
     params_digest: str | None = None
+    _tags: dict[str, str] | None = field(default=None, repr=False)  # run_tags, computed once
 
     @classmethod
     def from_environment(cls, params: Params, params_file: Path | None = None) -> "Context":
@@ -74,6 +75,11 @@ class Context:
     def run_tags(self) -> dict[str, str]:
         """What a run needs to be reproduced, besides its params. ``git_dirty`` and the code hash
         describe the source code (pipeline/), not params.yaml, dvc.lock or outputs."""
+        if self._tags is None:
+            self._tags = self._reproduction_tags()
+        return dict(self._tags)
+
+    def _reproduction_tags(self) -> dict[str, str]:
         code = code_state(self.workdir)
         tags = {"batchlab.git_commit": code.commit, "batchlab.git_dirty": str(code.dirty).lower(),
                 "batchlab.code_hash": code.tree, "mlflow.source.git.commit": code.commit}

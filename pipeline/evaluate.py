@@ -32,10 +32,16 @@ def load_trained(ctx: Context, batch_size: int, seed: int, n_in: int, n_out: int
 def run(ctx: Context, batch_size: int) -> list[dict[str, Any]]:
     data = load_prepared(ctx.data_dir, ("test",))
     ctx.check_params_unchanged(f"evaluate@{batch_size}")
-    return [run_one(ctx, data, batch_size, seed) for seed in ctx.params.train.seeds]
+    results = [run_one(ctx, data, batch_size, seed) for seed in ctx.params.train.seeds]
+    tracked = [(m, files) for m, files in results if (ctx.train_dir(batch_size, m["seed"]) / "run.json").is_file()]
+    if tracked:  # else trained without tracking
+        tracker = ctx.tracker(f"evaluate-bs{batch_size}")
+        for metrics, files in tracked:
+            _log(ctx, tracker, metrics, files)
+    return [m for m, _ in results]
 
 
-def run_one(ctx: Context, data, batch_size: int, seed: int) -> dict[str, Any]:
+def run_one(ctx: Context, data, batch_size: int, seed: int) -> tuple[dict[str, Any], list[Path]]:
     model = load_trained(ctx, batch_size, seed, data.n_features, data.n_outputs)
     test = data.test
     out = predict(model, test.x, ctx.params.evaluate.batch_size)
@@ -51,8 +57,7 @@ def run_one(ctx: Context, data, batch_size: int, seed: int) -> dict[str, Any]:
         metrics["bias"] = float(model.bias.detach()[0])
     write_json(folder / "metrics.json", metrics)
     files.append(folder / "metrics.json")
-    _log(ctx, batch_size, seed, metrics, files)
-    return metrics
+    return metrics, files
 
 
 def _save_figure(fig, path: Path) -> None:
@@ -107,13 +112,9 @@ def _classification(y: np.ndarray, pred: np.ndarray, folder: Path, files: list[P
             "test_recall_macro": float(recall), "test_f1_macro": float(f1)}
 
 
-def _log(ctx: Context, batch_size: int, seed: int, metrics: dict[str, Any], files: list[Path]) -> None:
-    info_path = ctx.train_dir(batch_size, seed) / "run.json"
-    if not info_path.is_file():
-        return  # trained without tracking
-    tracker = ctx.tracker(f"evaluate-bs{batch_size}-s{seed}")
-    run_id = read_json(info_path)["run_id"]
-    # Logged with the client into the (finished) training run: evaluating never changes its status.
+def _log(ctx: Context, tracker, metrics: dict[str, Any], files: list[Path]) -> None:
+    """Into the seed's (finished) training run, with the client: evaluating never changes its status."""
+    run_id = read_json(ctx.train_dir(metrics["batch_size"], metrics["seed"]) / "run.json")["run_id"]
     tracker.log_metrics(run_id, {f"test/{k[5:]}" if k.startswith("test_") else f"model/{k}": v
                                  for k, v in metrics.items() if k not in ("batch_size", "seed")})
     tracker.log_artifacts(run_id, files, "evaluate")

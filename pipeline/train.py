@@ -61,8 +61,8 @@ def check_batch_size(ctx: Context, batch_size: int, n_train: int) -> None:
                           f"(allowed: at most {n_train}, the training split's size)")
 
 
-def prepare_job(ctx: Context, batch_size: int, seed: int) -> Job:
-    """Everything checked and placed before any run is created."""
+def prepare_jobs(ctx: Context, batch_size: int, seeds: tuple[int, ...]) -> list[Job]:
+    """Everything checked and placed before any run is created: one job per seed."""
     data = load_prepared(ctx.data_dir, ("train", "val"))
     check_batch_size(ctx, batch_size, len(data.train))
     device = pick_device(ctx.params.train.device)
@@ -76,23 +76,26 @@ def prepare_job(ctx: Context, batch_size: int, seed: int) -> Job:
             torch.cuda.set_device(device)
     set_threads(ctx.params.train.threads)
     key = ctx.params.sweep_key(data.data_hash)
-    ckpt = Checkpoint(ctx.checkpoint(batch_size, seed),
-                      {"sweep": key, "batch_size": batch_size, "seed": seed, "world": d.world})
-    return Job(ctx, batch_size, seed, data, device, d, key, ckpt)
+    return [Job(ctx, batch_size, seed, data, device, d, key,
+                Checkpoint(ctx.checkpoint(batch_size, seed),
+                           {"sweep": key, "batch_size": batch_size, "seed": seed, "world": d.world}))
+            for seed in seeds]
 
 
-def run(ctx: Context, batch_size: int, *, log_to_mlflow: bool = True) -> list[dict[str, Any]]:
-    """Every seed of the sweep at ``batch_size``; the summaries, in the order of train.seeds."""
-    return [run_one(ctx, batch_size, seed, log_to_mlflow=log_to_mlflow) for seed in ctx.params.train.seeds]
+def run(ctx: Context, batch_size: int, *, log_to_mlflow: bool = True,
+        seeds: tuple[int, ...] | None = None) -> list[dict[str, Any]]:
+    """Every seed of the sweep at ``batch_size`` (or ``seeds``); the summaries, in that order."""
+    jobs = prepare_jobs(ctx, batch_size, seeds or ctx.params.train.seeds)
+    # Only rank 0 talks to MLflow and writes outputs.
+    tracker = ctx.tracker(f"train-bs{batch_size}") if log_to_mlflow and jobs[0].dist.main else None
+    return [run_one(job, tracker) for job in jobs]
 
 
-def run_one(ctx: Context, batch_size: int, seed: int, *, log_to_mlflow: bool = True) -> dict[str, Any]:
-    job = prepare_job(ctx, batch_size, seed)
+def run_one(job: Job, tracker) -> dict[str, Any]:
+    ctx, batch_size, seed = job.ctx, job.batch_size, job.seed
     with trainer_lock(job):
         previous = job.checkpoint.load() if ctx.params.train.resume else None
         resume_id = (previous or {}).get("meta", {}).get("run_id")
-        # Only rank 0 talks to MLflow and writes outputs.
-        tracker = ctx.tracker(f"train-bs{batch_size}") if log_to_mlflow and job.dist.main else None
         with StopSignals() as signals:
             if tracker is None:
                 return _train(job, None, None, signals)
@@ -109,7 +112,7 @@ def run_one(ctx: Context, batch_size: int, seed: int, *, log_to_mlflow: bool = T
 
 @contextmanager
 def trainer_lock(job: Job):
-    """One trainer per (sweep, batch size) in a project: a second stops at once, naming the first."""
+    """One trainer per (sweep, batch size, seed) in a project: a second stops at once, naming the first."""
     import fcntl
     import socket
     import time

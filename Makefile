@@ -22,7 +22,8 @@ run: setup
 	@echo
 	@echo "Results:  outputs/compare/report.html (the sweep report), dvc metrics show, dvc plots show"
 	@echo "Runs:     $(abspath mlflow.db), experiment 'batchlab'"
-	@echo "Look:     $(VENV)/bin/mlflow ui --backend-store-uri sqlite:///$(abspath mlflow.db) --host 127.0.0.1"
+	@echo "Look:     make ui, then open"
+	@echo "          $$($(PY) -m pipeline ui-url 2>/dev/null)"
 
 test: setup
 	$(PY) -m pytest -q tests

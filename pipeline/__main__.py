@@ -43,6 +43,8 @@ def _parser() -> argparse.ArgumentParser:
     sp = verb("reproduce", "re-run a recorded training run; exit 1 unless every step matches")
     sp.add_argument("run_id")
     verb("sync", "send the records kept under spool/ while the tracking store was down")
+    sp = verb("ui-url", "print the URL that opens the sweep's comparison in `mlflow ui`")
+    sp.add_argument("--base", default="http://127.0.0.1:5000", help="where `mlflow ui` serves")
     sp = verb("bench", "benchmark data paths and logging overhead (prints a table)")
     sp.add_argument("--batch-sizes", default="1,8,64,512,4096")
     sp.add_argument("--seconds", type=float, default=2.0, help="seconds per cell")
@@ -162,13 +164,19 @@ def _sync(args, ctx) -> int:
     return 0
 
 
+def _ui_url(args, ctx) -> None:
+    tracker = ctx.tracker("ui-url", warn=False)
+    if tracker.down is None:
+        print(tracker.ui_url(args.base))
+
+
 def _bench(args, ctx) -> None:
     from . import bench
     bench.main(ctx, args)
 
 
 VERBS = {"prepare": _prepare, "train": _train, "evaluate": _evaluate, "compare": _compare,
-         "find-batch-size": _find_batch_size, "reproduce": _reproduce, "bench": _bench, "sync": _sync}
+         "find-batch-size": _find_batch_size, "reproduce": _reproduce, "bench": _bench, "sync": _sync, "ui-url": _ui_url}
 
 
 def _train_line(s: dict) -> str:

@@ -205,3 +205,5 @@ def _log(ctx: Context, manifest, rows, concl, files: list[Path]) -> None:
                               "batchlab.batch_sizes": ctx.params.train.batch_sizes,
                               "batchlab.seeds": ctx.params.train.seeds})
     tracker.log_artifacts(parent, files, "compare")
+    if not ctx.parent_run_id:  # a parent of ours: its duration runs from the sweep's start to here
+        tracker.finish(parent, "FINISHED")

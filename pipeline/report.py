@@ -13,6 +13,7 @@ import numpy as np
 
 from .compare import read_csv, scaling_knee, separated
 from .context import Context
+from .palette import batch_size_colour
 
 TEMPLATE = Path(__file__).with_name("templates") / "report.html"
 
@@ -26,10 +27,9 @@ def _pyplot():
     return plt
 
 
-def _colour(rows, bs: int):
-    """One colour per batch size, the same in every plot (small: dark, large: light)."""
-    sizes = [r["batch_size"] for r in rows]
-    return _pyplot().get_cmap("viridis")(0.85 * sizes.index(bs) / max(len(sizes) - 1, 1))
+def _colour(rows, bs: int) -> str:
+    """The batch size's colour, the same as its runs' in the MLflow UI."""
+    return batch_size_colour(bs)
 
 
 def _save(fig, path: Path) -> Path:
@@ -191,7 +191,7 @@ def with_ci(row: dict[str, Any], key: str) -> str:
     if row.get(key) is None:
         return "—"
     ci = row.get(f"{key}_ci", math.nan)
-    if math.isnan(ci):
+    if math.isnan(ci) or ci == 0:  # one seed, or every seed gave the same figure
         return human(row[key], key)
     if key.endswith("_bytes"):
         return f"{human(row[key], key)} ± {human(ci, key)}"

@@ -49,6 +49,15 @@ TAG_LAUNCH = "batchlab.sweep_parent"
 TAG_OWNER = "batchlab.owner"
 SEND_SECONDS = 10.0
 SPOOL_DIR = "spool"
+VIEW_KEY = "batch-sizes"
+# MLflow UI state (keys as its experiment page shares them): runs grouped by batch size, the
+# groups' mean drawn in charts, every run shown, line charts against step (= samples seen).
+SHARED_VIEW = {
+    "groupBy": {"aggregateFunction": "average", "groupByKeys": [{"mode": "param", "groupByData": "batch_size"}]},
+    "useGroupedValuesInCharts": True, "runsHiddenMode": "SHOW_ALL", "hideEmptyCharts": True,
+    "chartsSearchFilter": "train/loss",
+    "globalLineChartConfig": {"xAxisKey": "step", "lineSmoothness": 0, "selectedXAxisMetricKey": ""},
+}
 
 # A store that does not answer is declared down within about 10 s, not after MLflow's default
 # of minutes of retries (a user's own settings win).
@@ -143,6 +152,7 @@ class Tracker:
                 if parent_run_id:
                     # `mlflow run` chose the experiment (--experiment-name); children go where the parent is.
                     self.experiment_id = self.client.get_run(parent_run_id).info.experiment_id
+                    self._ui_tags(self.client.get_experiment(self.experiment_id))
                 else:
                     self.experiment_id = self._experiment(experiment)
             self.sync()
@@ -256,16 +266,31 @@ class Tracker:
 
     def _experiment(self, name: str) -> str:
         exp = self.client.get_experiment_by_name(name)
-        if exp is not None:
-            return exp.experiment_id
-        location = (self.root / "mlartifacts").as_uri() if is_local_store(self.uri) else None
-        try:
-            return self.client.create_experiment(name, artifact_location=location)
-        except Exception:  # created by a concurrent process in the meantime
+        if exp is None:
+            location = (self.root / "mlartifacts").as_uri() if is_local_store(self.uri) else None
+            try:
+                self.client.create_experiment(name, artifact_location=location)
+            except Exception:  # created by a concurrent process in the meantime
+                pass
             exp = self.client.get_experiment_by_name(name)
-            if exp is None:
-                raise
-            return exp.experiment_id
+        self._ui_tags(exp)
+        return exp.experiment_id
+
+    def _ui_tags(self, exp) -> None:
+        """What MLflow's UI reads to open this experiment on the comparison: a model-training
+        experiment (not its GenAI layout), and a shared view (``?viewStateShareKey=batch-sizes``)
+        that groups runs by batch size, shows them all, and charts loss against step = samples seen."""
+        wanted = {"mlflow.experimentKind": "custom_model_development",
+                  f"mlflow.sharedViewState.{VIEW_KEY}": json.dumps(SHARED_VIEW, sort_keys=True)}
+        for key, value in wanted.items():
+            if exp.tags.get(key) != value:
+                self.client.set_experiment_tag(exp.experiment_id, key, value)
+
+    def ui_url(self, base: str = "http://127.0.0.1:5000") -> str:
+        """The experiment in MLflow's UI: its model-training layout (3.17 opens the GenAI one
+        unless told), the chart view, the shared batch-size view."""
+        return (f"{base}/#/experiments/{self.experiment_id}/runs?workflowType=machine_learning"
+                f"&compareRunsMode=CHART&viewStateShareKey={VIEW_KEY}")
 
     @contextmanager
     def _lock(self) -> Iterator[None]:
@@ -321,6 +346,7 @@ class Tracker:
                 run_id = self.client.create_run(self.experiment_id, run_name=name, tags=tags).info.run_id
             self._apply("log_params", run_id, {"params": params})
             self.client.log_dict(run_id, manifest, "data/manifest.json")
+            self.client.log_inputs(run_id, datasets=[_dataset_input(manifest)])
             if not given:
                 self.client.set_terminated(run_id, "FINISHED")
             return run_id
@@ -503,6 +529,17 @@ def owner_alive(tags: dict[str, str]) -> bool:
     if host != socket.gethostname() or not pid.isdigit():
         return host is not None and host != socket.gethostname()  # another machine's: assume alive
     return process_start(int(pid)) == tags.get(f"{TAG_OWNER}.start") != ""
+
+
+def _dataset_input(manifest: dict[str, Any]):
+    """The prepared data set as an MLflow dataset input (name, digest = data hash, splits' sizes)."""
+    from mlflow.entities import Dataset, DatasetInput, InputTag
+    source = manifest.get("source", {})
+    profile = {name: split["n"] for name, split in manifest["splits"].items()}
+    return DatasetInput(Dataset(name=source.get("name", "data"), digest=manifest["data_hash"][:16],
+                                source_type="local", source=json.dumps(source, sort_keys=True),
+                                profile=json.dumps(profile)),
+                        tags=[InputTag("mlflow.data.context", "training")])
 
 
 def data_params(manifest: dict[str, Any]) -> dict[str, Any]:

@@ -19,6 +19,7 @@ from .data import Prepared, load_prepared
 from .engine import Checkpoint, FitResult, NullSink, eval_interval, fit, scaled_lr
 from .batches import batch_bounds
 from .models import build_model
+from .palette import batch_size_colour
 from .signals import Busy, StopSignals
 from .system import PeakMemory, device_name, pick_device, set_threads, threads
 
@@ -103,7 +104,8 @@ def run_one(job: Job, tracker) -> dict[str, Any]:
             resume_id = tracker.resolve(resume_id)
             close_dead_runs(tracker, job, resume_id)
             tags = ctx.run_tags() | {"batchlab.batch_size": str(batch_size), "batchlab.seed": str(seed),
-                                     "batchlab.sweep_key": job.sweep_key, "batchlab.role": "train"}
+                                     "batchlab.sweep_key": job.sweep_key, "batchlab.role": "train",
+                                     "mlflow.runColor": batch_size_colour(batch_size)}
             with tracker.run(name=job.name, parent_id=parent, tags=tags, run_id=resume_id) as run_id:
                 summary = _train(job, tracker, run_id, signals)
             tracker.retire_others(parent, batch_size, seed, keep=run_id)

@@ -1,0 +1,69 @@
+"""What a user sees first: the report and the MLflow UI, loaded in a real headless Chromium."""
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+
+import pytest
+
+from conftest import BIN, MlflowServer
+
+pytestmark = pytest.mark.slow
+
+CHROMIUM = shutil.which("chromium")
+
+
+def _dom(url: str, budget_ms: int = 60000) -> str:
+    if CHROMIUM is None:
+        if os.environ.get("CI"):  # .ci/run installs it: in CI the test must run, not skip
+            pytest.fail("chromium is not installed")
+        pytest.skip("Debian's chromium is not installed (.ci/run installs it)")
+    with tempfile.TemporaryDirectory() as profile:
+        proc = subprocess.run(
+            [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+             "--disable-background-networking", "--disable-component-update", "--disable-sync",
+             f"--user-data-dir={profile}", "--window-size=1400,1100", f"--virtual-time-budget={budget_ms}",
+             "--dump-dom", url], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return proc.stdout
+
+
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory):
+    """A finished sweep of two batch sizes and two seeds, by the stages themselves."""
+    from conftest import SMALL, merge
+    from pipeline import compare, evaluate, prepare, train
+    from pipeline.config import parse_params
+    from pipeline.context import Context
+
+    work = tmp_path_factory.mktemp("ui")
+    ctx = Context(params=parse_params(merge(SMALL, {"train": {"seeds": [0, 1], "epochs": 1}})), workdir=work, env={})
+    prepare.run(ctx)
+    for bs in ctx.params.train.batch_sizes:
+        train.run(ctx, bs)
+        evaluate.run(ctx, bs)
+    compare.run(ctx)
+    return ctx
+
+
+def test_report_shows_intervals_claims_and_captioned_plots(sweep):
+    dom = _dom((sweep.compare_dir / "report.html").as_uri(), budget_ms=2000)
+    assert "The tutorial's claims, checked" in dom and "Critical batch size" in dom
+    assert dom.count("<figcaption>") == 7 and " ± " in dom
+
+
+def test_mlflow_ui_opens_on_the_batch_size_runs_and_the_loss_chart(sweep):
+    server = MlflowServer(sweep.workdir, f"sqlite:///{sweep.workdir / 'mlflow.db'}").start()
+    try:
+        url = sweep.tracker("ui-url").ui_url(server.url)
+        dom = _dom(url)
+    finally:
+        server.kill()
+    # The runs of every batch size and seed are on the page without a click, grouped by batch size,
+    for name in ("bs16-s0", "bs16-s1", "bs64-s0", "bs64-s1"):
+        assert name in dom, name
+    assert "Group: 16" in dom and "Group: 64" in dom
+    # in the model-training layout (not the GenAI one), with the train/loss chart drawn per batch size.
+    assert "Model training" in dom and "Detect Issues" not in dom
+    assert "16 (train/loss)" in dom and "64 (train/loss)" in dom

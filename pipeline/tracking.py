@@ -284,7 +284,7 @@ class Tracker:
                   f"mlflow.sharedViewState.{VIEW_KEY}": json.dumps(SHARED_VIEW, sort_keys=True)}
         for key, value in wanted.items():
             if exp.tags.get(key) != value:
-                self.client.set_experiment_tag(exp.experiment_id, key, value)
+                _once_more_on_conflict(lambda: self.client.set_experiment_tag(exp.experiment_id, key, value))
 
     def ui_url(self, base: str = "http://127.0.0.1:5000") -> str:
         """The experiment in MLflow's UI: its model-training layout (3.17 opens the GenAI one
@@ -346,7 +346,7 @@ class Tracker:
                 run_id = self.client.create_run(self.experiment_id, run_name=name, tags=tags).info.run_id
             self._apply("log_params", run_id, {"params": params})
             self.client.log_dict(run_id, manifest, "data/manifest.json")
-            self.client.log_inputs(run_id, datasets=[_dataset_input(manifest)])
+            _once_more_on_conflict(lambda: self.client.log_inputs(run_id, datasets=[_dataset_input(manifest)]))
             if not given:
                 self.client.set_terminated(run_id, "FINISHED")
             return run_id
@@ -529,6 +529,18 @@ def owner_alive(tags: dict[str, str]) -> bool:
     if host != socket.gethostname() or not pid.isdigit():
         return host is not None and host != socket.gethostname()  # another machine's: assume alive
     return process_start(int(pid)) == tags.get(f"{TAG_OWNER}.start") != ""
+
+
+def _once_more_on_conflict(write) -> None:
+    """An idempotent write that a stage started at the same moment may race (an experiment tag, a
+    data set row: unique in the store, and a server has no lock of ours): the second try finds the
+    other's row and completes."""
+    try:
+        write()
+    except Exception as err:
+        if store_down(err) or not any(w in str(err).lower() for w in ("unique", "integrityerror")):
+            raise
+        write()
 
 
 def _dataset_input(manifest: dict[str, Any]):

@@ -36,11 +36,11 @@ def test_two_ranks_match_one_process(tmp_path):
                           text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
 
-    a = torch.load(one / "outputs/train/bs64/model.pt", weights_only=True)
-    b = torch.load(two / "outputs/train/bs64/model.pt", weights_only=True)
+    a = torch.load(one / "outputs/train/bs64/seed0/model.pt", weights_only=True)
+    b = torch.load(two / "outputs/train/bs64/seed0/model.pt", weights_only=True)
     for key in a:
         assert torch.allclose(a[key], b[key], atol=1e-5, rtol=0), key
-    la, lb = _losses(one / "outputs/train/bs64/steps.csv"), _losses(two / "outputs/train/bs64/steps.csv")
+    la, lb = _losses(one / "outputs/train/bs64/seed0/steps.csv"), _losses(two / "outputs/train/bs64/seed0/steps.csv")
     assert len(la) == len(lb) == 2 * -(-1257 // 64)
     assert all(abs(x - y) <= 1e-5 * abs(x) for x, y in zip(la, lb))
 

@@ -54,14 +54,14 @@ def test_dvc_repro_then_noop_then_param_change_then_experiment(project):
     sh(["git", "-c", "user.name=t", "-c", "user.email=t@localhost", "commit", "-qm", "lr"], project)
     sh(["dvc", "exp", "run", "-S", "train.lr=0.01", "--name", "lr-high"], project)
     shown = sh(["dvc", "exp", "show", "--csv"], project).stdout
-    assert "lr-high" in shown and "test_acc" in shown
+    assert "lr-high" in shown and "best_acc" in shown
     _, runs = runs_of(_uri(project))
     tagged = [r for r in runs if r.data.tags.get("dvc.exp_name") == "lr-high"]
     assert len([r for r in tagged if r.data.tags.get("batchlab.role") == "train"]) == 2
     assert all(r.info.status == "FINISHED" for r in runs)
 
     metrics = sh(["dvc", "metrics", "show", "--json"], project).stdout
-    assert "test_acc" in metrics
+    assert "best_acc" in metrics
     sh(["dvc", "plots", "show"], project)
     assert (project / "dvc_plots" / "index.html").is_file()
 

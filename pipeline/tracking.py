@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import mlflow
-from mlflow.entities import Metric, Param, RunTag
+from mlflow.entities import Param, RunTag
 from mlflow.tracking import MlflowClient
 
 from . import spool

@@ -1,14 +1,10 @@
 """Two sweeps at once against one store lose no run and no metric point."""
-import socket
 from contextlib import contextmanager
 import subprocess
-import sys
-import time
-import urllib.request
 
 import pytest
 
-from conftest import BIN, SMALL, MlflowServer, env_for, make_project, merge, runs_of, sweep_cmd
+from conftest import SMALL, MlflowServer, env_for, make_project, merge, runs_of, sweep_cmd
 
 pytestmark = pytest.mark.slow
 

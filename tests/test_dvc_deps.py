@@ -1,6 +1,5 @@
 """dvc.yaml's deps are what each stage really runs: derived here from the imports."""
 import ast
-from pathlib import Path
 
 import pytest
 import yaml

@@ -1,10 +1,9 @@
 """The real commands, as a user types them: dvc repro / exp run, mlflow run, the CLI."""
-import json
 from pathlib import Path
 
 import yaml
 
-from conftest import BIN, runs_of, sh
+from conftest import runs_of, sh
 import pytest
 
 pytestmark = pytest.mark.slow

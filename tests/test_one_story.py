@@ -1,7 +1,6 @@
 """DVC and MLflow tell one story: the real commands in a temporary git project, then the git
 tree, `dvc status` and the MLflow store are read back and must agree."""
 import shutil
-import sys
 
 import pytest
 import yaml

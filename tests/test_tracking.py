@@ -1,5 +1,4 @@
 import time
-from pathlib import Path
 
 from pipeline.records import StepChunk
 from pipeline.tracking import MlflowSink, Tracker, project_root, tracking_uri

@@ -1,5 +1,4 @@
 import math
-import os
 import signal
 import subprocess
 import sys
@@ -8,7 +7,7 @@ import time
 import pytest
 import torch
 
-from conftest import BIN, env_for, make_project, runs_of, SMALL, merge
+from conftest import env_for, make_project, runs_of, SMALL, merge
 from pipeline import compare, evaluate, prepare, train
 from pipeline.context import read_json
 from pipeline.evaluate import load_trained, predict

@@ -2,12 +2,11 @@
 import os
 import shutil
 import subprocess
-import sys
 import tempfile
 
 import pytest
 
-from conftest import BIN, MlflowServer
+from conftest import MlflowServer
 
 pytestmark = pytest.mark.slow
 

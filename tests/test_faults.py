@@ -19,7 +19,7 @@ LONG = merge(SMALL, {"train": {"batch_sizes": [1], "epochs": 3, "noise_scale": F
 STEP_KEYS = ("train/loss", "train/lr", "train/optimizer_step", "train/throughput", "train/batch_acc")
 
 
-def _wait_for(predicate, what: str, proc=None, timeout: float = 300):
+def _wait_for(predicate, what: str, proc=None, timeout: float = 300, poll: float = 0.2):
     """Poll until ``predicate()`` holds (readiness, not a timing assertion)."""
     deadline = time.monotonic() + timeout
     while not predicate():
@@ -27,7 +27,7 @@ def _wait_for(predicate, what: str, proc=None, timeout: float = 300):
             pytest.fail(f"process ended (exit {proc.returncode}) before {what}: {proc.stderr.read()[-2000:]}")
         if time.monotonic() > deadline:
             pytest.fail(f"timed out waiting for {what}")
-        time.sleep(0.2)
+        time.sleep(poll)
 
 
 def _train(proj, bs=1, env=None, **kw):
@@ -146,7 +146,9 @@ def test_sigkill_before_any_checkpoint_leaves_no_run_running(tmp_path):
 
 
 def test_sigkill_after_a_checkpoint_resumes_into_the_same_run_exactly_once(tmp_path):
-    proj, env = _prepared(tmp_path)
+    # 8 epochs (10,056 steps, about 3 s at bs 1): the logger, which lags the trainer, shows 400
+    # points in the store long before the trainer ends and removes its checkpoint.
+    proj, env = _prepared(tmp_path, merge(LONG, {"train": {"epochs": 8}}))
     uri = f"sqlite:///{proj / 'mlflow.db'}"
     proc = _train(proj)
     ckpt = proj / "checkpoints" / "bs1-s0.pt"
@@ -156,6 +158,7 @@ def test_sigkill_after_a_checkpoint_resumes_into_the_same_run_exactly_once(tmp_p
                           for c in _child_any(uri)), "points past the checkpoint", proc)
     proc.kill()
     proc.wait()
+    assert ckpt.exists(), "the trainer ended before it was killed: nothing to resume"
     # A param that does not shape training changed meanwhile: it must not block the resume.
     params = (proj / "params.yaml").read_text().replace("max_points: 20000", "max_points: 30000")
     (proj / "params.yaml").write_text(params)
@@ -197,10 +200,17 @@ def test_killing_dvc_repro_stops_its_trainer_with_a_checkpoint_and_repro_resumes
     dvc = subprocess.Popen(["dvc", "repro"], cwd=proj, env=env_for(proj), stdout=subprocess.PIPE,
                            stderr=subprocess.PIPE, text=True)
     ckpt = proj / "checkpoints" / "bs1-s0.pt"
-    _wait_for(lambda: ckpt.exists(), "a checkpoint", dvc)
+    lock = proj / "checkpoints" / "bs1-s0.lock"
+    _wait_for(lambda: ckpt.exists() and "pid" in lock.read_text(), "a checkpoint", dvc, poll=0.01)
+    trainer = int(lock.read_text().split()[1])
+    # Freeze the trainer so that DVC dies while it is provably inside its loop: a checkpoint
+    # short of the last one (step 3600 of 3771) means the loop had not ended when it stopped.
+    os.kill(trainer, signal.SIGSTOP)
+    import torch
+    assert torch.load(ckpt, weights_only=True)["loop"]["step"] < 3600
     dvc.kill()  # SIGKILL: DVC cannot pass anything on; the trainer learns from the kernel
     dvc.wait()
-    owner = None
+    os.kill(trainer, signal.SIGCONT)  # the kernel's SIGTERM is pending: acted on at the next step
     _wait_for(lambda: _child_any(uri), "the run")
     owner = int(_child_any(uri)[0].data.tags["batchlab.owner.pid"])
     _wait_for(lambda: not os.path.exists(f"/proc/{owner}") or

@@ -51,6 +51,8 @@ def _parser() -> argparse.ArgumentParser:
     sp.add_argument("--repeats", type=int, default=3)
     sp.add_argument("--json", dest="json_path", default=None)
     sp.add_argument("--ranks", type=int, default=2, help="data-parallel rows: ranks under torchrun (1: none)")
+    sp.add_argument("--no-stages", dest="stages", action="store_false",
+                    help="skip the stage-level lines (fixed cost per stage, MNIST-sized train stage)")
     return ap
 
 
@@ -66,6 +68,11 @@ def _positive_int(text: str) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.verb == "train" and os.environ.get("RANK", "0") == "0":
+        # The first run's metric logger imports MLflow on another core while this process
+        # imports torch and loads the data (it waits for its run on stdin).
+        from . import metric_logger, store
+        metric_logger.prestart(store.tracking_uri(store.project_root()))
     from .config import ParamsError, load_params
     from .data import DataError
     from .signals import Busy, Interrupted, NonFiniteLoss

@@ -42,7 +42,8 @@ class EpochSampler(torch.utils.data.Sampler[int]):
 class Batches:
     """Yields (x, y) batches for one epoch, from ``start`` batch on.
 
-    ``tensor``: data already on the device, batches cut by index from the epoch's permutation.
+    ``tensor``: data already on the device, gathered in the epoch's order a chunk at a time,
+    batches sliced off the chunk.
     ``dataloader``: a torch DataLoader over a TensorDataset with the same sampler order.
     Under torchrun each rank takes every world-th sample of the global batch.
     """
@@ -67,40 +68,49 @@ class Batches:
                 pin_memory=p.pin_memory and device.type == "cuda",
                 persistent_workers=p.persistent_workers and p.num_workers > 0)
 
-    # Gathering a batch of at least this many values on the CPU is worth a helper thread
-    # (measured: 784-wide rows, worth it at batch size 64, not at 8):
-    # index_select releases the GIL, so the next batch is cut on the core the step leaves idle.
-    PREFETCH_ELEMENTS = 1 << 15
+    # Values gathered at a time: about 4 MB of float32, a few batches' worth at small batch sizes,
+    # one batch from 1,337 rows of 784 up. The steps then read it from cache, as slices.
+    CHUNK_ELEMENTS = 1 << 20
+
+    def _plan(self) -> None:
+        """Which rows of an epoch's permutation this rank trains on, where each batch's rows lie
+        among them (the same every epoch), and the buffer their chunks are gathered into."""
+        bs, world = self.batch_size, self.world
+        used = min(self.n, self.per_epoch * bs)  # drop_last leaves the tail out
+        self._take: torch.Tensor | slice = slice(0, used)
+        counts = [min(bs, used - b * bs) for b in range(self.per_epoch)]
+        if world > 1:  # each rank takes every world-th row of each global batch
+            pos = torch.arange(used)
+            mine = (pos % bs) % world == self.rank
+            self._take = mine.nonzero().squeeze(1).to(self.device)
+            counts = torch.bincount(pos[mine] // bs, minlength=self.per_epoch).tolist()
+        ends = [0]
+        for c in counts:
+            ends.append(ends[-1] + c)
+        self._bounds = list(zip(ends[:-1], ends[1:]))
+        x, y = self.data.x, self.data.y
+        self._per_chunk = max(1, self.CHUNK_ELEMENTS // (max(counts) * max(1, x[0].numel())))
+        rows = min(ends[-1], max(counts) * self._per_chunk)
+        self._xs = x.new_empty((rows, *x.shape[1:]))
+        self._ys = y.new_empty((rows, *y.shape[1:]))
 
     def _tensor_epoch(self, epoch: int, start: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        perm = epoch_permutation(self.p.seed, epoch, self.n, self.device)
-        x, y, bs = self.data.x, self.data.y, self.batch_size
-        # Batches are gathered into reused buffers (a fresh multi-MB tensor per step costs page
-        # faults), two of them so one can fill while the step uses the other. A step is done
-        # with its batch before it asks for the one after next, which reuses that buffer.
-        rows = -(-bs // self.world)
-        bufs = [(x.new_empty((rows, *x.shape[1:])), y.new_empty((rows, *y.shape[1:]))) for _ in range(2)]
-
-        def gather(b: int) -> tuple[torch.Tensor, torch.Tensor]:
-            idx = perm[b * bs:(b + 1) * bs]
-            if self.world > 1:
-                idx = idx[self.rank::self.world]
-            xb, yb = bufs[b % 2]
-            n = idx.shape[0]
-            return torch.index_select(x, 0, idx, out=xb[:n]), torch.index_select(y, 0, idx, out=yb[:n])
-
-        if self.device.type != "cpu" or rows * x[0].numel() < self.PREFETCH_ELEMENTS:
-            for b in range(start, self.per_epoch):
-                yield gather(b)
-            return
-        from concurrent.futures import ThreadPoolExecutor
-
-        with ThreadPoolExecutor(1, thread_name_prefix="batch-prefetch") as pool:
-            nxt = pool.submit(gather, start) if start < self.per_epoch else None
-            for b in range(start, self.per_epoch):
-                batch = nxt.result()
-                nxt = pool.submit(gather, b + 1) if b + 1 < self.per_epoch else None
-                yield batch
+        """Chunks of the epoch's order gathered into one reused buffer, batches sliced off it:
+        one gather per chunk instead of per step, no helper thread, no copy of the data set.
+        A step is done with its batch before it asks for the next, so a chunk is refilled only
+        when all of its batches are done. Chunks start at the same batches whatever ``start``,
+        so a resumed epoch sees each batch at the same place as an uninterrupted one."""
+        if not hasattr(self, "_bounds"):
+            self._plan()
+        rows = epoch_permutation(self.p.seed, epoch, self.n, self.device)[self._take]
+        k = self._per_chunk
+        for first in range(start - start % k, self.per_epoch, k):
+            chunk = self._bounds[first:first + k]
+            base, end = chunk[0][0], chunk[-1][1]
+            xs = torch.index_select(self.data.x, 0, rows[base:end], out=self._xs[:end - base])
+            ys = torch.index_select(self.data.y, 0, rows[base:end], out=self._ys[:end - base])
+            for lo, hi in chunk[max(0, start - first):]:
+                yield xs[lo - base:hi - base], ys[lo - base:hi - base]
 
     def epoch(self, epoch: int, start: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         if self.p.loader == "tensor":

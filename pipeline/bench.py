@@ -2,11 +2,16 @@
 
 Rows (MNIST-shaped synthetic data made in memory, the tutorial's 784-128-10 MLP with Adam):
   tutorial       a Dataset returning one PIL image at a time through ToTensor()+Normalize(),
-                 in a DataLoader with shuffle=True (the tutorial's pattern);
-  tensordataset  a TensorDataset in a DataLoader with shuffle=True;
-  pipeline       the pipeline's own loop and data path (engine.fit), MLflow logging on;
-  compute        the same optimizer steps on one batch already in memory (the compute limit).
-Cells are interleaved and repeated; the median is reported.
+                 in a DataLoader with shuffle=True (the tutorial's pattern), torch's default
+                 thread count, as a user runs it;
+  tensordataset  a TensorDataset in a DataLoader with shuffle=True, default threads;
+  pipeline       the pipeline's own loop and data path (engine.fit) with its default settings:
+                 MLflow logging on, threads chosen per batch size (system.set_threads);
+  limit          the same optimizer steps on one batch already in memory, at every thread count
+                 from 1 to the number of cores: the best (the compute limit; its thread count
+                 is printed).
+Cells are interleaved and repeated; the median is reported. Under the table, stage-level
+figures from real processes (stagebench): the fixed cost per stage and an MNIST-sized row.
 """
 from __future__ import annotations
 
@@ -25,9 +30,10 @@ from .config import TrackingParams, TrainParams
 from .data import Split
 from .engine import NullSink, fit, make_optimizer
 from .models import MLP
-from .system import PeakMemory, device_name, pick_device, set_threads
+from .system import PeakMemory, cpu_count, device_name, pick_device, set_threads
 
-LOADERS = ("tutorial", "tensordataset", "pipeline", "compute")
+LOADERS = ("tutorial", "tensordataset", "pipeline", "limit")
+DEFAULT_THREADS = torch.get_num_threads()  # before anything sets it: what a user's script gets
 N_SAMPLES, N_VAL = 60_000, 1_000
 MEAN, STD = 0.1307, 0.3081
 
@@ -137,30 +143,39 @@ def run_bench(batch_sizes: list[int], seconds: float, repeats: int, device: torc
     tensor_ds = torch.utils.data.TensorDataset(x, y)
     sink = sink_factory() if sink_factory else NullSink()
     per = seconds / repeats
+    n_params = sum(q.numel() for q in _model(device)[0].parameters())
+
+    def policy(bs: int) -> int:  # the pipeline's own thread choice (train.threads: 0)
+        return set_threads(0, work=bs * n_params)
+
     rates: dict[tuple[str, int], list[float]] = {}
     memory: dict[int, int] = {}
+    cores = cpu_count() if device.type == "cpu" else 1
     for r in range(repeats):
         for bs in batch_sizes:
-            for loader in LOADERS:
-                if loader == "tutorial":
-                    rate = _loader_rate(torch.utils.data.DataLoader(tutorial_ds, batch_size=bs, shuffle=True), device, per)
-                elif loader == "tensordataset":
-                    rate = _loader_rate(torch.utils.data.DataLoader(tensor_ds, batch_size=bs, shuffle=True), device, per)
-                elif loader == "pipeline":
-                    rate, peak = _pipeline_rate(train, val, bs, device, per, sink)
-                    memory[bs] = max(memory.get(bs, 0), peak)
-                else:
-                    rate = _compute_rate(x, y, bs, device, per)
-                rates.setdefault((loader, bs), []).append(rate)
+            torch.set_num_threads(DEFAULT_THREADS)
+            rates.setdefault(("tutorial", bs), []).append(_loader_rate(
+                torch.utils.data.DataLoader(tutorial_ds, batch_size=bs, shuffle=True), device, per))
+            rates.setdefault(("tensordataset", bs), []).append(_loader_rate(
+                torch.utils.data.DataLoader(tensor_ds, batch_size=bs, shuffle=True), device, per))
+            policy(bs)
+            rate, peak = _pipeline_rate(train, val, bs, device, per, sink)
+            rates.setdefault(("pipeline", bs), []).append(rate)
+            memory[bs] = max(memory.get(bs, 0), peak)
+            for t in range(1, cores + 1):
+                torch.set_num_threads(t)
+                rates.setdefault((f"compute{t}", bs), []).append(_compute_rate(x, y, bs, device, per))
             log(f"  repeat {r + 1}/{repeats} batch size {bs}: " + ", ".join(
                 f"{k[0]} {v[-1]:,.0f}" for k, v in rates.items() if k[1] == bs))
     # Logging overhead at batch size 8: the same loop with logging on and off, interleaved.
     on, off = [], []
+    policy(8)
     for _ in range(repeats):
         on.append(_pipeline_rate(train, val, 8, device, per * 2, sink)[0])
         off.append(_pipeline_rate(train, val, 8, device, per * 2, NullSink())[0])
     noisy, quiet = [], []
     with_noise = PARAMS.model_copy(update={"noise_scale": True})
+    policy(64)
     for _ in range(repeats):
         noisy.append(_pipeline_rate(train, val, 64, device, per * 2, NullSink(), with_noise)[0])
         quiet.append(_pipeline_rate(train, val, 64, device, per * 2, NullSink())[0])
@@ -168,8 +183,17 @@ def run_bench(batch_sizes: list[int], seconds: float, repeats: int, device: torc
     if sink_factory:
         sink.close(complete=True)
     drain = time.perf_counter() - drain_t0
-    rows = [{"loader": loader, "batch_size": bs, "samples_per_s": statistics.median(rates[(loader, bs)]),
-             "peak_memory_bytes": memory.get(bs, 0)} for bs in batch_sizes for loader in LOADERS]
+    rows = []
+    for bs in batch_sizes:
+        best = max(range(1, cores + 1), key=lambda t: statistics.median(rates[(f"compute{t}", bs)]))
+        for loader in LOADERS:
+            key = (f"compute{best}", bs) if loader == "limit" else (loader, bs)
+            threads = {"limit": best, "pipeline": policy(bs)}.get(loader, DEFAULT_THREADS)
+            rows.append({"loader": loader, "batch_size": bs, "samples_per_s": statistics.median(rates[key]),
+                         "threads": threads, "peak_memory_bytes": memory.get(bs, 0) if loader == "pipeline" else 0})
+        for t in range(1, cores + 1):
+            rows.append({"loader": f"compute{t}", "batch_size": bs, "threads": t,
+                         "samples_per_s": statistics.median(rates[(f"compute{t}", bs)]), "peak_memory_bytes": 0})
     overhead = 1 - statistics.median(on) / statistics.median(off)
     return {"rows": rows, "logging_overhead": {"batch_size": 8, "fraction": overhead,
                                                "on_samples_per_s": statistics.median(on),
@@ -177,21 +201,25 @@ def run_bench(batch_sizes: list[int], seconds: float, repeats: int, device: torc
                                                "drain_seconds_after_training": drain},
             "noise_scale_overhead": {"batch_size": 64, "every_steps": with_noise.noise_scale_every,
                                      "fraction": 1 - statistics.median(noisy) / statistics.median(quiet)},
-            "device": device_name(device), "threads": torch.get_num_threads(),
+            "device": device_name(device), "cores": cores, "default_threads": DEFAULT_THREADS,
             "seconds_per_cell": seconds, "repeats": repeats}
 
 
 def table(result: dict[str, Any]) -> str:
     rows = {(r["loader"], r["batch_size"]): r for r in result["rows"]}
     sizes = sorted({r["batch_size"] for r in result["rows"]})
-    head = f"{'batch':>6} " + " ".join(f"{name:>14}" for name in LOADERS) + f" {'3/1':>7} {'3/4':>6} {'peak MB':>9}"
-    lines = [f"training samples/s on {result['device']} ({result['threads']} torch threads), "
-             f"median of {result['repeats']}", head]
+    head = (f"{'batch':>6} {'tutorial':>9} {'tensordataset':>13} {'pipeline':>13} {'limit':>13}"
+            f" {'pipe/tut':>9} {'pipe/limit':>10} {'peak MB':>8}")
+    lines = [f"training samples/s on {result['device']} ({result['cores']} cores), median of {result['repeats']}; "
+             f"[threads]: tutorial and tensordataset run with torch's default ({result['default_threads']}), "
+             f"the limit is the best compute-only rate over 1..{result['cores']}", head]
     for bs in sizes:
-        rate = {name: rows[(name, bs)]["samples_per_s"] for name in LOADERS}
-        lines.append(f"{bs:>6} " + " ".join(f"{rate[n]:>14,.0f}" for n in LOADERS)
-                     + f" {rate['pipeline'] / rate['tutorial']:>6.1f}x {rate['pipeline'] / rate['compute']:>6.2f}"
-                     + f" {rows[('pipeline', bs)]['peak_memory_bytes'] / 2**20:>9,.0f}")
+        r = {name: rows[(name, bs)] for name in LOADERS}
+        rate = {name: r[name]["samples_per_s"] for name in LOADERS}
+        lines.append(f"{bs:>6} {rate['tutorial']:>9,.0f} {rate['tensordataset']:>13,.0f}"
+                     f" {rate['pipeline']:>9,.0f} [{r['pipeline']['threads']}] {rate['limit']:>9,.0f} [{r['limit']['threads']}]"
+                     f" {rate['pipeline'] / rate['tutorial']:>8.1f}x {rate['pipeline'] / rate['limit']:>10.2f}"
+                     f" {r['pipeline']['peak_memory_bytes'] / 2**20:>8,.0f}")
     lo = result["logging_overhead"]
     lines.append(f"logging overhead at batch size 8: {lo['fraction']:+.1%} "
                  f"({lo['on_samples_per_s']:,.0f} samples/s on vs {lo['off_samples_per_s']:,.0f} off; "
@@ -203,6 +231,8 @@ def table(result: dict[str, Any]) -> str:
     ns = result["noise_scale_overhead"]
     lines.append(f"gradient-noise-scale estimate (every {ns['every_steps']} steps) costs {ns['fraction']:+.1%} "
                  f"at batch size {ns['batch_size']}; the rows above run without it")
+    from .stagebench import lines as stage_lines
+    lines += stage_lines(result.get("fixed_cost"), result.get("mnist_sized", []))
     return "\n".join(lines)
 
 
@@ -215,7 +245,6 @@ def main(ctx, args) -> None:
         from .config import ParamsError
         raise ParamsError(f"--batch-sizes {args.batch_sizes!r}: allowed: comma-separated positive integers")
     device = pick_device(ctx.params.train.device)
-    set_threads(ctx.params.train.threads)
     tracker = ctx.tracker("bench", f"{ctx.params.tracking.experiment}-bench")
     with tracker.run(name="bench", parent_id=None, tags={"batchlab.role": "bench"}) as run_id:
         sink_run = tracker.create_run("bench-logging-target", {"batchlab.role": "bench-sink"}, parent_id=run_id)
@@ -230,6 +259,12 @@ def main(ctx, args) -> None:
             print(f"  data-parallel: 1 process vs {args.ranks} ranks (torchrun, gloo) at batch sizes {big}",
                   file=sys.stderr)
             result["data_parallel"] = ddp_rows(big, ranks=args.ranks)
+        if args.stages:
+            from . import stagebench
+            print("  stages: fixed cost (train, evaluate on digits), MNIST-sized train stage", file=sys.stderr)
+            shipped = ctx.params.model_dump(mode="json")
+            result["fixed_cost"] = stagebench.fixed_cost({k: shipped[k] for k in ("model", "train")})
+            result["mnist_sized"] = stagebench.mnist_sized()
         text = table(result)
         print(text)
         _log_bench(tracker, run_id, sizes, args, result, text)
@@ -240,12 +275,16 @@ def main(ctx, args) -> None:
 
 def _log_bench(tracker, run_id: str, sizes, args, result: dict[str, Any], text: str) -> None:
     tracker.log_params(run_id, {"batch_sizes": sizes, "seconds": args.seconds, "repeats": args.repeats,
-                                "device": result["device"], "threads": result["threads"]})
+                                "device": result["device"], "cores": result["cores"]})
     for r in result["rows"]:
         tracker.log_metrics(run_id, {f"{r['loader']}/samples_per_s": r["samples_per_s"]}, step=r["batch_size"])
         if r["loader"] == "pipeline":
             tracker.log_metrics(run_id, {"pipeline/peak_memory_bytes": r["peak_memory_bytes"]}, step=r["batch_size"])
     tracker.log_metrics(run_id, {"logging_overhead_bs8": result["logging_overhead"]["fraction"]})
+    if result.get("fixed_cost"):
+        fc = result["fixed_cost"]
+        tracker.log_metrics(run_id, {"fixed_cost/train_seconds": fc["train_fixed_seconds"],
+                                     "fixed_cost/evaluate_seconds": fc["evaluate_wall_seconds"]})
     tracker.log_dict(run_id, result, "bench.json")
     tracker.log_text(run_id, text, "bench.txt")
 

@@ -1,5 +1,6 @@
-"""``python -m pipeline.metric_logger URI RUN_ID SPOOL_FILE``: sends metric batches to MLflow from
-its own process, so the training process never waits on the store.
+"""``python -m pipeline.metric_logger URI [RUN_ID SPOOL_FILE]``: sends metric batches to MLflow from
+its own process, so the training process never waits on the store. Without RUN_ID it is started
+ahead of its run (``spawn``) and reads [RUN_ID, SPOOL_FILE] as its first line.
 
 Protocol: stdin carries one JSON list of [key, value, timestamp_ms, step] per line; the process
 answers ``ready`` once connected, and at end of input one JSON line
@@ -35,10 +36,21 @@ def send_points(client, run_id: str, points: list) -> None:
         client.log_batch(run_id, metrics=metrics[i:i + MAX_BATCH])
 
 
-def main(uri: str, run_id: str, spool_file: str) -> int:
+def main(uri: str, run_id: str | None = None, spool_file: str | None = None) -> int:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     os.nice(10)  # training comes first when both want the CPU
+    if run_id is None:
+        # Started ahead of its run (``spawn``): import while the trainer starts, then wait for
+        # the first line, [run_id, spool_file]. The client is made only then, when the stage
+        # has made the store (two processes creating a new SQLite store at once break it).
+        from mlflow.tracking import MlflowClient  # noqa: F401
+        if uri.startswith("sqlite:"):
+            import mlflow.store.tracking.sqlalchemy_store  # noqa: F401
+        header = sys.stdin.readline()
+        if not header:
+            return 0  # not needed after all
+        run_id, spool_file = json.loads(header)
     try:
         from mlflow.tracking import MlflowClient
 
@@ -72,5 +84,32 @@ def main(uri: str, run_id: str, spool_file: str) -> int:
     return 0
 
 
+_SPARES: dict = {}  # store URI -> a logger started ahead of its run
+
+
+def prestart(uri: str) -> None:
+    """Have a logger for ``uri`` importing in the background until ``take`` hands it a run. One
+    that is never taken reads the end of its input when this process ends, and exits."""
+    proc = _SPARES.get(uri)
+    if proc is None or proc.poll() is not None:
+        _SPARES[uri] = spawn(uri)
+
+
+def take(uri: str):
+    proc = _SPARES.pop(uri, None)
+    return proc if proc is not None and proc.poll() is None else None
+
+
+def spawn(uri: str):
+    """A logger started before its run exists, so that its imports overlap the trainer's work;
+    ``MlflowSink`` names the run on its first line. Imports nothing heavy here."""
+    import subprocess
+    from pathlib import Path
+
+    return subprocess.Popen([sys.executable, "-m", "pipeline.metric_logger", uri], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True, cwd=str(Path(__file__).resolve().parent.parent),
+                            start_new_session=True)
+
+
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1], sys.argv[2], sys.argv[3]))
+    sys.exit(main(*sys.argv[1:4]))

@@ -34,10 +34,11 @@ import mlflow
 from mlflow.entities import Param, RunTag
 from mlflow.tracking import MlflowClient
 
-from . import spool
+from . import metric_logger, spool
 from .metric_logger import MAX_BATCH, last_steps, send_points
 from .records import StepChunk
 from .signals import Interrupted
+from .store import is_local_store, project_root, tracking_uri  # noqa: F401 (re-exported)
 from .spool import Spool, is_local, new_local_id
 
 TAG_ROLE = "batchlab.role"
@@ -64,31 +65,6 @@ SHARED_VIEW = {
 for _key, _value in (("MLFLOW_HTTP_REQUEST_TIMEOUT", "3"), ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1"),
                      ("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")):
     os.environ.setdefault(_key, _value)
-
-
-def project_root(cwd: str | Path | None = None) -> Path:
-    """The user's project folder, also from inside DVC's queue copy ``.dvc/tmp/exps/<tmp>``."""
-    here = Path(cwd or os.getcwd()).resolve()
-    parts = here.parts
-    for i in range(len(parts) - 2):
-        if parts[i:i + 3] == (".dvc", "tmp", "exps"):
-            return Path(*parts[:i])
-    return here
-
-
-def tracking_uri(root: Path, env: dict[str, str] | None = None) -> str:
-    env = os.environ if env is None else env
-    uri = env.get("MLFLOW_TRACKING_URI", "").strip()
-    if not uri:
-        return f"sqlite:///{root / 'mlflow.db'}"
-    prefix = "sqlite:///"
-    if uri.startswith(prefix) and not uri.startswith(prefix + "/"):
-        return f"{prefix}{(root / uri[len(prefix):]).resolve()}"
-    return uri
-
-
-def is_local_store(uri: str) -> bool:
-    return uri.startswith("sqlite:") or uri.startswith("file:") or "://" not in uri
 
 
 class StoreDown(RuntimeError):
@@ -581,7 +557,7 @@ class MlflowSink:
     """
 
     def __init__(self, tracker: Tracker, run_id: str, total_steps: int, max_points: int,
-                 full_history: bool, start_time: float, window: int | None = None):
+                 full_history: bool, start_time: float, window: int | None = None, another: bool = False):
         self.tracker, self.run_id = tracker, tracker.resolve(run_id)
         self.window = window or (1 if full_history else max(1, math.ceil(total_steps / max_points)))
         self._prev_time = start_time
@@ -592,15 +568,26 @@ class MlflowSink:
         self.spool_file = tracker.spool.dir / f"metrics-{self.run_id}.jsonl"
         self._proc = None
         if tracker.down is None and not is_local(self.run_id):
-            self._proc = subprocess.Popen(
-                [sys.executable, "-m", "pipeline.metric_logger", tracker.uri, self.run_id, str(self.spool_file)],
-                stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-                cwd=str(Path(__file__).resolve().parent.parent), start_new_session=True)
+            # A logger started ahead (its imports overlapped the stage's start or the previous
+            # run) is told its run; else one starts now. ``another``: a run follows this one,
+            # so its logger starts importing now.
+            self._proc = metric_logger.take(tracker.uri)
+            if self._proc is not None:
+                self._proc.stdin.write(json.dumps([self.run_id, str(self.spool_file)]) + "\n")
+                self._proc.stdin.flush()
+            else:
+                self._proc = subprocess.Popen(
+                    [sys.executable, "-m", "pipeline.metric_logger", tracker.uri, self.run_id, str(self.spool_file)],
+                    stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                    cwd=str(Path(__file__).resolve().parent.parent), start_new_session=True)
+            if another:
+                metric_logger.prestart(tracker.uri)
         self._ready = threading.Event()
         if self._proc is None:
             self._ready.set()
         # A pipe write blocks when the logger lags; a feeder thread takes that wait off the loop.
         self._queue: queue.Queue = queue.Queue()
+        self._ended = False
         self._feeder = threading.Thread(target=self._feed, name="metric-feeder", daemon=True)
         self._feeder.start()
 
@@ -695,18 +682,31 @@ class MlflowSink:
             self._pending, self._sent_at = [], now
 
     def close(self, complete: bool) -> None:
-        """Send what is buffered and wait for the logger. ``complete``: training ended, so the
-        last partial window is logged too; after an interruption it is kept for the resumed run.
-        Points the logger could not send are handed to the journal."""
+        self.end(complete)
+        self.wait()
+
+    def end(self, complete: bool) -> None:
+        """Hand over what is buffered and the end of input, without waiting: the logger drains
+        while the trainer writes its outputs. ``complete``: training ended, so the last partial
+        window is logged too; after an interruption it is kept for the resumed run."""
+        if self._ended:
+            return
+        self._ended = True
         last = self._acc.get("last")
         if complete and self._acc["n"] and last:
             step, samples, lr, t, has_correct = last
             self._add(self._window_metrics(self._acc, step, samples, lr, t, has_correct))
             self._acc = self._empty()
         self._add([], force=True)
-        self.ready()
         self._queue.put(None)
+
+    def wait(self) -> None:
+        """Wait for the logger to send everything; what it could not send goes to the journal."""
+        if self._feeder is None:
+            return
+        self.ready()
         self._feeder.join()
+        self._feeder = None
         if self._proc is not None:
             answer = self._proc.stdout.readline().strip()
             self._proc.wait()

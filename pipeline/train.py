@@ -75,7 +75,8 @@ def prepare_jobs(ctx: Context, batch_size: int, seeds: tuple[int, ...]) -> list[
         if device.type == "cuda":
             device = torch.device("cuda", d.local_rank)
             torch.cuda.set_device(device)
-    set_threads(ctx.params.train.threads)
+    n_params = sum(q.numel() for q in build_model(ctx.params.model, data.n_features, data.n_outputs).parameters())
+    set_threads(ctx.params.train.threads, work=-(-batch_size // d.world) * n_params)
     key = ctx.params.sweep_key(data.data_hash)
     return [Job(ctx, batch_size, seed, data, device, d, key,
                 Checkpoint(ctx.checkpoint(batch_size, seed),
@@ -89,10 +90,10 @@ def run(ctx: Context, batch_size: int, *, log_to_mlflow: bool = True,
     jobs = prepare_jobs(ctx, batch_size, seeds or ctx.params.train.seeds)
     # Only rank 0 talks to MLflow and writes outputs.
     tracker = ctx.tracker(f"train-bs{batch_size}") if log_to_mlflow and jobs[0].dist.main else None
-    return [run_one(job, tracker) for job in jobs]
+    return [run_one(job, tracker, another=i + 1 < len(jobs)) for i, job in enumerate(jobs)]
 
 
-def run_one(job: Job, tracker) -> dict[str, Any]:
+def run_one(job: Job, tracker, another: bool = False) -> dict[str, Any]:
     ctx, batch_size, seed = job.ctx, job.batch_size, job.seed
     with trainer_lock(job):
         previous = job.checkpoint.load() if ctx.params.train.resume else None
@@ -107,7 +108,7 @@ def run_one(job: Job, tracker) -> dict[str, Any]:
                                      "batchlab.sweep_key": job.sweep_key, "batchlab.role": "train",
                                      "mlflow.runColor": batch_size_colour(batch_size)}
             with tracker.run(name=job.name, parent_id=parent, tags=tags, run_id=resume_id) as run_id:
-                summary = _train(job, tracker, run_id, signals)
+                summary = _train(job, tracker, run_id, signals, another)
             tracker.retire_others(parent, batch_size, seed, keep=run_id)
             return summary
 
@@ -158,7 +159,7 @@ def close_dead_runs(tracker, job: Job, keep: str | None) -> None:
         tracker.finish(run.info.run_id, "KILLED")
 
 
-def _train(job: Job, tracker, run_id: str | None, signals: StopSignals) -> dict[str, Any]:
+def _train(job: Job, tracker, run_id: str | None, signals: StopSignals, another: bool = False) -> dict[str, Any]:
     from .tracking import MlflowSink
 
     p = job.ctx.params
@@ -166,28 +167,33 @@ def _train(job: Job, tracker, run_id: str | None, signals: StopSignals) -> dict[
     if tracker is not None:
         recorded = _recorded_window(tracker, run_id)
         sink = MlflowSink(tracker, run_id, job.total_steps, p.tracking.max_points,
-                          p.tracking.full_history, start_time=_now(), window=recorded)
+                          p.tracking.full_history, start_time=_now(), window=recorded, another=another)
         tracker.log_params(run_id, _run_params(job, sink.window))
         tracker.log_dict(run_id, p.model_dump(mode="json"), "params.json")
     torch.manual_seed(job.seed)
     model = build_model(p.model, job.data.n_features, job.data.n_outputs)
     checkpoint = Checkpoint(job.checkpoint.path, job.checkpoint.key, {"run_id": run_id})
-    complete = False
     try:
         with PeakMemory(job.device) as mem, tqdm(total=job.total_steps, desc=f"train {job.name}",
                                                  unit="step", disable=None, leave=False) as bar:
             result = fit(model, job.data.train, job.data.val, job.train, job.batch_size, job.data.task,
                          job.device, sink, checkpoint=checkpoint, signals=signals,
                          progress=bar if job.dist.main else None, dist=job.dist)
-        complete = True
+    except BaseException:
+        if tracker is not None:
+            sink.close(complete=False)  # the last partial window stays for the resumed run
+        raise
+    if tracker is not None:
+        sink.end(complete=True)  # the logger drains while the outputs are written and the model exported
+    try:
+        summary = _summary(job, model, result, mem.peak_bytes)
+        if not job.dist.main:
+            return summary
+        job.ctx.check_params_unchanged(f"train@{job.batch_size}")
+        _write_outputs(job, model, result, summary, tracker, run_id)
     finally:
         if tracker is not None:
-            sink.close(complete)
-    summary = _summary(job, model, result, mem.peak_bytes)
-    if not job.dist.main:
-        return summary
-    job.ctx.check_params_unchanged(f"train@{job.batch_size}")
-    _write_outputs(job, model, result, summary, tracker, run_id)
+            sink.wait()
     job.checkpoint.remove()
     return summary
 

@@ -1,5 +1,7 @@
 import json
 
+import pytest
+
 import torch
 
 from pipeline import bench
@@ -9,15 +11,25 @@ def test_bench_reports_every_row_and_the_json_shape(tmp_path, monkeypatch):
     monkeypatch.setattr(bench, "N_SAMPLES", 4096)
     monkeypatch.setattr(bench, "N_VAL", 256)
     result = bench.run_bench([64, 512], seconds=0.15, repeats=1, device=torch.device("cpu"), log=lambda m: None)
-    rows = result["rows"]
+    rows = [r for r in result["rows"] if not r["loader"].startswith("compute")]
     assert {(r["loader"], r["batch_size"]) for r in rows} == {(l, b) for l in bench.LOADERS for b in (64, 512)}
-    assert all(r["samples_per_s"] > 0 for r in rows)
+    assert all(r["samples_per_s"] > 0 for r in result["rows"])
     assert all(r["peak_memory_bytes"] > 0 for r in rows if r["loader"] == "pipeline")
+    cores = result["cores"]
+    for bs in (64, 512):
+        # The limit is the best of the compute-only rates over every thread count, and says which.
+        computes = {r["threads"]: r["samples_per_s"] for r in result["rows"]
+                    if r["loader"].startswith("compute") and r["batch_size"] == bs}
+        assert sorted(computes) == list(range(1, cores + 1))
+        (limit,) = [r for r in rows if r["loader"] == "limit" and r["batch_size"] == bs]
+        assert limit["samples_per_s"] == max(computes.values()) and computes[limit["threads"]] == limit["samples_per_s"]
+        (tut,) = [r for r in rows if r["loader"] == "tutorial" and r["batch_size"] == bs]
+        assert tut["threads"] == bench.DEFAULT_THREADS
     assert result["logging_overhead"]["batch_size"] == 8
-    assert isinstance(result["threads"], int) and result["device"].startswith("cpu")
+    assert result["device"].startswith("cpu")
     json.dumps(result)
     text = bench.table(result)
-    assert "3/1" in text and "logging overhead" in text and "512" in text
+    assert "pipe/limit" in text and "logging overhead" in text and "512" in text
 
 
 def test_tutorial_dataset_matches_torchvision_transform():
@@ -27,3 +39,18 @@ def test_tutorial_dataset_matches_torchvision_transform():
     assert x.shape == (1, 28, 28) and y == int(labels[1])
     expected = (torch.from_numpy(images[1]).float() / 255 - bench.MEAN) / bench.STD
     assert torch.allclose(x[0], expected, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_stage_bench_times_the_real_train_and_evaluate_stages(tmp_path):
+    """The fixed-cost line comes from real stage processes: their outputs say how long the
+    optimizer steps took, and the wall time is more than that."""
+    from pipeline import stagebench
+
+    fixed = stagebench.fixed_cost({"model": {"name": "mlp", "hidden_sizes": [16]},
+                                   "train": {"batch_sizes": [64], "seeds": [0], "epochs": 1}})
+    assert fixed["seeds"] == 1 and 0 < fixed["train_step_seconds"] < fixed["train_wall_seconds"]
+    assert fixed["train_fixed_seconds"] == fixed["train_wall_seconds"] - fixed["train_step_seconds"]
+    assert fixed["evaluate_wall_seconds"] > 0
+    text = "\n".join(stagebench.lines(fixed, []))
+    assert "fixed cost on digits at batch size 64 (1 seeds)" in text

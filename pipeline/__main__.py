@@ -159,7 +159,8 @@ def _reproduce(args, ctx) -> int:
 
 
 def _sync(args, ctx) -> int:
-    from .tracking import SPOOL_DIR, project_root
+    from .store import project_root
+    from .tracking import SPOOL_DIR
     from . import spool
     tracker = ctx.tracker("sync", warn=False)
     left = spool.pending(project_root(ctx.workdir) / SPOOL_DIR)

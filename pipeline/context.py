@@ -68,7 +68,8 @@ class Context:
     def tracker(self, stage: str, experiment: str | None = None, warn: bool = True):
         """The store for ``stage`` (it names the stage's journal if the store is down), in the
         sweep's experiment or in ``experiment`` (e.g. the bench's)."""
-        from .tracking import Tracker, project_root
+        from .store import project_root
+        from .tracking import Tracker
         return Tracker(project_root(self.workdir), experiment or self.params.tracking.experiment, self.env,
                        self.parent_run_id, params=self.params, run_tags=self.run_tags, stage=stage, warn=warn)
 

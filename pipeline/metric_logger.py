@@ -44,9 +44,10 @@ def main(uri: str, run_id: str | None = None, spool_file: str | None = None) -> 
         # Started ahead of its run (``spawn``): import while the trainer starts, then wait for
         # the first line, [run_id, spool_file]. The client is made only then, when the stage
         # has made the store (two processes creating a new SQLite store at once break it).
-        from mlflow.tracking import MlflowClient  # noqa: F401
+        import importlib
+        importlib.import_module("mlflow.tracking")
         if uri.startswith("sqlite:"):
-            import mlflow.store.tracking.sqlalchemy_store  # noqa: F401
+            importlib.import_module("mlflow.store.tracking.sqlalchemy_store")
         header = sys.stdin.readline()
         if not header:
             return 0  # not needed after all

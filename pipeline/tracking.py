@@ -38,7 +38,7 @@ from . import metric_logger, spool
 from .metric_logger import MAX_BATCH, last_steps, send_points
 from .records import StepChunk
 from .signals import Interrupted
-from .store import is_local_store, project_root, tracking_uri  # noqa: F401 (re-exported)
+from .store import is_local_store, tracking_uri
 from .spool import Spool, is_local, new_local_id
 
 TAG_ROLE = "batchlab.role"

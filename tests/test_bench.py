@@ -54,3 +54,13 @@ def test_stage_bench_times_the_real_train_and_evaluate_stages(tmp_path):
     assert fixed["evaluate_wall_seconds"] > 0
     text = "\n".join(stagebench.lines(fixed, []))
     assert "fixed cost on digits at batch size 64 (1 seeds)" in text
+
+
+def test_memory_line_is_the_growth_per_added_training_image():
+    from pipeline import stagebench
+
+    row = {"batch_size": 512, "epochs": 2, "samples_per_s": 1.0, "stage_wall_seconds": 1.0, "peak_rss_bytes": 2**30}
+    small = row | {"train_samples": 10_000, "training_peak_bytes": 500 * 2**20}
+    big = row | {"train_samples": 50_000, "training_peak_bytes": 500 * 2**20 + 40_000 * 3_136}
+    text = "\n".join(stagebench.lines(None, [small, big]))
+    assert "3,136 bytes per added training image = 1.00 x" in text

@@ -1,7 +1,8 @@
 import time
 
 from pipeline.records import StepChunk
-from pipeline.tracking import MlflowSink, Tracker, project_root, tracking_uri
+from pipeline.store import project_root, tracking_uri
+from pipeline.tracking import MlflowSink, Tracker
 
 
 def test_project_root_from_inside_a_dvc_queue_copy(tmp_path):

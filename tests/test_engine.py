@@ -63,6 +63,29 @@ def test_resume_mid_epoch_starts_at_the_right_batch():
     assert rest == whole[4:]
 
 
+@pytest.mark.parametrize("drop_last", [False, True])
+@pytest.mark.parametrize("chunk", [25, 1 << 20])  # 2 batches a chunk (a partial last one), one chunk
+def test_chunked_gather_gives_each_rank_its_rows_of_every_global_batch(monkeypatch, chunk, drop_last):
+    """Batches gathered a chunk at a time are the epoch permutation cut in order; under two ranks
+    each takes every other row of each global batch; a resume inside a chunk starts at its batch."""
+    from pipeline.batches import epoch_permutation
+    from pipeline.dist import Dist
+
+    monkeypatch.setattr(Batches, "CHUNK_ELEMENTS", chunk)
+    p = TrainParams(seed=7, drop_last=drop_last)
+    perm = epoch_permutation(7, 3, 103, torch.device("cpu")).tolist()
+    n_batches = 10 if drop_last else 11
+    expected = [perm[i * 10:(i + 1) * 10] for i in range(n_batches)]
+    one = Batches(ids_split(), p, 10, torch.device("cpu"))
+    assert [xb[:, 0].long().tolist() for xb, _ in one.epoch(3)] == expected
+    assert [xb[:, 0].long().tolist() for xb, _ in one.epoch(3, start=5)] == expected[5:]
+    for rank in (0, 1):
+        b = Batches(ids_split(), p, 10, torch.device("cpu"), Dist(rank=rank, world=2))
+        got = [xb[:, 0].long().tolist() for xb, _ in b.epoch(3)]
+        assert got == [e[rank::2] for e in expected]
+        assert [b.samples_in(i, torch.empty(len(g))) for i, g in enumerate(got)] == [len(e) for e in expected]
+
+
 def test_lr_scaling_and_warmup():
     p = TrainParams(lr=0.1, base_batch_size=32, lr_scaling="linear", warmup_epochs=1)
     assert scaled_lr(p, 128) == pytest.approx(0.4)
@@ -157,3 +180,16 @@ def test_unreadable_checkpoint_is_moved_aside_and_said(tmp_path, capsys):
 def test_non_finite_loss_stops_with_a_clear_message():
     with pytest.raises(NonFiniteLoss, match="optimizer step"):
         _fit(TrainParams(epochs=2, lr=1e30, optimizer="sgd"))
+
+
+def test_threads_follow_the_work_per_step_and_an_explicit_count_wins():
+    from pipeline.system import PARALLEL_WORK, cpu_count, set_threads
+
+    before = torch.get_num_threads()
+    try:
+        assert set_threads(0, work=PARALLEL_WORK - 1) == 1 == torch.get_num_threads()
+        assert set_threads(0, work=PARALLEL_WORK) == cpu_count() == torch.get_num_threads()
+        assert set_threads(0) == cpu_count()  # work unknown
+        assert set_threads(3, work=1) == 3 == torch.get_num_threads()
+    finally:
+        torch.set_num_threads(before)

@@ -113,3 +113,29 @@ def test_sink_full_history_logs_every_step_and_the_last_partial_window(store):
     steps = sorted(m.step for m in t.client.get_metric_history(run2, "train/loss"))
     # window = ceil(23 / 10) = 3 steps: seven full windows, then the partial one at step 23.
     assert steps == [3 * 4 * k for k in range(1, 8)] + [23 * 4]
+
+
+def test_a_logger_started_ahead_serves_the_next_run_and_one_never_used_exits(store):
+    """``another=True`` starts the next run's logger while this run trains; the next sink is
+    handed that process (its run named on its first line), and every point arrives once."""
+    from pipeline import metric_logger
+
+    t = Tracker(store, "exp", {})
+    first = t.client.create_run(t.experiment_id).info.run_id
+    sink = MlflowSink(t, first, total_steps=10, max_points=100, full_history=False, start_time=time.time(),
+                      another=True)
+    spare = metric_logger._SPARES[t.uri]
+    assert spare.poll() is None and spare is not sink._proc
+    sink.steps(_chunk(1, 10))
+    sink.close(complete=True)
+    second = t.client.create_run(t.experiment_id).info.run_id
+    sink = MlflowSink(t, second, total_steps=10, max_points=100, full_history=False, start_time=time.time())
+    assert sink._proc is spare and t.uri not in metric_logger._SPARES
+    sink.steps(_chunk(1, 10))
+    sink.close(complete=True)
+    for run in (first, second):
+        assert sorted(m.step for m in t.client.get_metric_history(run, "train/loss")) == [4 * k for k in range(1, 11)]
+    metric_logger.prestart(t.uri)  # a spare nobody takes reads the end of its input and exits
+    unused = metric_logger.take(t.uri)
+    unused.stdin.close()
+    assert unused.wait(timeout=120) == 0

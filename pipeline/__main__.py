@@ -47,7 +47,7 @@ def _parser() -> argparse.ArgumentParser:
     sp.add_argument("--base", default="http://127.0.0.1:5000", help="where `mlflow ui` serves")
     sp = verb("bench", "benchmark data paths and logging overhead (prints a table)")
     sp.add_argument("--batch-sizes", default="1,8,64,512,4096")
-    sp.add_argument("--seconds", type=float, default=2.0, help="seconds per cell")
+    sp.add_argument("--seconds", type=float, default=3.0, help="seconds per cell and batch size, split over the repeats")
     sp.add_argument("--repeats", type=int, default=3)
     sp.add_argument("--json", dest="json_path", default=None)
     sp.add_argument("--ranks", type=int, default=2, help="data-parallel rows: ranks under torchrun (1: none)")

@@ -20,6 +20,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from contextlib import contextmanager, nullcontext
 from typing import Any
 
 import numpy as np
@@ -141,7 +142,12 @@ def run_bench(batch_sizes: list[int], seconds: float, repeats: int, device: torc
     val = Split(x[:N_VAL], y[:N_VAL])
     tutorial_ds = TutorialDataset(images, labels)
     tensor_ds = torch.utils.data.TensorDataset(x, y)
-    sink = sink_factory() if sink_factory else NullSink()
+    def logged(name: str):
+        # A fresh logger process per pipeline cell, as each training run has its own: started and
+        # ready before the cell's steps, drained after them (neither is timed), so one cell's
+        # backlog never runs into the next.
+        return sink_factory(name) if sink_factory else nullcontext(NullSink())
+
     per = seconds / repeats
     n_params = sum(q.numel() for q in _model(device)[0].parameters())
 
@@ -159,7 +165,8 @@ def run_bench(batch_sizes: list[int], seconds: float, repeats: int, device: torc
             rates.setdefault(("tensordataset", bs), []).append(_loader_rate(
                 torch.utils.data.DataLoader(tensor_ds, batch_size=bs, shuffle=True), device, per))
             policy(bs)
-            rate, peak = _pipeline_rate(train, val, bs, device, per, sink)
+            with logged(f"bs{bs}-repeat{r + 1}") as sink:
+                rate, peak = _pipeline_rate(train, val, bs, device, per, sink)
             rates.setdefault(("pipeline", bs), []).append(rate)
             memory[bs] = max(memory.get(bs, 0), peak)
             for t in range(1, cores + 1):
@@ -168,10 +175,13 @@ def run_bench(batch_sizes: list[int], seconds: float, repeats: int, device: torc
             log(f"  repeat {r + 1}/{repeats} batch size {bs}: " + ", ".join(
                 f"{k[0]} {v[-1]:,.0f}" for k, v in rates.items() if k[1] == bs))
     # Logging overhead at batch size 8: the same loop with logging on and off, interleaved.
-    on, off = [], []
+    on, off, drains = [], [], []
     policy(8)
-    for _ in range(repeats):
-        on.append(_pipeline_rate(train, val, 8, device, per * 2, sink)[0])
+    for r in range(repeats):
+        with logged(f"bs8-logging-on-repeat{r + 1}") as sink:
+            on.append(_pipeline_rate(train, val, 8, device, per * 2, sink)[0])
+            done = time.perf_counter()
+        drains.append(time.perf_counter() - done)
         off.append(_pipeline_rate(train, val, 8, device, per * 2, NullSink())[0])
     noisy, quiet = [], []
     with_noise = PARAMS.model_copy(update={"noise_scale": True})
@@ -179,10 +189,7 @@ def run_bench(batch_sizes: list[int], seconds: float, repeats: int, device: torc
     for _ in range(repeats):
         noisy.append(_pipeline_rate(train, val, 64, device, per * 2, NullSink(), with_noise)[0])
         quiet.append(_pipeline_rate(train, val, 64, device, per * 2, NullSink())[0])
-    drain_t0 = time.perf_counter()
-    if sink_factory:
-        sink.close(complete=True)
-    drain = time.perf_counter() - drain_t0
+    drain = statistics.median(drains)
     rows = []
     for bs in batch_sizes:
         best = max(range(1, cores + 1), key=lambda t: statistics.median(rates[(f"compute{t}", bs)]))
@@ -210,7 +217,8 @@ def table(result: dict[str, Any]) -> str:
     sizes = sorted({r["batch_size"] for r in result["rows"]})
     head = (f"{'batch':>6} {'tutorial':>9} {'tensordataset':>13} {'pipeline':>13} {'limit':>13}"
             f" {'pipe/tut':>9} {'pipe/limit':>10} {'peak MB':>8}")
-    lines = [f"training samples/s on {result['device']} ({result['cores']} cores), median of {result['repeats']}; "
+    lines = [f"training samples/s on {result['device']} ({result['cores']} cores), median of {result['repeats']} cells "
+             f"of {result['seconds_per_cell'] / result['repeats']:.1f} s; "
              f"[threads]: tutorial and tensordataset run with torch's default ({result['default_threads']}), "
              f"the limit is the best compute-only rate over 1..{result['cores']}", head]
     for bs in sizes:
@@ -247,13 +255,19 @@ def main(ctx, args) -> None:
     device = pick_device(ctx.params.train.device)
     tracker = ctx.tracker("bench", f"{ctx.params.tracking.experiment}-bench")
     with tracker.run(name="bench", parent_id=None, tags={"batchlab.role": "bench"}) as run_id:
-        sink_run = tracker.create_run("bench-logging-target", {"batchlab.role": "bench-sink"}, parent_id=run_id)
-        try:
-            result = run_bench(sizes, args.seconds, args.repeats, device,
-                               lambda: MlflowSink(tracker, sink_run, N_SAMPLES, TrackingParams().max_points, False, time.time()),
-                               log=lambda m: print(m, file=sys.stderr))
-        finally:
-            tracker.finish(sink_run)
+        @contextmanager
+        def cell_sink(name: str):
+            # Each pipeline cell logs into a child run of its own, as a training run would.
+            cell_run = tracker.create_run(name, {"batchlab.role": "bench-sink"}, parent_id=run_id)
+            sink = MlflowSink(tracker, cell_run, N_SAMPLES, TrackingParams().max_points, False, time.time())
+            try:
+                yield sink
+            finally:
+                sink.close(complete=True)
+                tracker.finish(cell_run)
+
+        result = run_bench(sizes, args.seconds, args.repeats, device, cell_sink,
+                           log=lambda m: print(m, file=sys.stderr))
         if args.ranks > 1:
             big = [b for b in sizes if b >= 64] or sizes[-1:]
             print(f"  data-parallel: 1 process vs {args.ranks} ranks (torchrun, gloo) at batch sizes {big}",

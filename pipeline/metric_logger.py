@@ -36,10 +36,21 @@ def send_points(client, run_id: str, points: list) -> None:
         client.log_batch(run_id, metrics=metrics[i:i + MAX_BATCH])
 
 
+def yield_to_training() -> None:
+    """Run only on a core training leaves idle (Linux SCHED_IDLE): a trainer whose step uses
+    every core through OpenMP waits for its slowest thread, so a logger that takes a core even
+    briefly stalls every step. The points queue up and are sent in the gaps and after training.
+    Elsewhere: the lowest ordinary priority."""
+    try:
+        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+    except (AttributeError, OSError):
+        os.nice(19)
+
+
 def main(uri: str, run_id: str | None = None, spool_file: str | None = None) -> int:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    os.nice(10)  # training comes first when both want the CPU
+    yield_to_training()
     if run_id is None:
         # Started ahead of its run (``spawn``): import while the trainer starts, then wait for
         # the first line, [run_id, spool_file]. The client is made only then, when the stage

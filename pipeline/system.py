@@ -113,9 +113,11 @@ def threads() -> int:
 
 # Work per optimizer step (batch size x model parameters, about a forward pass's multiply-adds)
 # from which a step is worth every core. Below it one thread is faster: OpenMP's hand-offs cost
-# more than they save. Measured on 2 cores, 784-128-10 MLP: one thread faster at batch size 8
-# (0.8M), two at 64 (6.5M) and above.
-PARALLEL_WORK = 1 << 22
+# more than they save, and the steps are many, so the metric logger (about 0.1 ms of CPU a point,
+# five points a step) needs a core of its own. Measured on 2 cores, 784-128-10 MLP, logging every
+# step: batch 64 (6.5M) ran 80k samples/s on one thread beside the logger, 40-60k on two; batch
+# 512 (52M) 167k on one, 197k on two.
+PARALLEL_WORK = 1 << 24
 
 
 def set_threads(wanted: int, work: int | None = None) -> int:

@@ -46,5 +46,8 @@ server: setup
 ui: setup
 	mlflow ui --backend-store-uri sqlite:///$(abspath mlflow.db) --host 127.0.0.1 --port 5000
 
+# The outputs only: the MLflow store (mlflow.db, mlartifacts) and DVC's cache stay, so the next
+# `make run` restores the outputs of runs the store already holds and both still agree. To start
+# over, remove mlflow.db, mlartifacts and .dvc/cache as well, then `dvc repro --force`.
 clean:
-	rm -rf outputs data/prepared checkpoints mlflow.db mlflow.db.lock mlartifacts .batchlab.lock dvc_plots
+	rm -rf outputs data/prepared checkpoints .batchlab.lock dvc_plots

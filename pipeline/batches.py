@@ -59,6 +59,7 @@ class Batches:
                              f"from {self.n} training samples (allowed: batch size <= {self.n})")
         if p.loader == "tensor":
             self.data = data.to(device)
+            self._plan()
         else:
             self.data = data
             self.sampler = EpochSampler(self.n, p.seed)
@@ -100,8 +101,6 @@ class Batches:
         A step is done with its batch before it asks for the next, so a chunk is refilled only
         when all of its batches are done. Chunks start at the same batches whatever ``start``,
         so a resumed epoch sees each batch at the same place as an uninterrupted one."""
-        if not hasattr(self, "_bounds"):
-            self._plan()
         rows = epoch_permutation(self.p.seed, epoch, self.n, self.device)[self._take]
         k = self._per_chunk
         for first in range(start - start % k, self.per_epoch, k):

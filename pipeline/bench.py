@@ -31,7 +31,7 @@ from .config import TrackingParams, TrainParams
 from .data import Split
 from .engine import NullSink, fit, make_optimizer
 from .models import MLP
-from .system import PeakMemory, cpu_count, device_name, pick_device, set_threads
+from .system import PeakMemory, cpu_count, device_name, pick_device, set_threads, threads_for
 
 LOADERS = ("tutorial", "tensordataset", "pipeline", "limit")
 DEFAULT_THREADS = torch.get_num_threads()  # before anything sets it: what a user's script gets
@@ -195,7 +195,7 @@ def run_bench(batch_sizes: list[int], seconds: float, repeats: int, device: torc
         best = max(range(1, cores + 1), key=lambda t: statistics.median(rates[(f"compute{t}", bs)]))
         for loader in LOADERS:
             key = (f"compute{best}", bs) if loader == "limit" else (loader, bs)
-            threads = {"limit": best, "pipeline": policy(bs)}.get(loader, DEFAULT_THREADS)
+            threads = {"limit": best, "pipeline": threads_for(0, bs * n_params)}.get(loader, DEFAULT_THREADS)
             rows.append({"loader": loader, "batch_size": bs, "samples_per_s": statistics.median(rates[key]),
                          "threads": threads, "peak_memory_bytes": memory.get(bs, 0) if loader == "pipeline" else 0})
         for t in range(1, cores + 1):

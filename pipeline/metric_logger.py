@@ -1,8 +1,8 @@
-"""``python -m pipeline.metric_logger URI [RUN_ID SPOOL_FILE]``: sends metric batches to MLflow from
-its own process, so the training process never waits on the store. Without RUN_ID it is started
-ahead of its run (``spawn``) and reads [RUN_ID, SPOOL_FILE] as its first line.
+"""``python -m pipeline.metric_logger URI``: sends metric batches to MLflow from its own process,
+so the training process never waits on the store. It is started (``spawn``) before its run is
+known, often ahead of it (``prestart``), and reads [RUN_ID, SPOOL_FILE] as its first line.
 
-Protocol: stdin carries one JSON list of [key, value, timestamp_ms, step] per line; the process
+Protocol: after that line, stdin carries one JSON list of [key, value, timestamp_ms, step] per line; the process
 answers ``ready`` once connected, and at end of input one JSON line
 {"sent": n, "skipped": n, "spooled": n, "error": ...}.
 
@@ -47,22 +47,21 @@ def yield_to_training() -> None:
         os.nice(19)
 
 
-def main(uri: str, run_id: str | None = None, spool_file: str | None = None) -> int:
+def main(uri: str) -> int:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     yield_to_training()
-    if run_id is None:
-        # Started ahead of its run (``spawn``): import while the trainer starts, then wait for
-        # the first line, [run_id, spool_file]. The client is made only then, when the stage
-        # has made the store (two processes creating a new SQLite store at once break it).
-        import importlib
-        importlib.import_module("mlflow.tracking")
-        if uri.startswith("sqlite:"):
-            importlib.import_module("mlflow.store.tracking.sqlalchemy_store")
-        header = sys.stdin.readline()
-        if not header:
-            return 0  # not needed after all
-        run_id, spool_file = json.loads(header)
+    # Import while the trainer works, then wait for the first line, [run_id, spool_file]. The
+    # client is made only then, when the stage has made the store (two processes creating a new
+    # SQLite store at once break it).
+    import importlib
+    importlib.import_module("mlflow.tracking")
+    if uri.startswith("sqlite:"):
+        importlib.import_module("mlflow.store.tracking.sqlalchemy_store")
+    header = sys.stdin.readline()
+    if not header:
+        return 0  # not needed after all
+    run_id, spool_file = json.loads(header)
     try:
         from mlflow.tracking import MlflowClient
 
@@ -124,4 +123,4 @@ def spawn(uri: str):
 
 
 if __name__ == "__main__":
-    sys.exit(main(*sys.argv[1:4]))
+    sys.exit(main(sys.argv[1]))

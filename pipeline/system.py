@@ -120,11 +120,15 @@ def threads() -> int:
 PARALLEL_WORK = 1 << 24
 
 
-def set_threads(wanted: int, work: int | None = None) -> int:
+def threads_for(wanted: int, work: int | None = None) -> int:
     """``wanted`` torch threads; 0: chosen from ``work`` (all cores from PARALLEL_WORK up, else
     one), all cores when the work is not known. The choice is a function of the params and the
     machine, never of a timing, so the same run on the same machine repeats bit for bit."""
-    n = wanted or (cpu_count() if work is None or work >= PARALLEL_WORK else 1)
+    return wanted or (cpu_count() if work is None or work >= PARALLEL_WORK else 1)
+
+
+def set_threads(wanted: int, work: int | None = None) -> int:
+    n = threads_for(wanted, work)
     torch.set_num_threads(n)
     return n
 

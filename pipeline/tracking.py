@@ -21,7 +21,6 @@ import json
 import math
 import os
 import queue
-import subprocess
 import sys
 import tempfile
 import threading
@@ -569,17 +568,11 @@ class MlflowSink:
         self._proc = None
         if tracker.down is None and not is_local(self.run_id):
             # A logger started ahead (its imports overlapped the stage's start or the previous
-            # run) is told its run; else one starts now. ``another``: a run follows this one,
-            # so its logger starts importing now.
-            self._proc = metric_logger.take(tracker.uri)
-            if self._proc is not None:
-                self._proc.stdin.write(json.dumps([self.run_id, str(self.spool_file)]) + "\n")
-                self._proc.stdin.flush()
-            else:
-                self._proc = subprocess.Popen(
-                    [sys.executable, "-m", "pipeline.metric_logger", tracker.uri, self.run_id, str(self.spool_file)],
-                    stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-                    cwd=str(Path(__file__).resolve().parent.parent), start_new_session=True)
+            # run), else one started now, is told its run on its first line. ``another``: a run
+            # follows this one, so its logger starts importing now.
+            self._proc = metric_logger.take(tracker.uri) or metric_logger.spawn(tracker.uri)
+            self._proc.stdin.write(json.dumps([self.run_id, str(self.spool_file)]) + "\n")
+            self._proc.stdin.flush()
             if another:
                 metric_logger.prestart(tracker.uri)
         self._ready = threading.Event()

@@ -4,7 +4,6 @@ from __future__ import annotations
 import gzip
 import os
 import shutil
-import struct
 import subprocess
 import sys
 from pathlib import Path
@@ -116,17 +115,15 @@ def ctx_factory(tmp_path: Path, monkeypatch, empty_store: Path):
 def write_idx(folder: Path, n_train: int = 60, n_test: int = 20, seed: int = 0,
               gz: bool = False) -> None:
     """Tiny MNIST-format files (real IDX headers) in torchvision's layout."""
+    from pipeline.stagebench import write_idx as write_files
+
     rng = np.random.default_rng(seed)
-    folder.mkdir(parents=True, exist_ok=True)
     for prefix, n in (("train", n_train), ("t10k", n_test)):
         images = rng.integers(0, 256, size=(n, 28, 28), dtype=np.uint8)
-        labels = (np.arange(n) % 10).astype(np.uint8)
-        img = struct.pack(">IIII", 0x803, n, 28, 28) + images.tobytes()
-        lab = struct.pack(">II", 0x801, n) + labels.tobytes()
-        for name, blob in ((f"{prefix}-images-idx3-ubyte", img), (f"{prefix}-labels-idx1-ubyte", lab)):
-            (folder / name).write_bytes(blob)
-            if gz:
-                (folder / f"{name}.gz").write_bytes(gzip.compress(blob))
+        write_files(folder, images, np.arange(n) % 10, prefix)
+        if gz:
+            for name in (f"{prefix}-images-idx3-ubyte", f"{prefix}-labels-idx1-ubyte"):
+                (folder / f"{name}.gz").write_bytes(gzip.compress((folder / name).read_bytes()))
 
 
 # A sweep run by the CLI's stage verbs in one process, where a test needs no DVC around them.

@@ -138,13 +138,63 @@ def cpu_count() -> int:
 
 
 def stop_with_parent() -> None:
-    """Linux: SIGTERM this process when its parent dies (PR_SET_PDEATHSIG), so a trainer whose
+    """Linux: SIGTERM this process when the process that started it dies, so a trainer whose
     `dvc repro` is killed stops at its next step boundary with a checkpoint instead of running on
-    as an orphan. Elsewhere nothing."""
+    as an orphan. The kernel does it for the direct parent (PR_SET_PDEATHSIG). DVC runs a stage's
+    command through ``$SHELL -c`` (``/bin/sh`` where SHELL is unset, as under cron or CI), and dash
+    forks the command instead of exec'ing it: there the parent is a shell that outlives DVC, so
+    the process above such wrappers is watched too, by a thread blocked on its pidfd (no polling,
+    nothing that competes with the step). Elsewhere nothing."""
     import ctypes
     import signal
     try:
         libc = ctypes.CDLL("libc.so.6", use_errno=True)
         libc.prctl(1, int(signal.SIGTERM), 0, 0, 0)  # PR_SET_PDEATHSIG
     except (OSError, AttributeError):
-        pass
+        return
+    below, pid = os.getpid(), os.getppid()
+    while _is_shell_wrapper(pid):
+        below, pid = pid, _parent_of(pid)
+    if below != os.getpid() and pid > 1:
+        _term_when_gone(pid, below)
+
+
+def _proc(pid: int, name: str) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/{name}").read_bytes()
+    except OSError:
+        return b""
+
+
+def _parent_of(pid: int) -> int:
+    stat = _proc(pid, "stat")  # "pid (comm) state ppid ..."; comm may hold spaces and parens
+    return int(stat[stat.rindex(b")") + 2:].split()[1]) if stat else 0
+
+
+def _is_shell_wrapper(pid: int) -> bool:
+    """``sh -c CMD`` (or bash, zsh, fish with DVC's options): a process that only runs ours."""
+    argv = _proc(pid, "cmdline").split(b"\0")
+    shells = {b"sh", b"dash", b"bash", b"zsh", b"ksh", b"fish"}
+    return pid > 1 and os.path.basename(argv[0]) in shells and b"-c" in argv[1:]
+
+
+def _term_when_gone(pid: int, below: int) -> None:
+    """SIGTERM this process when ``pid`` (the parent of wrapper ``below``) exits."""
+    import select
+    import signal
+    import threading
+    try:
+        fd = os.pidfd_open(pid)
+    except (AttributeError, OSError):  # gone already, or a kernel/Python without pidfds
+        fd = None
+    if _parent_of(below) != pid:  # the wrapper was re-parented: pid died (its number may be reused)
+        os.kill(os.getpid(), signal.SIGTERM)
+        return
+    if fd is None:
+        return
+
+    def wait() -> None:
+        select.select([fd], [], [])
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=wait, name="stop-with-parent", daemon=True).start()

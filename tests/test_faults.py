@@ -193,12 +193,16 @@ def test_a_second_trainer_of_the_same_identity_stops_at_once_naming_the_first(tm
     assert [r.info.status for r in trains] == ["KILLED"]
 
 
-def test_killing_dvc_repro_stops_its_trainer_with_a_checkpoint_and_repro_resumes(tmp_path):
+# DVC runs a stage's command with `$SHELL -c`: bash exec's the command (the trainer's parent is
+# DVC), dash (/bin/sh, used where SHELL is unset, as under cron or CI) forks it (the parent is a
+# shell that outlives DVC). Both must take the trainer down with DVC.
+@pytest.mark.parametrize("shell", ["/bin/sh", "/bin/bash"])
+def test_killing_dvc_repro_stops_its_trainer_with_a_checkpoint_and_repro_resumes(tmp_path, shell):
     proj = make_project(tmp_path / "d", LONG)
     uri = f"sqlite:///{proj / 'mlflow.db'}"
     sh(["dvc", "repro", "prepare"], proj)
-    dvc = subprocess.Popen(["dvc", "repro"], cwd=proj, env=env_for(proj), stdout=subprocess.PIPE,
-                           stderr=subprocess.PIPE, text=True)
+    dvc = subprocess.Popen(["dvc", "repro"], cwd=proj, env={**env_for(proj), "SHELL": shell},
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     ckpt = proj / "checkpoints" / "bs1-s0.pt"
     lock = proj / "checkpoints" / "bs1-s0.lock"
     _wait_for(lambda: ckpt.exists() and "pid" in lock.read_text(), "a checkpoint", dvc, poll=0.01)

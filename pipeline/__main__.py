@@ -116,7 +116,8 @@ def _prepare(args, ctx) -> None:
 def _train(args, ctx) -> None:
     from . import train
     from .system import stop_with_parent
-    stop_with_parent()  # a `dvc repro` that dies takes its trainer along, at a step boundary
+    if "DVC_STAGE" in os.environ:  # set by DVC for a stage's command; not under nohup or a plain shell
+        stop_with_parent()  # a `dvc repro` that dies takes its trainer along, at a step boundary
     seeds = (args.seed,) if args.seed is not None else None
     for summary in train.run(ctx, args.batch_size, seeds=seeds):
         if os.environ.get("RANK", "0") == "0":

@@ -144,7 +144,8 @@ def stop_with_parent() -> None:
     command through ``$SHELL -c`` (``/bin/sh`` where SHELL is unset, as under cron or CI), and dash
     forks the command instead of exec'ing it: there the parent is a shell that outlives DVC, so
     the process above such wrappers is watched too, by a thread blocked on its pidfd (no polling,
-    nothing that competes with the step). Elsewhere nothing."""
+    nothing that competes with the step). Called for DVC's stage commands only: a trainer started
+    by hand (`nohup python -m pipeline train ... &`) outlives its shell. Elsewhere nothing."""
     import ctypes
     import signal
     try:

@@ -35,7 +35,9 @@ class Postgres:
 
     def _as_postgres(self, cmd: list[str]) -> subprocess.CompletedProcess:
         if os.geteuid() == 0:  # the server refuses to run as root
-            cmd = ["runuser", "-u", "postgres", "--", *cmd]
+            # /usr/sbin is not on every PATH (a minimal CI environment's, for one)
+            runuser = shutil.which("runuser", path=f"{os.environ.get('PATH', '')}:/usr/sbin:/sbin") or "runuser"
+            cmd = [runuser, "-u", "postgres", "--", *cmd]
         return subprocess.run(cmd, capture_output=True, text=True, timeout=120)
 
     def start(self) -> bool:

@@ -172,6 +172,14 @@ def test_sigkill_after_a_checkpoint_resumes_into_the_same_run_exactly_once(tmp_p
     assert "Traceback" not in again.stderr
 
 
+def _gone(pid: int) -> bool:
+    """Exited: no such process, or a zombie (an orphan's exit is reaped by init, not by us)."""
+    try:
+        return open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0] == "Z"
+    except OSError:
+        return True
+
+
 def _child_any(uri):
     return [r for r in runs_of(uri)[1] if r.data.tags.get("batchlab.role") == "train"]
 
@@ -191,6 +199,41 @@ def test_a_second_trainer_of_the_same_identity_stops_at_once_naming_the_first(tm
     client, runs = runs_of(f"sqlite:///{proj / 'mlflow.db'}")
     trains = [r for r in runs if r.data.tags.get("batchlab.role") == "train"]
     assert [r.info.status for r in trains] == ["KILLED"]
+
+
+def test_a_trainer_started_by_hand_is_not_tied_to_the_process_that_started_it(tmp_path):
+    # Only DVC's stage commands stop with their parent: `nohup python -m pipeline train &` from a
+    # shell that then exits must train on. Here a parent starts `sh -c "python -m pipeline train"`
+    # and is killed; the trainer must still be stepping afterwards.
+    proj, env = _prepared(tmp_path, merge(LONG, {"train": {"epochs": 100}}))
+    ckpt, lock = proj / "checkpoints" / "bs1-s0.pt", proj / "checkpoints" / "bs1-s0.lock"
+    starter = ("import subprocess, sys, time\n"
+               "subprocess.Popen(['/bin/sh', '-c', sys.argv[1]])\n"
+               "time.sleep(600)")
+    parent = subprocess.Popen([sys.executable, "-c", starter,
+                               f"{sys.executable} -m pipeline train --batch-size 1 >train.log 2>&1"],
+                              cwd=proj, env=env, stderr=subprocess.PIPE, text=True)
+    _wait_for(lambda: ckpt.exists() and "pid" in lock.read_text(), "a checkpoint", parent)
+    trainer = int(lock.read_text().split()[1])
+    import torch
+
+    def step() -> int:
+        try:
+            return torch.load(ckpt, weights_only=True)["loop"]["step"]
+        except Exception:  # read while being replaced
+            return -1
+    def progressed(since: int) -> bool:
+        if _gone(trainer):
+            pytest.fail(f"the trainer stopped with its parent: {(proj / 'train.log').read_text()[-500:]}")
+        return step() > since + 600
+    parent.kill()
+    parent.wait()
+    at_kill = step()
+    _wait_for(lambda: progressed(at_kill), "checkpoints after the parent died")
+    os.kill(trainer, signal.SIGTERM)
+    _wait_for(lambda: _gone(trainer), "the trainer to stop")
+    run = _child_any(f"sqlite:///{proj / 'mlflow.db'}")[0]
+    assert run.info.status == "KILLED" and "SIGTERM" in run.data.tags["batchlab.end_reason"]
 
 
 # DVC runs a stage's command with `$SHELL -c`: bash exec's the command (the trainer's parent is
@@ -217,8 +260,7 @@ def test_killing_dvc_repro_stops_its_trainer_with_a_checkpoint_and_repro_resumes
     os.kill(trainer, signal.SIGCONT)  # the kernel's SIGTERM is pending: acted on at the next step
     _wait_for(lambda: _child_any(uri), "the run")
     owner = int(_child_any(uri)[0].data.tags["batchlab.owner.pid"])
-    _wait_for(lambda: not os.path.exists(f"/proc/{owner}") or
-              open(f"/proc/{owner}/stat").read().split(")")[1].split()[0] == "Z", "the orphan trainer to stop")
+    _wait_for(lambda: _gone(owner), "the orphan trainer to stop")
     run = _child_any(uri)[0]
     assert run.info.status == "KILLED" and "SIGTERM" in run.data.tags["batchlab.end_reason"]
     assert ckpt.exists()

@@ -115,7 +115,7 @@ def _prepare(args, ctx) -> None:
 
 def _train(args, ctx) -> None:
     from . import train
-    from .system import stop_with_parent
+    from .signals import stop_with_parent
     if "DVC_STAGE" in os.environ:  # set by DVC for a stage's command; not under nohup or a plain shell
         stop_with_parent()  # a `dvc repro` that dies takes its trainer along, at a step boundary
     seeds = (args.seed,) if args.seed is not None else None

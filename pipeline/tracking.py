@@ -36,7 +36,7 @@ from mlflow.tracking import MlflowClient
 from . import metric_logger, spool
 from .metric_logger import MAX_BATCH, last_steps, send_points
 from .records import StepChunk
-from .signals import Interrupted
+from .signals import Interrupted, proc_stat
 from .store import is_local_store, tracking_uri
 from .spool import Spool, is_local, new_local_id
 
@@ -492,10 +492,8 @@ def owner_tags() -> dict[str, str]:
 def process_start(pid: int) -> str:
     """The process's start time in clock ticks since boot ('' where unknown): with the pid it
     names one process, even after the pid is reused."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
-    except (OSError, IndexError):
-        return ""
+    fields = proc_stat(pid)
+    return fields[19] if len(fields) > 19 else ""
 
 
 def owner_alive(tags: dict[str, str]) -> bool:

@@ -9,6 +9,7 @@ import time
 
 import pytest
 
+from pipeline.signals import proc_stat
 from conftest import SMALL, MlflowServer, env_for, make_project, merge, runs_of, sh
 
 pytestmark = pytest.mark.slow
@@ -174,10 +175,7 @@ def test_sigkill_after_a_checkpoint_resumes_into_the_same_run_exactly_once(tmp_p
 
 def _gone(pid: int) -> bool:
     """Exited: no such process, or a zombie (an orphan's exit is reaped by init, not by us)."""
-    try:
-        return open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0] == "Z"
-    except OSError:
-        return True
+    return proc_stat(pid)[:1] in ([], ["Z"])
 
 
 def _child_any(uri):

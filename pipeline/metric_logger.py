@@ -10,11 +10,17 @@ Exactly once: a point whose step is not beyond the last step the store already h
 is skipped (a resumed run re-trains the steps after its checkpoint; the store may hold them from
 the process that died). When the store stops answering, the failed batch and every later one are
 appended to SPOOL_FILE, which the stage's journal then carries to the store later.
+Writing: MLflow's ``log_batch`` costs about 90 µs of CPU a point in a SQL store (its ORM builds an
+object per point), which at five points per optimizer step takes a large part of a core from
+training. For the SQL stores tested here (SQLite, PostgreSQL) the points go in with one multi-row
+INSERT into the metric tables MLflow itself defines, about 7 µs a point; any other store, or a
+schema other than the one expected, gets ``log_batch``.
 It imports only MLflow and ignores SIGINT/SIGTERM: the parent decides when it stops.
 """
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import sys
@@ -28,12 +34,102 @@ def last_steps(client, run_id: str) -> dict[str, int]:
     return {k: max((m.step for m in client.get_metric_history(run_id, k)), default=-1) for k in keys}
 
 
-def send_points(client, run_id: str, points: list) -> None:
-    from mlflow.entities import Metric
+class Points:
+    """Sends metric points, lists of [key, value, timestamp_ms, step], to runs of one store."""
 
-    metrics = [Metric(k, v, ts, step) for k, v, ts, step in points]
-    for i in range(0, len(metrics), MAX_BATCH):
-        client.log_batch(run_id, metrics=metrics[i:i + MAX_BATCH])
+    def __init__(self, client, uri: str):
+        self.client = client
+        self.sql = SqlPoints.open(uri)
+
+    def send(self, run_id: str, points: list) -> None:
+        for i in range(0, len(points), MAX_BATCH):
+            batch = points[i:i + MAX_BATCH]
+            if self.sql is None or not self.sql.insert(run_id, batch):
+                self._log_batch(run_id, batch)
+
+    def _log_batch(self, run_id: str, points: list) -> None:
+        from mlflow.entities import Metric
+
+        self.client.log_batch(run_id, metrics=[Metric(k, v, ts, step) for k, v, ts, step in points])
+
+
+class SqlPoints:
+    """Metric points as rows of MLflow's ``metrics`` table (a row per point) and ``latest_metrics``
+    (a row per key: the point with the highest (step, timestamp, value), what the UI's run table
+    shows), written the way ``SqlAlchemyStore.log_batch`` writes them: values sanitized alike
+    (NaN as 0 with ``is_nan``, infinities as the largest finite floats), refused for a run that is
+    not active, in one transaction."""
+
+    SCHEMES = ("sqlite", "postgresql")
+    COLUMNS = {"run_uuid", "key", "value", "timestamp", "step", "is_nan"}
+
+    @classmethod
+    def open(cls, uri: str) -> "SqlPoints | None":
+        """A writer for ``uri``, or None when it is not a SQL store of SCHEMES, or when its tables
+        (or MLflow's definitions of them) have other columns than the ones written here."""
+        if uri.split(":", 1)[0].split("+", 1)[0] not in cls.SCHEMES:
+            return None
+        import sqlalchemy
+        from mlflow.store.db.utils import create_sqlalchemy_engine
+        from mlflow.store.tracking.dbmodels.models import SqlLatestMetric, SqlMetric, SqlRun
+
+        tables = SqlMetric.__table__, SqlLatestMetric.__table__
+        engine = create_sqlalchemy_engine(uri)
+        inspector = sqlalchemy.inspect(engine)
+        for table in tables:
+            if {c.name for c in table.columns} != cls.COLUMNS or \
+                    {c["name"] for c in inspector.get_columns(table.name)} != cls.COLUMNS:
+                return None
+        return cls(engine, *tables, SqlRun.__table__)
+
+    def __init__(self, engine, metrics, latest, runs):
+        self.engine, self.metrics, self.latest, self.runs = engine, metrics, latest, runs
+
+    @staticmethod
+    def _value(value: float) -> tuple[bool, float]:
+        if math.isnan(value):
+            return True, 0.0
+        if math.isinf(value):
+            return False, math.copysign(sys.float_info.max, value)
+        return False, float(value)
+
+    def insert(self, run_id: str, points: list) -> bool:
+        """Writes the points; False (nothing written) when one of them is in the store already, for
+        ``log_batch`` to sort out."""
+        import sqlalchemy as sa
+        from mlflow.exceptions import MlflowException
+
+        rows, newest = [], {}
+        for key, value, ts, step in points:
+            is_nan, value = self._value(value)
+            row = {"run_uuid": run_id, "key": key, "value": value, "timestamp": int(ts), "step": int(step),
+                   "is_nan": is_nan}
+            rows.append(row)
+            top = newest.get(key)
+            if top is None or (row["step"], row["timestamp"], value) > (top["step"], top["timestamp"], top["value"]):
+                newest[key] = row
+        if not rows:
+            return True
+        m, lm, r = self.metrics, self.latest, self.runs
+        try:
+            with self.engine.begin() as conn:
+                stage = conn.execute(sa.select(r.c.lifecycle_stage).where(r.c.run_uuid == run_id)).scalar()
+                if stage != "active":
+                    raise MlflowException(f"The run {run_id} must be in the 'active' state. Current state is {stage}.")
+                conn.execute(sa.insert(m), rows)
+                held = {row.key: row for row in conn.execute(
+                    sa.select(lm).where(lm.c.run_uuid == run_id, lm.c.key.in_(list(newest))))}
+                fresh = [row for key, row in newest.items() if key not in held]
+                if fresh:
+                    conn.execute(sa.insert(lm), fresh)
+                for key, row in newest.items():
+                    old = held.get(key)
+                    if old is not None and (row["step"], row["timestamp"], row["value"]) > (old.step, old.timestamp, old.value):
+                        conn.execute(sa.update(lm).where(lm.c.run_uuid == run_id, lm.c.key == key).values(
+                            value=row["value"], timestamp=row["timestamp"], step=row["step"], is_nan=row["is_nan"]))
+        except sa.exc.IntegrityError:
+            return False
+        return True
 
 
 def yield_to_training() -> None:
@@ -67,6 +163,7 @@ def main(uri: str) -> int:
 
         client = MlflowClient(uri)
         last = last_steps(client, run_id)
+        writer = Points(client, uri)
     except Exception as exc:
         print(json.dumps({"sent": 0, "skipped": 0, "spooled": 0, "error": f"{type(exc).__name__}: {exc}"}),
               flush=True)
@@ -82,7 +179,7 @@ def main(uri: str) -> int:
             last[p[0]] = p[3]
         if error is None:
             try:
-                send_points(client, run_id, fresh)
+                writer.send(run_id, fresh)
                 sent += len(fresh)
                 continue
             except Exception as exc:  # the store stopped answering: spool from here on

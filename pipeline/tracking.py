@@ -34,7 +34,7 @@ from mlflow.entities import Param, RunTag
 from mlflow.tracking import MlflowClient
 
 from . import metric_logger, spool
-from .metric_logger import MAX_BATCH, last_steps, send_points
+from .metric_logger import MAX_BATCH, Points, last_steps
 from .records import StepChunk
 from .signals import Interrupted, proc_stat
 from .store import is_local_store, tracking_uri
@@ -116,6 +116,7 @@ class Tracker:
         self.warn = warn
         self.experiment_id: str | None = None
         self.client: MlflowClient | None = None
+        self._writer: Points | None = None
         try:
             # The first use of a new SQLite store creates its tables (making the client does, for
             # SQLite); two processes doing that at once break the migration (seen with two sweeps
@@ -167,7 +168,7 @@ class Tracker:
             for i in range(0, len(items), 100):
                 self.client.log_batch(run, params=items[i:i + 100])
         elif op == "log_metrics":
-            send_points(self.client, run, args["points"])
+            self._points().send(run, args["points"])
         elif op == "set_tags":
             self.client.log_batch(run, tags=[RunTag(k, v) for k, v in args["tags"].items()])
         elif op == "delete_tag":
@@ -187,11 +188,16 @@ class Tracker:
         elif op == "metrics_file":
             points = [p for line in Path(args["file"]).read_text().splitlines() if line for p in json.loads(line)]
             last = last_steps(self.client, run)
-            send_points(self.client, run, [p for p in points if p[3] > last.get(p[0], -1)])
+            self._points().send(run, [p for p in points if p[3] > last.get(p[0], -1)])
         elif op == "log_model":
             self._log_model_files(run, args)
         else:
             raise ValueError(f"unknown journal operation {op!r}")
+
+    def _points(self) -> Points:
+        if self._writer is None:
+            self._writer = Points(self.client, self.uri)
+        return self._writer
 
     def resolve(self, run_id: str | None) -> str | None:
         """A run id as the store knows it (local ids of journals already sent are mapped)."""

@@ -54,3 +54,11 @@ def test_sweep_on_a_postgres_backed_server(tmp_path, postgres):
             assert len(hist["metrics"]) == int(params["total_steps"])
             arts = _api(url, f"artifacts/list?run_id={run['info']['run_id']}&path=outputs")
             assert "outputs/steps.csv" in {f["path"] for f in arts["files"]}
+
+
+def test_sql_points_on_postgres(tmp_path, postgres):
+    """The metric logger's SQL path straight into PostgreSQL (a postgresql:// tracking URI)."""
+    from pipeline.tracking import Tracker
+    from test_tracking import check_sql_points
+
+    check_sql_points(Tracker(tmp_path, f"exp-{tmp_path.name}", {"MLFLOW_TRACKING_URI": postgres}))

@@ -1,3 +1,4 @@
+import sys
 import time
 
 from pipeline.records import StepChunk
@@ -139,3 +140,41 @@ def test_a_logger_started_ahead_serves_the_next_run_and_one_never_used_exits(sto
     unused = metric_logger.take(t.uri)
     unused.stdin.close()
     assert unused.wait(timeout=120) == 0
+
+
+def test_sql_points_store_what_log_batch_stores(store):
+    check_sql_points(Tracker(store, "exp", {}))
+
+
+def check_sql_points(t: Tracker) -> None:
+    """The logger's SQL path and MLflow's own ``log_batch`` leave the same records: each key's
+    history, the latest value per key (NaN, infinities and an older step that must not become
+    the latest included), and both refuse a deleted run."""
+    import math
+
+    import pytest
+    from mlflow.exceptions import MlflowException
+    from pipeline.metric_logger import Points
+
+    writer = Points(t.client, t.uri)
+    assert writer.sql is not None  # a SQL store: the fast path, else this test compares log_batch with itself
+    batches = [[("a", 0.5, 1000, 1), ("b", float("nan"), 1000, 1), ("a", 0.25, 1001, 2), ("c", math.inf, 1000, 1)],
+               [("a", 0.125, 1002, 3), ("b", 2.0, 1002, 3), ("c", -math.inf, 999, 0), ("d", 7.0, 1003, 5)],
+               [("d", 1.0, 1004, 4)] + [("e", float(i), 2000 + i, i) for i in range(2500)]]
+    fast, slow = (t.client.create_run(t.experiment_id).info.run_id for _ in range(2))
+    for batch in batches:
+        writer.send(fast, [list(p) for p in batch])
+        writer._log_batch(slow, [list(p) for p in batch])
+
+    def records(run):
+        hist = {k: sorted((m.step, m.timestamp, m.value if not math.isnan(m.value) else "nan")
+                          for m in t.client.get_metric_history(run, k)) for k in "abcde"}
+        latest = {k: v if not math.isnan(v) else "nan" for k, v in t.client.get_run(run).data.metrics.items()}
+        return hist, latest
+
+    assert records(fast) == records(slow)
+    assert records(fast)[1] == {"a": 0.125, "b": 2.0, "c": sys.float_info.max, "d": 7.0, "e": 2499.0}
+    assert len(records(fast)[0]["e"]) == 2500
+    t.client.delete_run(fast)
+    with pytest.raises(MlflowException, match="active"):
+        writer.send(fast, [["a", 1.0, 3000, 9]])

@@ -68,17 +68,17 @@ def _positive_int(text: str) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    if args.verb == "train" and os.environ.get("RANK", "0") == "0":
-        # The first run's metric logger imports MLflow on another core while this process
-        # imports torch and loads the data (it waits for its run on stdin).
-        from . import metric_logger, store
-        metric_logger.prestart(store.tracking_uri(store.project_root()))
     from .config import ParamsError, load_params
     from .data import DataError
     from .signals import Busy, Interrupted, NonFiniteLoss
 
     try:
         params = load_params(Path(args.params), args.overrides)
+        if args.verb == "train" and os.environ.get("RANK", "0") == "0":
+            # Params are valid: the first run's metric logger imports MLflow on another core while
+            # this process imports torch and loads the data (it waits for its run on stdin).
+            from . import metric_logger, store
+            metric_logger.prestart(store.tracking_uri(store.project_root()))
         from .context import Context
         ctx = Context.from_environment(params, Path(args.params))
         return VERBS[args.verb](args, ctx) or 0

@@ -31,7 +31,7 @@ from .config import TrackingParams, TrainParams
 from .data import Split
 from .engine import NullSink, fit, make_optimizer
 from .models import MLP
-from .system import PeakMemory, cpu_count, device_name, pick_device, set_threads, threads_for
+from .system import PeakMemory, cpu_count, pick_device, processor, set_threads, threads_for
 
 LOADERS = ("tutorial", "tensordataset", "pipeline", "limit")
 DEFAULT_THREADS = torch.get_num_threads()  # before anything sets it: what a user's script gets
@@ -208,7 +208,7 @@ def run_bench(batch_sizes: list[int], seconds: float, repeats: int, device: torc
                                                "drain_seconds_after_training": drain},
             "noise_scale_overhead": {"batch_size": 64, "every_steps": with_noise.noise_scale_every,
                                      "fraction": 1 - statistics.median(noisy) / statistics.median(quiet)},
-            "device": device_name(device), "cores": cores, "default_threads": DEFAULT_THREADS,
+            "device": processor(device), "cores": cores, "default_threads": DEFAULT_THREADS,
             "seconds_per_cell": seconds, "repeats": repeats}
 
 

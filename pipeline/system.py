@@ -20,10 +20,16 @@ def pick_device(wanted: str) -> torch.device:
     return torch.device(wanted)
 
 
-def device_name(device: torch.device) -> str:
+def processor(device: torch.device) -> str:
+    """What computes: the card's name, or the CPU's architecture."""
     if device.type == "cuda":
         return f"cuda:{torch.cuda.get_device_name(device)}"
-    return f"cpu:{platform.processor() or platform.machine()}x{torch.get_num_threads()}threads"
+    return f"cpu:{platform.processor() or platform.machine()}"
+
+
+def device_name(device: torch.device) -> str:
+    """``processor`` and, on the CPU, the torch threads in use now."""
+    return processor(device) + (f"x{torch.get_num_threads()}threads" if device.type == "cpu" else "")
 
 
 class PeakMemory:

@@ -9,7 +9,7 @@
   ``mlflow run`` made becomes that parent when the sweep is new.
 * Batch-wise metrics: ``MlflowSink`` buffers steps, reduces them to at most
   ``tracking.max_points`` points per metric (window means; window size recorded) and hands
-  them to a logger process (``metric_logger``) that sends them with ``log_batch``.
+  them to a logger process (``metric_logger``) that writes them to the store.
 * Faults: a store that does not answer is declared down within seconds (bounded HTTP timeouts
   and retries below). From then on every write of the stage goes to a journal under ``spool/``
   (``pipeline/spool.py``), and the stage goes on; ``sync`` (``python -m pipeline sync``, and the
@@ -552,8 +552,8 @@ class MlflowSink:
 
     The window is ``ceil(total_steps / max_points)`` (1 with ``full_history``), so the MLflow
     history of every metric holds at most ``max_points`` points, each at step = samples seen.
-    A point costs hundreds of microseconds in the SQLite store (more than a training step at
-    small batch sizes), so the training process only queues them; ``metric_logger`` sends them
+    Writing to the store takes milliseconds a transaction, so the training process only queues
+    the points; ``metric_logger`` writes them (rows into a SQL store, ``log_batch`` elsewhere)
     from its own process (start_new_session: a terminal's Ctrl-C reaches the trainer alone, which
     flushes and then closes the logger). When the store is down, or goes down, the points go to
     the stage's journal instead.

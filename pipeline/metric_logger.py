@@ -11,7 +11,7 @@ is skipped (a resumed run re-trains the steps after its checkpoint; the store ma
 the process that died). When the store stops answering, the failed batch and every later one are
 appended to SPOOL_FILE, which the stage's journal then carries to the store later.
 Writing: through MLflow's ``log_batch`` this process spent about 87 µs a point on a SQLite store
-(its ORM builds an object per point): at five points per optimizer step, most of a core at
+(its ORM builds an object per point): at five points per optimizer step, over half a core at
 batch size 64. For the SQL stores tested here (SQLite, PostgreSQL) the points go in with one
 multi-row INSERT into the metric tables MLflow itself defines: about 14 µs a point, reading the
 pipe included. Any other store (an ``mlflow server``), or tables with other columns than expected,

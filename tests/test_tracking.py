@@ -178,3 +178,28 @@ def check_sql_points(t: Tracker) -> None:
     t.client.delete_run(fast)
     with pytest.raises(MlflowException, match="active"):
         writer.send(fast, [["a", 1.0, 3000, 9]])
+
+
+def test_points_journaled_while_the_store_was_down_reach_a_sqlite_store_once(store):
+    """A stage whose store never answered journals its run and every metric point; the next
+    stage on a SQLite store replays them through the logger's SQL path, and a further sync sends
+    nothing twice."""
+    down = Tracker(store, "exp", {"MLFLOW_TRACKING_URI": "http://127.0.0.1:9"}, warn=False)
+    assert down.down is not None
+    run = down.create_run("journaled", {})
+    sink = MlflowSink(down, run, total_steps=30, max_points=100, full_history=False, start_time=time.time())
+    sink.steps(_chunk(1, 30))
+    sink.point("val/acc", 0.75, 120)
+    sink.close(complete=True)
+    down.finish(run)
+
+    t = Tracker(store, "exp", {})  # its start sends the journal
+    real = t.resolve(run)
+    assert real != run and t._points().sql is not None
+    loss = t.client.get_metric_history(real, "train/loss")
+    assert sorted(m.step for m in loss) == [4 * s for s in range(1, 31)]
+    stored = t.client.get_run(real)
+    assert stored.data.metrics["val/acc"] == 0.75 and stored.data.metrics["train/loss"] == 1.0 / 30
+    assert stored.info.status == "FINISHED"
+    assert Tracker(store, "exp", {}).sync() == 0
+    assert len(t.client.get_metric_history(real, "train/loss")) == 30

@@ -100,17 +100,17 @@ class SqlPoints:
         import sqlalchemy as sa
         from mlflow.exceptions import MlflowException
 
+        def order(row) -> tuple:  # which of two points of a key is the latest, as MLflow decides
+            return row["step"], row["timestamp"], row["value"]
+
         rows, newest = [], {}
         for key, value, ts, step in points:
             is_nan, value = self._value(value)
             row = {"run_uuid": run_id, "key": key, "value": value, "timestamp": int(ts), "step": int(step),
                    "is_nan": is_nan}
             rows.append(row)
-            top = newest.get(key)
-            if top is None or (row["step"], row["timestamp"], value) > (top["step"], top["timestamp"], top["value"]):
+            if key not in newest or order(row) > order(newest[key]):
                 newest[key] = row
-        if not rows:
-            return True
         m, lm, r = self.metrics, self.latest, self.runs
         try:
             with self.engine.begin() as conn:
@@ -118,14 +118,13 @@ class SqlPoints:
                 if stage != "active":
                     raise MlflowException(f"The run {run_id} must be in the 'active' state. Current state is {stage}.")
                 conn.execute(sa.insert(m), rows)
-                held = {row.key: row for row in conn.execute(
+                held = {row.key: row._mapping for row in conn.execute(
                     sa.select(lm).where(lm.c.run_uuid == run_id, lm.c.key.in_(list(newest))))}
                 fresh = [row for key, row in newest.items() if key not in held]
                 if fresh:
                     conn.execute(sa.insert(lm), fresh)
                 for key, row in newest.items():
-                    old = held.get(key)
-                    if old is not None and (row["step"], row["timestamp"], row["value"]) > (old.step, old.timestamp, old.value):
+                    if key in held and order(row) > order(held[key]):
                         conn.execute(sa.update(lm).where(lm.c.run_uuid == run_id, lm.c.key == key).values(
                             value=row["value"], timestamp=row["timestamp"], step=row["step"], is_nan=row["is_nan"]))
         except sa.exc.IntegrityError:

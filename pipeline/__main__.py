@@ -68,8 +68,7 @@ def _positive_int(text: str) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    from .config import ParamsError, load_params
-    from .data import DataError
+    from .config import DataError, ParamsError, load_params
     from .signals import Busy, Interrupted, NonFiniteLoss
 
     try:

@@ -19,6 +19,11 @@ class ParamsError(ValueError):
     """A bad parameter. The message is one line: key, value, what is allowed."""
 
 
+class DataError(RuntimeError):
+    """Missing, malformed or altered data. The message names the file. (Defined here, beside
+    ParamsError, so that the command line can catch it before anything imports torch.)"""
+
+
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, strict=False, allow_inf_nan=False)
 

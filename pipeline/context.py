@@ -9,7 +9,6 @@ from pathlib import Path
 from typing import Any
 
 from .config import Params
-from .system import code_state, package_versions
 
 DATA_DIR = Path("data/prepared")
 OUT_DIR = Path("outputs")
@@ -81,6 +80,7 @@ class Context:
         return dict(self._tags)
 
     def _reproduction_tags(self) -> dict[str, str]:
+        from .system import code_state, package_versions  # torch: imported where a run is made
         code = code_state(self.workdir)
         tags = {"batchlab.git_commit": code.commit, "batchlab.git_dirty": str(code.dirty).lower(),
                 "batchlab.code_hash": code.tree, "mlflow.source.git.commit": code.commit}

@@ -18,15 +18,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from .config import DataParams
+from .config import DataError, DataParams
 from .context import swap_dir
 
 SPLITS = ("train", "val", "test")
 MANIFEST = "manifest.json"
-
-
-class DataError(RuntimeError):
-    """Missing, malformed or altered data. The message names the file."""
 
 
 @dataclass(frozen=True)

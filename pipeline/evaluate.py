@@ -1,26 +1,33 @@
-"""evaluate: test-set figures for every run of one batch size, logged into each training's run."""
+"""evaluate: test-set figures for every run of one batch size, logged into each training's run.
+
+The MLflow side (its import and the store's opening, about 2 s here) runs in a tracker worker
+started first, on the other core, while this process imports torch and scikit-learn and
+evaluates; torch is therefore imported inside the functions below, not at the top.
+"""
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
+from .config import DataError
 from .context import Context, read_json, write_atomic, write_json
-from .data import DataError, load_prepared
-from .models import build_model, loss_fn
+from .tracker_worker import TrackerWorker
 
 
-@torch.no_grad()
-def predict(model: torch.nn.Module, x: torch.Tensor, batch_size: int) -> torch.Tensor:
+def predict(model, x, batch_size: int):
     """Model outputs for ``x`` in chunks of ``batch_size``; the result does not depend on it."""
+    import torch
     model.eval()
-    return torch.cat([model(x[i:i + batch_size]) for i in range(0, len(x), batch_size)]) \
-        if len(x) else torch.empty(0)
+    with torch.no_grad():
+        return torch.cat([model(x[i:i + batch_size]) for i in range(0, len(x), batch_size)]) \
+            if len(x) else torch.empty(0)
 
 
-def load_trained(ctx: Context, batch_size: int, seed: int, n_in: int, n_out: int) -> torch.nn.Module:
+def load_trained(ctx: Context, batch_size: int, seed: int, n_in: int, n_out: int):
+    import torch
+    from .models import build_model
     path = ctx.train_dir(batch_size, seed) / "model.pt"
     if not path.is_file():
         raise DataError(f"{path} not found: train batch size {batch_size} first (dvc repro train@{batch_size})")
@@ -30,18 +37,26 @@ def load_trained(ctx: Context, batch_size: int, seed: int, n_in: int, n_out: int
 
 
 def run(ctx: Context, batch_size: int) -> list[dict[str, Any]]:
-    data = load_prepared(ctx.data_dir, ("test",))
-    results = [run_one(ctx, data, batch_size, seed) for seed in ctx.params.train.seeds]
-    ctx.check_params_unchanged(f"evaluate@{batch_size}")  # the stage fails: dvc.lock records nothing
-    tracked = [(m, files) for m, files in results if (ctx.train_dir(batch_size, m["seed"]) / "run.json").is_file()]
-    if tracked:  # else trained without tracking
-        tracker = ctx.tracker(f"evaluate-bs{batch_size}")
-        for metrics, files in tracked:
-            _log(ctx, tracker, metrics, files)
+    seeds = ctx.params.train.seeds
+    runs = {seed: ctx.train_dir(batch_size, seed) / "run.json" for seed in seeds}  # absent: trained untracked
+    worker = TrackerWorker(ctx, f"evaluate-bs{batch_size}") if any(p.is_file() for p in runs.values()) else None
+    try:
+        from .data import load_prepared
+        data = load_prepared(ctx.data_dir, ("test",))
+        results = [run_one(ctx, data, batch_size, seed) for seed in seeds]
+        ctx.check_params_unchanged(f"evaluate@{batch_size}")  # the stage fails: dvc.lock records nothing
+    except BaseException:
+        if worker is not None:
+            worker.abort()
+        raise
+    if worker is not None:
+        worker.send([op for metrics, files in results if runs[metrics["seed"]].is_file()
+                     for op in _ops(read_json(runs[metrics["seed"]])["run_id"], metrics, files)])
     return [m for m, _ in results]
 
 
 def run_one(ctx: Context, data, batch_size: int, seed: int) -> tuple[dict[str, Any], list[Path]]:
+    from .models import loss_fn
     model = load_trained(ctx, batch_size, seed, data.n_features, data.n_outputs)
     test = data.test
     out = predict(model, test.x, ctx.params.evaluate.batch_size)
@@ -112,9 +127,8 @@ def _classification(y: np.ndarray, pred: np.ndarray, folder: Path, files: list[P
             "test_recall_macro": float(recall), "test_f1_macro": float(f1)}
 
 
-def _log(ctx: Context, tracker, metrics: dict[str, Any], files: list[Path]) -> None:
+def _ops(run_id: str, metrics: dict[str, Any], files: list[Path]) -> list[list[Any]]:
     """Into the seed's (finished) training run, with the client: evaluating never changes its status."""
-    run_id = read_json(ctx.train_dir(metrics["batch_size"], metrics["seed"]) / "run.json")["run_id"]
-    tracker.log_metrics(run_id, {f"test/{k[5:]}" if k.startswith("test_") else f"model/{k}": v
-                                 for k, v in metrics.items() if k not in ("batch_size", "seed")})
-    tracker.log_artifacts(run_id, files, "evaluate")
+    named = {f"test/{k[5:]}" if k.startswith("test_") else f"model/{k}": v
+             for k, v in metrics.items() if k not in ("batch_size", "seed")}
+    return [["log_metrics", run_id, [named]], ["log_artifacts", run_id, [[str(f) for f in files], "evaluate"]]]

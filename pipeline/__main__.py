@@ -195,4 +195,5 @@ def _train_line(s: dict) -> str:
 
 if __name__ == "__main__":
     os.environ.setdefault("GIT_PYTHON_REFRESH", "quiet")
-    sys.exit(main())
+    from .signals import exit_now
+    exit_now(main())

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
 from pathlib import Path
 
 
@@ -122,3 +123,19 @@ def _term_when_gone(pid: int, below: int) -> None:
         os.kill(os.getpid(), signal.SIGTERM)
 
     threading.Thread(target=wait, name="stop-with-parent", daemon=True).start()
+
+
+def exit_now(code: int) -> None:
+    """End this process once its work is written and answered: Python's exit handlers run and the
+    standard streams are flushed, but the interpreter's teardown of every loaded module and the
+    C++ destructors of torch's libraries are skipped. They took about 1 s after an evaluate stage
+    (torch, scikit-learn and matplotlib loaded) and 0.5 s after a metric logger (MLflow loaded),
+    time a stage or ``dvc repro`` would otherwise wait for nothing."""
+    import atexit
+    atexit._run_exitfuncs()  # logging's flush, MLflow's and tqdm's handlers: as at a normal exit
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(code)

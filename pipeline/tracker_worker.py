@@ -90,5 +90,5 @@ def main(config: dict[str, Any]) -> int:
 
 
 if __name__ == "__main__":
-    from .metric_logger import exit_now
+    from .signals import exit_now
     exit_now(main(json.loads(sys.argv[1])))

@@ -219,6 +219,17 @@ def spawn(uri: str):
                             start_new_session=True)
 
 
+def read_answer(proc, who: str) -> dict:
+    """The last line a helper process (this logger, a tracker worker) writes, as JSON, once it
+    exited; a helper that died without answering gives {"error": ...} naming ``who``."""
+    answer = proc.stdout.readline().strip()
+    proc.wait()
+    try:
+        return json.loads(answer)
+    except json.JSONDecodeError:
+        return {"error": f"no answer from the {who} (exit {proc.returncode})"}
+
+
 if __name__ == "__main__":
     from .signals import exit_now
     exit_now(main(sys.argv[1]))

@@ -45,12 +45,8 @@ class TrackerWorker:
             self.proc.stdin.close()
         except OSError:
             pass  # it died; its answer (none) says so below
-        answer = self.proc.stdout.readline().strip()
-        self.proc.wait()
-        try:
-            result = json.loads(answer)
-        except json.JSONDecodeError:
-            result = {"error": f"no answer from the tracker worker (exit {self.proc.returncode})"}
+        from .metric_logger import read_answer
+        result = read_answer(self.proc, "tracker worker")
         if result.get("error"):
             raise RuntimeError(f"tracking store: {result['error']}")
         return result

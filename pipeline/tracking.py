@@ -705,12 +705,7 @@ class MlflowSink:
         self._feeder.join()
         self._feeder = None
         if self._proc is not None:
-            answer = self._proc.stdout.readline().strip()
-            self._proc.wait()
-            try:
-                result = json.loads(answer)
-            except json.JSONDecodeError:
-                result = {"error": f"no answer from the metric logger (exit {self._proc.returncode})"}
+            result = metric_logger.read_answer(self._proc, "metric logger")
             if result.get("error"):
                 self.tracker._fail(StoreDown(result["error"]))
         if self.spool_file.is_file():

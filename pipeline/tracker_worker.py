@@ -2,7 +2,8 @@
 own, started when the stage starts, so that importing MLflow and opening the store (about 2 s on
 the 2-core machine) run on the other core while the stage imports torch and does its work.
 
-CONFIG is JSON: {"root", "experiment", "parent_run_id", "stage"}. The worker opens the store as
+CONFIG is JSON: {"root", "uri", "experiment", "parent_run_id", "stage"}; ``uri`` is the store the
+stage resolved from its own environment. The worker opens the store as
 any stage does (``Tracker``: earlier journals are sent first; a store that does not answer sends
 this stage's writes to its journal, with the usual warning), then reads one line from stdin: a
 JSON list of operations [name, run_id, args] (``OPS``). End of input before that line (the stage
@@ -27,8 +28,9 @@ class TrackerWorker:
     """A worker started now for the store of ``ctx``; ``send`` hands it the stage's writes."""
 
     def __init__(self, ctx, stage: str):
-        from .store import project_root
-        config = {"root": str(project_root(ctx.workdir)), "experiment": ctx.params.tracking.experiment,
+        from .store import project_root, tracking_uri
+        root = project_root(ctx.workdir)
+        config = {"root": str(root), "uri": tracking_uri(root, ctx.env), "experiment": ctx.params.tracking.experiment,
                   "parent_run_id": ctx.parent_run_id, "stage": stage}
         self.proc = subprocess.Popen([sys.executable, "-m", "pipeline.tracker_worker", json.dumps(config)],
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
@@ -66,8 +68,8 @@ def main(config: dict[str, Any]) -> int:
     sys.stdout = sys.stderr  # MLflow's prints never mix into the answer
     try:
         from .tracking import Tracker
-        tracker = Tracker(Path(config["root"]), config["experiment"], parent_run_id=config["parent_run_id"],
-                          stage=config["stage"])
+        tracker = Tracker(Path(config["root"]), config["experiment"], {"MLFLOW_TRACKING_URI": config["uri"]},
+                          parent_run_id=config["parent_run_id"], stage=config["stage"])
         line = sys.stdin.readline()
         if not line.endswith("\n"):
             return 0  # the stage ended without handing anything over

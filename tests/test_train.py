@@ -18,12 +18,17 @@ def _uri(ctx):
     return f"sqlite:///{ctx.workdir / 'mlflow.db'}"
 
 
-def test_sweep_in_process_files_children_under_one_parent(ctx_factory):
+def test_sweep_in_process_files_children_under_one_parent(ctx_factory, monkeypatch, tmp_path):
     ctx = ctx_factory()
     prepare.run(ctx)
     summaries = {bs: train.run(ctx, bs)[0] for bs in ctx.params.train.batch_sizes}
+    # evaluate's tracker worker (a subprocess) writes to the store the stage's own env names, even
+    # when the process environment it inherits names another.
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'elsewhere.db'}")
     for bs in ctx.params.train.batch_sizes:
         evaluate.run(ctx, bs)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    assert not (tmp_path / "elsewhere.db").exists()
     result = compare.run(ctx)
 
     client, runs = runs_of(_uri(ctx))

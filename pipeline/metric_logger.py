@@ -211,12 +211,18 @@ def take(uri: str):
 def spawn(uri: str):
     """A logger started before its run exists, so that its imports overlap the trainer's work;
     ``MlflowSink`` names the run on its first line. Imports nothing heavy here."""
+    return spawn_helper("pipeline.metric_logger", uri)
+
+
+def spawn_helper(module: str, *args: str):
+    """``python -m MODULE ARGS`` as a helper of this process (this logger, a tracker worker): its
+    stdin and stdout are pipes to us, and it runs in a session of its own, so a terminal's Ctrl-C
+    reaches the stage alone, which then ends the helper's input."""
     import subprocess
     from pathlib import Path
 
-    return subprocess.Popen([sys.executable, "-m", "pipeline.metric_logger", uri], stdin=subprocess.PIPE,
-                            stdout=subprocess.PIPE, text=True, cwd=str(Path(__file__).resolve().parent.parent),
-                            start_new_session=True)
+    return subprocess.Popen([sys.executable, "-m", module, *args], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            text=True, cwd=str(Path(__file__).resolve().parent.parent), start_new_session=True)
 
 
 def read_answer(proc, who: str) -> dict:

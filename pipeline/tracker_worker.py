@@ -16,10 +16,11 @@ the stage, which closes the worker's input.
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 from pathlib import Path
 from typing import Any
+
+from .metric_logger import read_answer, spawn_helper
 
 OPS = ("log_metrics", "log_artifacts")  # Tracker methods a stage may hand over, called as (run_id, *args)
 
@@ -32,22 +33,16 @@ class TrackerWorker:
         root = project_root(ctx.workdir)
         config = {"root": str(root), "uri": tracking_uri(root, ctx.env), "experiment": ctx.params.tracking.experiment,
                   "parent_run_id": ctx.parent_run_id, "stage": stage}
-        self.proc = subprocess.Popen([sys.executable, "-m", "pipeline.tracker_worker", json.dumps(config)],
-                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-                                     cwd=str(Path(__file__).resolve().parent.parent), start_new_session=True)
+        self.proc = spawn_helper("pipeline.tracker_worker", json.dumps(config))
 
     def send(self, ops: list[list[Any]]) -> dict[str, Any]:
-        """Hand over ``ops`` and wait until the worker has written them (or journaled them)."""
-        unknown = sorted({op[0] for op in ops} - set(OPS))
-        if unknown:
-            self.abort()
-            raise ValueError(f"tracker worker: unknown operations {unknown} (allowed: {', '.join(OPS)})")
+        """Hand over ``ops`` and wait until the worker has written them (or journaled them); an
+        operation not in ``OPS`` comes back as the worker's error."""
         try:
             self.proc.stdin.write(json.dumps(ops) + "\n")
             self.proc.stdin.close()
         except OSError:
             pass  # it died; its answer (none) says so below
-        from .metric_logger import read_answer
         result = read_answer(self.proc, "tracker worker")
         if result.get("error"):
             raise RuntimeError(f"tracking store: {result['error']}")
@@ -76,7 +71,7 @@ def main(config: dict[str, Any]) -> int:
         ops = json.loads(line)
         for name, run_id, args in ops:
             if name not in OPS:
-                raise ValueError(f"unknown operation {name!r}")
+                raise ValueError(f"unknown operation {name!r} (allowed: {', '.join(OPS)})")
             getattr(tracker, name)(run_id, *args)
         answer: dict[str, Any] = {"done": len(ops), "down": tracker.down}
     except Exception as err:

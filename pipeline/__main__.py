@@ -51,6 +51,9 @@ def _parser() -> argparse.ArgumentParser:
     sp.add_argument("--repeats", type=int, default=3)
     sp.add_argument("--json", dest="json_path", default=None)
     sp.add_argument("--ranks", type=int, default=2, help="data-parallel rows: ranks under torchrun (1: none)")
+    sp.add_argument("--no-tracking", dest="tracking", action="store_false",
+                    help="log nothing to MLflow (a machine without the store); the pipeline row then logs "
+                         "nothing, and the logging and stage lines are left out")
     sp.add_argument("--no-stages", dest="stages", action="store_false",
                     help="skip the stage-level lines (fixed cost per stage, MNIST-sized train stage)")
     return ap

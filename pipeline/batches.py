@@ -16,7 +16,10 @@ def epoch_permutation(seed: int, epoch: int, n: int, device: torch.device) -> to
     """The order of epoch ``epoch``: a function of (seed, epoch) alone, so a resumed run
     continues the same order without replaying earlier epochs."""
     gen = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-    return torch.randperm(n, generator=gen).to(device)
+    order = torch.randperm(n, generator=gen)
+    if device.type == "cuda":  # a copy from pinned memory does not wait for the queued steps
+        return order.pin_memory().to(device, non_blocking=True)
+    return order.to(device)
 
 
 def batch_bounds(n: int, batch_size: int, drop_last: bool) -> int:

@@ -6,7 +6,8 @@ Rows (MNIST-shaped synthetic data made in memory, the tutorial's 784-128-10 MLP 
                  thread count, as a user runs it;
   tensordataset  a TensorDataset in a DataLoader with shuffle=True, default threads;
   pipeline       the pipeline's own loop and data path (engine.fit) with its default settings:
-                 MLflow logging on, threads chosen per batch size (system.set_threads);
+                 MLflow logging on (off with --no-tracking), threads chosen per batch size
+                 (system.set_threads); on a GPU the data set lives on the card;
   limit          the same optimizer steps on one batch already in memory, at every thread count
                  from 1 to the number of cores: the best (the compute limit; its thread count
                  is printed).
@@ -145,7 +146,7 @@ def run_bench(batch_sizes: list[int], seconds: float, repeats: int, device: torc
     def logged(name: str):
         # A fresh logger process per pipeline cell, as each training run has its own: started and
         # ready before the cell's steps, drained after them (neither is timed), so one cell's
-        # backlog never runs into the next.
+        # backlog never runs into the next. No factory (--no-tracking): the cells log nothing.
         return sink_factory(name) if sink_factory else nullcontext(NullSink())
 
     per = seconds / repeats
@@ -177,7 +178,7 @@ def run_bench(batch_sizes: list[int], seconds: float, repeats: int, device: torc
     # Logging overhead at batch size 8: the same loop with logging on and off, interleaved.
     on, off, drains = [], [], []
     policy(8)
-    for r in range(repeats):
+    for r in range(repeats if sink_factory else 0):
         with logged(f"bs8-logging-on-repeat{r + 1}") as sink:
             on.append(_pipeline_rate(train, val, 8, device, per * 2, sink)[0])
             done = time.perf_counter()
@@ -189,7 +190,6 @@ def run_bench(batch_sizes: list[int], seconds: float, repeats: int, device: torc
     for _ in range(repeats):
         noisy.append(_pipeline_rate(train, val, 64, device, per * 2, NullSink(), with_noise)[0])
         quiet.append(_pipeline_rate(train, val, 64, device, per * 2, NullSink())[0])
-    drain = statistics.median(drains)
     rows = []
     for bs in batch_sizes:
         best = max(range(1, cores + 1), key=lambda t: statistics.median(rates[(f"compute{t}", bs)]))
@@ -201,11 +201,11 @@ def run_bench(batch_sizes: list[int], seconds: float, repeats: int, device: torc
         for t in range(1, cores + 1):
             rows.append({"loader": f"compute{t}", "batch_size": bs, "threads": t,
                          "samples_per_s": statistics.median(rates[(f"compute{t}", bs)]), "peak_memory_bytes": 0})
-    overhead = 1 - statistics.median(on) / statistics.median(off)
-    return {"rows": rows, "logging_overhead": {"batch_size": 8, "fraction": overhead,
-                                               "on_samples_per_s": statistics.median(on),
-                                               "off_samples_per_s": statistics.median(off),
-                                               "drain_seconds_after_training": drain},
+    logging = None if not on else {
+        "batch_size": 8, "fraction": 1 - statistics.median(on) / statistics.median(off),
+        "on_samples_per_s": statistics.median(on), "off_samples_per_s": statistics.median(off),
+        "drain_seconds_after_training": statistics.median(drains)}
+    return {"rows": rows, "logging_overhead": logging,
             "noise_scale_overhead": {"batch_size": 64, "every_steps": with_noise.noise_scale_every,
                                      "fraction": 1 - statistics.median(noisy) / statistics.median(quiet)},
             "device": processor(device), "cores": cores, "default_threads": DEFAULT_THREADS,
@@ -217,7 +217,9 @@ def table(result: dict[str, Any]) -> str:
     sizes = sorted({r["batch_size"] for r in result["rows"]})
     head = (f"{'batch':>6} {'tutorial':>9} {'tensordataset':>13} {'pipeline':>13} {'limit':>13}"
             f" {'pipe/tut':>9} {'pipe/limit':>10} {'peak MB':>8}")
-    lines = [f"training samples/s on {result['device']} ({result['cores']} cores), median of {result['repeats']} cells "
+    where = (f"{result['device']} ({result['cores']} cores)" if not result["device"].startswith("cuda") else
+             f"{result['device']} (the pipeline's data set and the limit's batch on the card; [threads]: CPU threads)")
+    lines = [f"training samples/s on {where}, median of {result['repeats']} cells "
              f"of {result['seconds_per_cell'] / result['repeats']:.1f} s; "
              f"[threads]: tutorial and tensordataset run with torch's default ({result['default_threads']}), "
              f"the limit is the best compute-only rate over 1..{result['cores']}", head]
@@ -229,9 +231,12 @@ def table(result: dict[str, Any]) -> str:
                      f" {rate['pipeline'] / rate['tutorial']:>8.1f}x {rate['pipeline'] / rate['limit']:>10.2f}"
                      f" {r['pipeline']['peak_memory_bytes'] / 2**20:>8,.0f}")
     lo = result["logging_overhead"]
-    lines.append(f"logging overhead at batch size 8: {lo['fraction']:+.1%} "
-                 f"({lo['on_samples_per_s']:,.0f} samples/s on vs {lo['off_samples_per_s']:,.0f} off; "
-                 f"{lo['drain_seconds_after_training']:.2f} s to drain the logger afterwards)")
+    if lo is None:
+        lines.append("logging overhead: not measured (--no-tracking); the pipeline row logged nothing")
+    else:
+        lines.append(f"logging overhead at batch size 8: {lo['fraction']:+.1%} "
+                     f"({lo['on_samples_per_s']:,.0f} samples/s on vs {lo['off_samples_per_s']:,.0f} off; "
+                     f"{lo['drain_seconds_after_training']:.2f} s to drain the logger afterwards)")
     for row in result.get("data_parallel", []):
         lines.append(f"{row['ranks']} ranks (torchrun, gloo, 1 thread each) at global batch {row['batch_size']}: "
                      f"{row['samples_per_s']:,.0f} samples/s vs {row['one_rank_samples_per_s']:,.0f} on one rank "
@@ -245,14 +250,21 @@ def table(result: dict[str, Any]) -> str:
 
 
 def main(ctx, args) -> None:
-    """Logs into an experiment of its own (``<experiment>-bench``): the sweep's holds sweeps only."""
-    from .tracking import MlflowSink
-
+    """Logs into an experiment of its own (``<experiment>-bench``): the sweep's holds sweeps only.
+    With ``--no-tracking`` (a machine without the store or MLflow, such as a lent GPU box) nothing
+    is logged and the stage lines, which run real stages against a store, are left out."""
     sizes = [int(s) for s in str(args.batch_sizes).split(",") if s.strip()]
     if not sizes or any(b < 1 for b in sizes):
         from .config import ParamsError
         raise ParamsError(f"--batch-sizes {args.batch_sizes!r}: allowed: comma-separated positive integers")
     device = pick_device(ctx.params.train.device)
+    if not args.tracking:
+        result = measure(ctx, args, sizes, device, None)
+        print(table(result))
+        _write_json(args, result)
+        return
+    from .tracking import MlflowSink
+
     tracker = ctx.tracker("bench", f"{ctx.params.tracking.experiment}-bench")
     with tracker.run(name="bench", parent_id=None, tags={"batchlab.role": "bench"}) as run_id:
         @contextmanager
@@ -266,22 +278,31 @@ def main(ctx, args) -> None:
                 sink.close(complete=True)
                 tracker.finish(cell_run)
 
-        result = run_bench(sizes, args.seconds, args.repeats, device, cell_sink,
-                           log=lambda m: print(m, file=sys.stderr))
-        if args.ranks > 1:
-            big = [b for b in sizes if b >= 64] or sizes[-1:]
-            print(f"  data-parallel: 1 process vs {args.ranks} ranks (torchrun, gloo) at batch sizes {big}",
-                  file=sys.stderr)
-            result["data_parallel"] = ddp_rows(big, ranks=args.ranks)
-        if args.stages:
-            from . import stagebench
-            print("  stages: fixed cost (train, evaluate on digits), MNIST-sized train stage", file=sys.stderr)
-            shipped = ctx.params.model_dump(mode="json")
-            result["fixed_cost"] = stagebench.fixed_cost({k: shipped[k] for k in ("model", "train")})
-            result["mnist_sized"] = stagebench.mnist_sized()
+        result = measure(ctx, args, sizes, device, cell_sink)
         text = table(result)
         print(text)
         _log_bench(tracker, run_id, sizes, args, result, text)
+    _write_json(args, result)
+
+
+def measure(ctx, args, sizes: list[int], device: torch.device, cell_sink) -> dict[str, Any]:
+    result = run_bench(sizes, args.seconds, args.repeats, device, cell_sink,
+                       log=lambda m: print(m, file=sys.stderr))
+    if args.ranks > 1:
+        big = [b for b in sizes if b >= 64] or sizes[-1:]
+        print(f"  data-parallel: 1 process vs {args.ranks} ranks (torchrun, gloo) at batch sizes {big}",
+              file=sys.stderr)
+        result["data_parallel"] = ddp_rows(big, ranks=args.ranks)
+    if args.stages and cell_sink is not None:
+        from . import stagebench
+        print("  stages: fixed cost (train, evaluate on digits), MNIST-sized train stage", file=sys.stderr)
+        shipped = ctx.params.model_dump(mode="json")
+        result["fixed_cost"] = stagebench.fixed_cost({k: shipped[k] for k in ("model", "train")})
+        result["mnist_sized"] = stagebench.mnist_sized()
+    return result
+
+
+def _write_json(args, result: dict[str, Any]) -> None:
     if args.json_path:
         from .context import write_json
         write_json(Path(args.json_path), result)
@@ -294,7 +315,8 @@ def _log_bench(tracker, run_id: str, sizes, args, result: dict[str, Any], text: 
         tracker.log_metrics(run_id, {f"{r['loader']}/samples_per_s": r["samples_per_s"]}, step=r["batch_size"])
         if r["loader"] == "pipeline":
             tracker.log_metrics(run_id, {"pipeline/peak_memory_bytes": r["peak_memory_bytes"]}, step=r["batch_size"])
-    tracker.log_metrics(run_id, {"logging_overhead_bs8": result["logging_overhead"]["fraction"]})
+    if result["logging_overhead"] is not None:
+        tracker.log_metrics(run_id, {"logging_overhead_bs8": result["logging_overhead"]["fraction"]})
     if result.get("fixed_cost"):
         fc = result["fixed_cost"]
         tracker.log_metrics(run_id, {"fixed_cost/train_seconds": fc["train_fixed_seconds"],

@@ -3,7 +3,8 @@ checkpoint or stop.
 
 The loop reports to a ``StepSink``; it does not know how figures are stored or buffered.
 It syncs with the device only when it drains its pending figures (every ``flush_every``
-steps), at validation points and at checkpoints.
+steps), at validation points and at checkpoints; on a GPU the wait for the queued steps at those
+points is counted as step time.
 """
 from __future__ import annotations
 
@@ -205,10 +206,12 @@ class Pending:
         if self.correct:
             stacked = torch.cat([stacked, torch.stack(self.correct).to(torch.float64)])
         values = all_sum(stacked, world).tolist()  # per-rank shares -> global figures
-        n = len(self.loss)
+        n, m = len(self.loss), len(self.correct)
         step, samples, batch, lr, t = (list(col) for col in zip(*self.host))
-        chunk = StepChunk(step, samples, values[:n], [int(round(c)) for c in values[n:]], batch, lr, t)
-        noise = [(samples[index + 1 - step[0]], float(v)) for index, v in self.noise]
+        chunk = StepChunk(step, samples, values[:n], [int(round(c)) for c in values[n:n + m]], batch, lr, t)
+        # Noise values are one rank's (never all-reduced): read in one more transfer, not one each.
+        ratios = torch.stack([v for _, v in self.noise]).double().tolist() if self.noise else []
+        noise = [(samples[index + 1 - step[0]], v) for (index, _), v in zip(self.noise, ratios)]
         self.loss, self.correct, self.noise, self.host = [], [], [], []
         return chunk, noise
 
@@ -315,6 +318,7 @@ class Trainer:
         self.pending = Pending()
         self.step = make_step(self.model, self.criterion, self.optimizer, p, task, dist, self.noise, self.pending)
         self.val = val.to(device)
+        self.cuda = device.type == "cuda"
         self.state = LoopState()
         self.resumed_from = 0
         _warm_up(self.model, p, self.criterion, self.batches)
@@ -336,6 +340,12 @@ class Trainer:
     def flush(self) -> None:
         if not len(self.pending):
             return
+        if self.cuda:
+            # The steps were only queued: their time on the card ends here. Without this wait the
+            # time would fall to validation (not counted) and the rate would read too high.
+            t0 = time.perf_counter()
+            torch.cuda.synchronize(self.val.x.device)
+            self.state.seconds += time.perf_counter() - t0
         chunk, noise = self.pending.drain(self.dist.world)
         if self.p.stop_on_nonfinite:
             check_finite(chunk, self.batch_size)
@@ -498,3 +508,5 @@ def _warm_up(model: nn.Module, p: TrainParams, criterion: nn.Module, batches: Ba
     opt.zero_grad()
     criterion(clone(xb.to(batches.device)), yb.to(batches.device)).backward()
     opt.step()
+    if batches.device.type == "cuda":
+        torch.cuda.synchronize(batches.device)  # its kernels are not the first steps' time

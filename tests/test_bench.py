@@ -1,16 +1,19 @@
 import json
+from contextlib import nullcontext
 
 import pytest
 
 import torch
 
 from pipeline import bench
+from pipeline.engine import NullSink
 
 
 def test_bench_reports_every_row_and_the_json_shape(tmp_path, monkeypatch):
     monkeypatch.setattr(bench, "N_SAMPLES", 4096)
     monkeypatch.setattr(bench, "N_VAL", 256)
-    result = bench.run_bench([64, 512], seconds=0.15, repeats=1, device=torch.device("cpu"), log=lambda m: None)
+    result = bench.run_bench([64, 512], seconds=0.15, repeats=1, device=torch.device("cpu"), log=lambda m: None,
+                             sink_factory=lambda name: nullcontext(NullSink()))
     rows = [r for r in result["rows"] if not r["loader"].startswith("compute")]
     assert {(r["loader"], r["batch_size"]) for r in rows} == {(l, b) for l in bench.LOADERS for b in (64, 512)}
     assert all(r["samples_per_s"] > 0 for r in result["rows"])
@@ -64,3 +67,27 @@ def test_memory_line_is_the_growth_per_added_training_image():
     big = row | {"train_samples": 50_000, "training_peak_bytes": 500 * 2**20 + 40_000 * 3_136}
     text = "\n".join(stagebench.lines(None, [small, big]))
     assert "3,136 bytes per added training image = 1.00 x" in text
+
+
+def test_bench_without_tracking_runs_where_mlflow_is_not_installed(tmp_path):
+    """`bench --no-tracking` is what runs on a lent GPU machine, which has torch but no MLflow:
+    here MLflow is made unimportable, and the bench must neither need it nor write a store."""
+    import shutil
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    shutil.copy(REPO / "params.yaml", tmp_path / "params.yaml")
+    code = ("import sys; sys.modules['mlflow'] = None\n"
+            "from pipeline.__main__ import main\n"
+            "sys.exit(main(['bench', '--no-tracking', '--batch-sizes', '64', '--seconds', '0.2',"
+            " '--repeats', '1', '--ranks', '1', '--json', 'b.json']))")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True,
+                          env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"}, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "logging overhead: not measured (--no-tracking)" in proc.stdout
+    result = json.loads((tmp_path / "b.json").read_text())
+    assert result["logging_overhead"] is None and "fixed_cost" not in result
+    assert {r["loader"] for r in result["rows"] if r["batch_size"] == 64} >= set(bench.LOADERS)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["b.json", "params.yaml"]

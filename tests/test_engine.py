@@ -17,6 +17,12 @@ def toy(n=203, d=5, classes=3, seed=0) -> Split:
     return Split(x, y.clamp(max=classes - 1))
 
 
+# The CUDA cases run where a GPU is (the device check in the README's speed section); elsewhere they
+# are reported as skipped.
+CUDA = pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device"))
+DEVICES = ["cpu", CUDA]
+
+
 def ids_split(n=103) -> Split:
     # Feature 0 holds the sample's index, so batches can be traced back to samples.
     return Split(torch.arange(n, dtype=torch.float32).unsqueeze(1), torch.arange(n))
@@ -96,21 +102,51 @@ def test_lr_scaling_and_warmup():
     assert all(a < b for a, b in zip(lrs[:10], lrs[1:10]))
 
 
-def _fit(p, batch_size=16, **kw):
+def _fit(p, batch_size=16, device="cpu", data=None, **kw):
     torch.manual_seed(p.seed)
     model = MLP(5, (8,), 3)
-    data = toy()
-    return fit(model, data, toy(60, seed=1), p, batch_size, "classification",
-               torch.device("cpu"), kw.pop("sink", NullSink()), **kw), model
+    return fit(model, toy() if data is None else data, toy(60, seed=1), p, batch_size, "classification",
+               torch.device(device), kw.pop("sink", NullSink()), **kw), model
 
 
-def test_same_params_and_seed_give_identical_loss_histories():
+@pytest.mark.parametrize("device", DEVICES)
+def test_same_params_and_seed_give_identical_loss_histories(device):
     p = TrainParams(epochs=3, seed=7)
-    (a, _), (b, _) = _fit(p), _fit(p)
+    (a, _), (b, _) = _fit(p, device=device), _fit(p, device=device)
     assert a.history.loss == b.history.loss
     assert [e["val_loss"] for e in a.history.evals] == [e["val_loss"] for e in b.history.evals]
-    (c, _) = _fit(TrainParams(epochs=3, seed=8))
+    (c, _) = _fit(TrainParams(epochs=3, seed=8), device=device)
     assert c.history.loss != a.history.loss
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_a_cuda_run_takes_the_same_batches_and_losses_as_a_cpu_run():
+    p = TrainParams(epochs=2, seed=3)
+    (gpu, _), (cpu, _) = _fit(p, device="cuda"), _fit(p, device="cpu")
+    assert gpu.history.samples == cpu.history.samples
+    assert gpu.history.loss == pytest.approx(cpu.history.loss, rel=1e-4, abs=1e-6)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_a_cuda_run_waits_for_the_card_only_when_it_drains_its_figures():
+    """No host sync per step: synchronizing calls (item, tolist, pageable copies) are counted by
+    torch's sync debug mode; there are few per validation, flush and epoch, none per step."""
+    import warnings
+
+    p = TrainParams(epochs=2, seed=1, eval_every_steps=100, noise_scale=True, noise_scale_every=5)
+    data = toy(4096)
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            result, _ = _fit(p, batch_size=8, device="cuda", data=data)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    syncs = [w for w in seen if "synchroniz" in str(w.message)]
+    drains = len(result.history.evals) + result.steps // 500 + p.epochs
+    print(f"{len(syncs)} host syncs in {result.steps} steps, {drains} drains")
+    assert result.steps == 2 * 512
+    assert 0 < len(syncs) <= 6 * drains < result.steps / 4
 
 
 def test_history_has_one_entry_per_optimizer_step():
@@ -141,16 +177,17 @@ class StopAt:
         pass
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("every", [0, 7])
-def test_interrupt_then_resume_gives_the_uninterrupted_result(tmp_path, every):
+def test_interrupt_then_resume_gives_the_uninterrupted_result(tmp_path, every, device):
     p = TrainParams(epochs=3, checkpoint_every_steps=every, eval_every_steps=5)
-    full, model_full = _fit(p)
+    full, model_full = _fit(p, device=device)
     ckpt = Checkpoint(tmp_path / "ck.pt", {"run": "x"})
     signals = StopSignals()
     with pytest.raises(Interrupted):
-        _fit(p, sink=StopAt(signals, 20), checkpoint=ckpt, signals=signals, flush_every=1)
+        _fit(p, sink=StopAt(signals, 20), checkpoint=ckpt, signals=signals, flush_every=1, device=device)
     assert ckpt.path.is_file()
-    resumed, model_resumed = _fit(p, checkpoint=ckpt)
+    resumed, model_resumed = _fit(p, checkpoint=ckpt, device=device)
     assert resumed.resumed_from_step == 20
     assert resumed.history.loss == full.history.loss
     for a, b in zip(model_full.state_dict().values(), model_resumed.state_dict().values()):

@@ -153,7 +153,7 @@ def run_bench(batch_sizes: list[int], seconds: float, repeats: int, device: torc
     n_params = sum(q.numel() for q in _model(device)[0].parameters())
 
     def policy(bs: int) -> int:  # the pipeline's own thread choice (train.threads: 0)
-        return set_threads(0, work=bs * n_params)
+        return set_threads(0, work=bs * n_params, device=device.type)
 
     rates: dict[tuple[str, int], list[float]] = {}
     memory: dict[int, int] = {}
@@ -195,7 +195,7 @@ def run_bench(batch_sizes: list[int], seconds: float, repeats: int, device: torc
         best = max(range(1, cores + 1), key=lambda t: statistics.median(rates[(f"compute{t}", bs)]))
         for loader in LOADERS:
             key = (f"compute{best}", bs) if loader == "limit" else (loader, bs)
-            threads = {"limit": best, "pipeline": threads_for(0, bs * n_params)}.get(loader, DEFAULT_THREADS)
+            threads = {"limit": best, "pipeline": threads_for(0, bs * n_params, device.type)}.get(loader, DEFAULT_THREADS)
             rows.append({"loader": loader, "batch_size": bs, "samples_per_s": statistics.median(rates[key]),
                          "threads": threads, "peak_memory_bytes": memory.get(bs, 0) if loader == "pipeline" else 0})
         for t in range(1, cores + 1):

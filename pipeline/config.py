@@ -69,7 +69,8 @@ class TrainParams(_Section):
     seed: int = Field(0, ge=0, exclude=True)
     drop_last: bool = False
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    # torch intra-op threads; 0: one for small steps, all cores from batch x parameters >= 16M (system.set_threads).
+    # torch intra-op threads; 0: one for small steps, all cores from batch x parameters >= 16M, one on a GPU
+    # (system.set_threads).
     threads: int = Field(0, ge=0)
     # Data path: "tensor" cuts batches by index from tensors on the device;
     # "dataloader" goes through torch.utils.data.DataLoader (same batches, slower).

@@ -76,7 +76,7 @@ def prepare_jobs(ctx: Context, batch_size: int, seeds: tuple[int, ...]) -> list[
             device = torch.device("cuda", d.local_rank)
             torch.cuda.set_device(device)
     n_params = sum(q.numel() for q in build_model(ctx.params.model, data.n_features, data.n_outputs).parameters())
-    set_threads(ctx.params.train.threads, work=-(-batch_size // d.world) * n_params)
+    set_threads(ctx.params.train.threads, work=-(-batch_size // d.world) * n_params, device=device.type)
     key = ctx.params.sweep_key(data.data_hash)
     return [Job(ctx, batch_size, seed, data, device, d, key,
                 Checkpoint(ctx.checkpoint(batch_size, seed),

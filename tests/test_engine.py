@@ -228,5 +228,8 @@ def test_threads_follow_the_work_per_step_and_an_explicit_count_wins():
         assert set_threads(0, work=PARALLEL_WORK) == cpu_count() == torch.get_num_threads()
         assert set_threads(0) == cpu_count()  # work unknown
         assert set_threads(3, work=1) == 3 == torch.get_num_threads()
+        # On a GPU the CPU only launches kernels: one thread, whatever the work; explicit still wins.
+        assert set_threads(0, work=PARALLEL_WORK, device="cuda") == 1 == torch.get_num_threads()
+        assert set_threads(2, work=1, device="cuda") == 2
     finally:
         torch.set_num_threads(before)

@@ -168,7 +168,7 @@ class Tracker:
             for i in range(0, len(items), 100):
                 self.client.log_batch(run, params=items[i:i + 100])
         elif op == "log_metrics":
-            self._points().send(run, args["points"])
+            self._points().send(run, self._new_points(run, args["points"]))
         elif op == "set_tags":
             self.client.log_batch(run, tags=[RunTag(k, v) for k, v in args["tags"].items()])
         elif op == "delete_tag":
@@ -193,6 +193,20 @@ class Tracker:
             self._log_model_files(run, args)
         else:
             raise ValueError(f"unknown journal operation {op!r}")
+
+    def _new_points(self, run: str, points: list) -> list:
+        """The points the run does not hold yet: a stage run again on the same inputs (``dvc repro
+        --force``, a journal replayed after a crash) adds no second point with the same key, step
+        and value; a different value at the same step is a new point (the newest is shown)."""
+        held = self.client.get_run(run).data.metrics
+        keys = {p[0] for p in points if p[0] in held}
+        if not keys:
+            return points
+
+        def same(key, value, step):
+            return key, step, "nan" if math.isnan(value) else value
+        seen = {same(m.key, m.value, m.step) for k in keys for m in self.client.get_metric_history(run, k)}
+        return [p for p in points if same(p[0], p[1], p[3]) not in seen]
 
     def _points(self) -> Points:
         if self._writer is None:

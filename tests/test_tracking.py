@@ -203,3 +203,19 @@ def test_points_journaled_while_the_store_was_down_reach_a_sqlite_store_once(sto
     assert stored.info.status == "FINISHED"
     assert Tracker(store, "exp", {}).sync() == 0
     assert len(t.client.get_metric_history(real, "train/loss")) == 30
+
+
+def test_logging_the_same_metrics_again_adds_no_point_and_a_new_value_does(store):
+    """What a forced rerun of evaluate (or a replayed journal) does: the same key, step and value
+    again is not a second point; another value at that step is, and becomes the one shown."""
+    t = Tracker(store, "exp", {})
+    run = t.create_run("again", {})
+    t.log_metrics(run, {"test/acc": 0.9, "test/loss": float("nan")}, step=0)
+    t.log_metrics(run, {"test/acc": 0.9, "test/loss": float("nan"), "test/f1": 0.5}, step=0)
+    assert [m.value for m in t.client.get_metric_history(run, "test/acc")] == [0.9]
+    assert len(t.client.get_metric_history(run, "test/loss")) == 1
+    assert len(t.client.get_metric_history(run, "test/f1")) == 1
+    t.log_metrics(run, {"test/acc": 0.95}, step=0)
+    t.log_metrics(run, {"test/acc": 0.9}, step=10)
+    assert sorted((m.step, m.value) for m in t.client.get_metric_history(run, "test/acc")) == [
+        (0, 0.9), (0, 0.95), (10, 0.9)]

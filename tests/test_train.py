@@ -27,6 +27,7 @@ def test_sweep_in_process_files_children_under_one_parent(ctx_factory, monkeypat
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'elsewhere.db'}")
     for bs in ctx.params.train.batch_sizes:
         evaluate.run(ctx, bs)
+    evaluate.run(ctx, ctx.params.train.batch_sizes[0])  # again, as `dvc repro --force` would: no new point
     monkeypatch.delenv("MLFLOW_TRACKING_URI")
     assert not (tmp_path / "elsewhere.db").exists()
     result = compare.run(ctx)
@@ -49,6 +50,7 @@ def test_sweep_in_process_files_children_under_one_parent(ctx_factory, monkeypat
         # Fewer steps than tracking.max_points: one point per optimizer step, at samples seen.
         assert len(history) == steps
         assert max(m.step for m in history) == 2 * 1257
+        assert len(client.get_metric_history(child.info.run_id, "test/acc")) == 1
         for tag in ("batchlab.git_commit", "batchlab.version.torch", "batchlab.version.mlflow",
                     "batchlab.version.dvc"):
             assert tag in child.data.tags

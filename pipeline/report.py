@@ -254,6 +254,12 @@ def _to_target_words(rows) -> str:
             + (f"; missed by batch size {', '.join(missed)}" if missed else ""))
 
 
+def _to_target(row) -> str:
+    if row.get("time_to_target_s") is not None:
+        return with_ci(row, "time_to_target_s")
+    return f"target reached in {row.get('reached', 0)}/{row.get('n', '?')} seeds"
+
+
 def _stability_claim(rows, task) -> dict[str, str]:
     first, last = rows[0], rows[-1]
     score = "test_acc" if task == "classification" else "test_mse"
@@ -264,7 +270,7 @@ def _stability_claim(rows, task) -> dict[str, str]:
     numbers = (f"per-step loss spread (last epoch, relative) {with_ci(first, 'loss_noise')} at batch size "
                f"{first['batch_size']} vs {with_ci(last, 'loss_noise')} at {last['batch_size']}; "
                f"{score} {with_ci(first, score)} vs {with_ci(last, score)}; seconds to target "
-               f"{with_ci(first, 'time_to_target_s')} vs {with_ci(last, 'time_to_target_s')}")
+               f"{_to_target(first)} vs {_to_target(last)}")
     verdict = ("holds" if noisier and slower else "partly: noisier, not slower to converge" if noisier
                else "does not hold here" if not wider else "inconclusive")
     return {"claim": "Too small is unstable: a smaller batch size might lead to less stable training and "

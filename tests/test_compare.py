@@ -83,3 +83,11 @@ def test_claims_get_verdicts_from_the_numbers(ctx_factory):
     assert verdicts[:3] == ["holds", "holds", "holds"] and verdicts[3].startswith("inconclusive")
     flat = [c["verdict"] for c in claims(ctx, _claim_rows((900, 800, 700)), "classification")]
     assert flat[1] == "does not hold here"
+
+
+def test_a_batch_size_that_missed_the_target_says_so_in_the_stability_claim(ctx_factory):
+    from pipeline.report import claims
+    rows = _claim_rows((600, 4800, 38400))
+    rows[-1].update({"time_to_target_s": None, "samples_to_target": None, "reached": 1, "n": 3})
+    numbers = claims(ctx_factory(), rows, "classification")[2]["numbers"]
+    assert "seconds to target 9 vs target reached in 1/3 seeds" in numbers and "vs —" not in numbers

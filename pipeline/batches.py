@@ -77,7 +77,6 @@ class Batches:
     # On a GPU the epoch is gathered at once (one extra copy of the data set on the card): two
     # kernel launches an epoch instead of two a chunk, where launches are what a small step costs.
     CHUNK_ELEMENTS = 1 << 20
-    GPU_WHOLE_EPOCH = True
 
     def _plan(self) -> None:
         """Which rows of an epoch's permutation this rank trains on, where each batch's rows lie
@@ -96,7 +95,7 @@ class Batches:
             ends.append(ends[-1] + c)
         self._bounds = list(zip(ends[:-1], ends[1:]))
         x, y = self.data.x, self.data.y
-        if self.device.type == "cuda" and self.GPU_WHOLE_EPOCH:
+        if self.device.type == "cuda":
             self._per_chunk = self.per_epoch
         else:
             self._per_chunk = max(1, self.CHUNK_ELEMENTS // (max(counts) * max(1, x[0].numel())))

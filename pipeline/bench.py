@@ -32,7 +32,7 @@ from .config import TrackingParams, TrainParams
 from .data import Split
 from .engine import NullSink, fit, make_optimizer
 from .models import MLP
-from .system import PeakMemory, cpu_count, pick_device, processor, set_threads, threads_for
+from .system import PeakMemory, cpu_count, pick_device, processor, set_threads, sync, threads_for
 
 LOADERS = ("tutorial", "tensordataset", "pipeline", "limit")
 DEFAULT_THREADS = torch.get_num_threads()  # before anything sets it: what a user's script gets
@@ -88,13 +88,13 @@ def _loader_rate(loader, device, seconds: float, warmup: int = 3) -> float:
             crit(model(xb), yb).backward()
             opt.step()
             if t0 is None and i + 1 >= warmup:
-                _sync(device)
+                sync(device)
                 t0 = time.perf_counter()
                 continue
             if t0 is not None:
                 samples += xb.shape[0]
                 if time.perf_counter() - t0 >= seconds:
-                    _sync(device)
+                    sync(device)
                     return samples / (time.perf_counter() - t0)
 
 
@@ -109,13 +109,13 @@ def _compute_rate(x, y, bs, device, seconds: float) -> float:
         opt.step()
         if t0 is None:
             if steps >= 2:
-                _sync(device)
+                sync(device)
                 t0, steps = time.perf_counter(), 0
             steps += 1
             continue
         steps += 1
         if steps % 4 == 0 and time.perf_counter() - t0 >= seconds:
-            _sync(device)
+            sync(device)
             return steps * bs / (time.perf_counter() - t0)
 
 
@@ -127,11 +127,6 @@ def _pipeline_rate(train: Split, val: Split, bs, device, seconds, sink, p=PARAMS
     with PeakMemory(device) as mem:
         result = fit(model, train, val, p, bs, "classification", device, sink, max_seconds=seconds)
     return result.samples / result.train_seconds, mem.peak_bytes
-
-
-def _sync(device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def run_bench(batch_sizes: list[int], seconds: float, repeats: int, device: torch.device,

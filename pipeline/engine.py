@@ -27,6 +27,7 @@ from .dist import Dist, all_sum
 from .noise import NoiseScale, squared_norm
 from .records import History, StepChunk
 from .signals import Interrupted, NonFiniteLoss, StopSignals
+from .system import sync
 
 
 class StepSink(Protocol):
@@ -318,7 +319,6 @@ class Trainer:
         self.pending = Pending()
         self.step = make_step(self.model, self.criterion, self.optimizer, p, task, dist, self.noise, self.pending)
         self.val = val.to(device)
-        self.cuda = device.type == "cuda"
         self.state = LoopState()
         self.resumed_from = 0
         _warm_up(self.model, p, self.criterion, self.batches)
@@ -340,11 +340,11 @@ class Trainer:
     def flush(self) -> None:
         if not len(self.pending):
             return
-        if self.cuda:
+        if self.batches.device.type == "cuda":
             # The steps were only queued: their time on the card ends here. Without this wait the
             # time would fall to validation (not counted) and the rate would read too high.
             t0 = time.perf_counter()
-            torch.cuda.synchronize(self.val.x.device)
+            sync(self.batches.device)
             self.state.seconds += time.perf_counter() - t0
         chunk, noise = self.pending.drain(self.dist.world)
         if self.p.stop_on_nonfinite:
@@ -508,5 +508,4 @@ def _warm_up(model: nn.Module, p: TrainParams, criterion: nn.Module, batches: Ba
     opt.zero_grad()
     criterion(clone(xb.to(batches.device)), yb.to(batches.device)).backward()
     opt.step()
-    if batches.device.type == "cuda":
-        torch.cuda.synchronize(batches.device)  # its kernels are not the first steps' time
+    sync(batches.device)  # its kernels are not the first steps' time

@@ -32,6 +32,12 @@ def device_name(device: torch.device) -> str:
     return processor(device) + (f"x{torch.get_num_threads()}threads" if device.type == "cpu" else "")
 
 
+def sync(device: torch.device) -> None:
+    """Wait for the work queued on a GPU; nothing to wait for on the CPU."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 class PeakMemory:
     """Peak resident set (CPU) or peak allocated bytes (GPU) over a block of code.
 

@@ -72,6 +72,7 @@ def test_memory_line_is_the_growth_per_added_training_image():
 def test_bench_without_tracking_runs_where_mlflow_is_not_installed(tmp_path):
     """`bench --no-tracking` is what runs on a lent GPU machine, which has torch but no MLflow:
     here MLflow is made unimportable, and the bench must neither need it nor write a store."""
+    import os
     import shutil
     import subprocess
     import sys
@@ -83,8 +84,12 @@ def test_bench_without_tracking_runs_where_mlflow_is_not_installed(tmp_path):
             "from pipeline.__main__ import main\n"
             "sys.exit(main(['bench', '--no-tracking', '--batch-sizes', '64', '--seconds', '0.2',"
             " '--repeats', '1', '--ranks', '1', '--json', 'b.json']))")
+    # The inherited environment stays (a machine may find packages through PYTHONPATH); the
+    # project goes first on the path.
+    path = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")} | {"PYTHONPATH": path}
     proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True,
-                          env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"}, timeout=300)
+                          env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert "logging overhead: not measured (--no-tracking)" in proc.stdout
     result = json.loads((tmp_path / "b.json").read_text())

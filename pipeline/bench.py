@@ -139,9 +139,10 @@ def run_bench(batch_sizes: list[int], seconds: float, repeats: int, device: torc
     tutorial_ds = TutorialDataset(images, labels)
     tensor_ds = torch.utils.data.TensorDataset(x, y)
     def logged(name: str):
-        # A fresh logger process per pipeline cell, as each training run has its own: started and
-        # ready before the cell's steps, drained after them (neither is timed), so one cell's
-        # backlog never runs into the next. No factory (--no-tracking): the cells log nothing.
+        # Each pipeline cell logs into a run of its own through the bench's one logger process, as
+        # a stage's runs share theirs: ready before the cell's steps, drained after them (neither
+        # is timed), so one cell's backlog never runs into the next. No factory (--no-tracking):
+        # the cells log nothing.
         return sink_factory(name) if sink_factory else nullcontext(NullSink())
 
     per = seconds / repeats
@@ -266,7 +267,8 @@ def main(ctx, args) -> None:
         def cell_sink(name: str):
             # Each pipeline cell logs into a child run of its own, as a training run would.
             cell_run = tracker.create_run(name, {"batchlab.role": "bench-sink"}, parent_id=run_id)
-            sink = MlflowSink(tracker, cell_run, N_SAMPLES, TrackingParams().max_points, False, time.time())
+            sink = MlflowSink(tracker, cell_run, N_SAMPLES, TrackingParams().max_points, False, time.time(),
+                              another=True)
             try:
                 yield sink
             finally:

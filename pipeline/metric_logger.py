@@ -1,10 +1,12 @@
 """``python -m pipeline.metric_logger URI``: sends metric batches to MLflow from its own process,
 so the training process never waits on the store. It is started (``spawn``) before its run is
-known, often ahead of it (``prestart``), and reads [RUN_ID, SPOOL_FILE] as its first line.
+known, at the stage's start (``prestart``), and serves the stage's runs one after another: one
+process per stage, so its imports and connection are paid once, not once per seed.
 
-Protocol: after that line, stdin carries one JSON list of [key, value, timestamp_ms, step] per line; the process
-answers ``ready`` once connected, and at end of input one JSON line
-{"sent": n, "skipped": n, "spooled": n, "error": ...}.
+Protocol, per run: a line [RUN_ID, SPOOL_FILE]; the process answers ``ready`` once connected. Then
+one JSON list of [key, value, timestamp_ms, step] per line, until a line ``null`` (the run's end:
+the next run's line may follow) or the end of input (the process exits after answering). At the
+run's end it answers one JSON line {"sent": n, "skipped": n, "spooled": n, "error": ...}.
 
 Exactly once: a point whose step is not beyond the last step the store already holds for its key
 is skipped (a resumed run re-trains the steps after its checkpoint; the store may hold them from
@@ -154,25 +156,35 @@ def main(uri: str) -> int:
     importlib.import_module("mlflow.tracking")
     if uri.startswith("sqlite:"):
         importlib.import_module("mlflow.store.tracking.sqlalchemy_store")
-    header = sys.stdin.readline()
-    if not header:
-        return 0  # not needed after all
-    run_id, spool_file = json.loads(header)
-    try:
-        from mlflow.tracking import MlflowClient
+    client = writer = None
+    while header := sys.stdin.readline():
+        run_id, spool_file = json.loads(header)
+        try:
+            if client is None:
+                from mlflow.tracking import MlflowClient
+                client = MlflowClient(uri)
+                writer = Points(client, uri)
+            last = last_steps(client, run_id)
+        except Exception as exc:
+            print(json.dumps({"sent": 0, "skipped": 0, "spooled": 0, "error": f"{type(exc).__name__}: {exc}"}),
+                  flush=True)
+            return 1
+        print("ready", flush=True)
+        if not serve(writer, run_id, spool_file, last):
+            break
+    return 0
 
-        client = MlflowClient(uri)
-        last = last_steps(client, run_id)
-        writer = Points(client, uri)
-    except Exception as exc:
-        print(json.dumps({"sent": 0, "skipped": 0, "spooled": 0, "error": f"{type(exc).__name__}: {exc}"}),
-              flush=True)
-        return 1
-    print("ready", flush=True)
+
+def serve(writer: Points, run_id: str, spool_file: str, last: dict[str, int]) -> bool:
+    """One run's points, until its end line (True: another run may follow) or the end of input."""
     sent = skipped = spooled = 0
     error = None
+    more = False
     for line in sys.stdin:
         points = json.loads(line)
+        if points is None:
+            more = True
+            break
         fresh = [p for p in points if p[3] > last.get(p[0], -1)]
         skipped += len(points) - len(fresh)
         for p in fresh:
@@ -189,10 +201,10 @@ def main(uri: str) -> int:
             fh.write(json.dumps(fresh) + "\n")
         spooled += len(fresh)
     print(json.dumps({"sent": sent, "skipped": skipped, "spooled": spooled, "error": error}), flush=True)
-    return 0
+    return more and error is None
 
 
-_SPARES: dict = {}  # store URI -> a logger started ahead of its run
+_SPARES: dict = {}  # store URI -> a logger waiting for its next run
 
 
 def prestart(uri: str) -> None:
@@ -206,6 +218,14 @@ def prestart(uri: str) -> None:
 def take(uri: str):
     proc = _SPARES.pop(uri, None)
     return proc if proc is not None and proc.poll() is None else None
+
+
+def give_back(uri: str, proc) -> None:
+    """A logger whose run has ended (its answer read) waits for the stage's next run."""
+    spare = _SPARES.get(uri)
+    if spare is not None and spare is not proc and spare.poll() is None:
+        spare.stdin.close()  # one spare per store is enough: this one exits
+    _SPARES[uri] = proc
 
 
 def spawn(uri: str):
@@ -225,11 +245,13 @@ def spawn_helper(module: str, *args: str):
                             text=True, cwd=str(Path(__file__).resolve().parent.parent), start_new_session=True)
 
 
-def read_answer(proc, who: str) -> dict:
-    """The last line a helper process (this logger, a tracker worker) writes, as JSON, once it
-    exited; a helper that died without answering gives {"error": ...} naming ``who``."""
+def read_answer(proc, who: str, exits: bool = True) -> dict:
+    """The answer line a helper process (this logger, a tracker worker) writes, as JSON, once it
+    exited (``exits``; else once written); a helper that died without answering gives
+    {"error": ...} naming ``who``."""
     answer = proc.stdout.readline().strip()
-    proc.wait()
+    if exits or not answer:
+        proc.wait()
     try:
         return json.loads(answer)
     except json.JSONDecodeError:

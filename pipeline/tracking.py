@@ -584,15 +584,14 @@ class MlflowSink:
         self.points = 0
         self.spool_file = tracker.spool.dir / f"metrics-{self.run_id}.jsonl"
         self._proc = None
+        # ``another``: a run follows this one in the stage; this run's logger then serves it.
+        self._keep = another
         if tracker.down is None and not is_local(self.run_id):
-            # A logger started ahead (its imports overlapped the stage's start or the previous
-            # run), else one started now, is told its run on its first line. ``another``: a run
-            # follows this one, so its logger starts importing now.
+            # The stage's logger (started ahead, so its imports overlapped the stage's start, or
+            # kept from the previous run), else one started now, is told its run in a line.
             self._proc = metric_logger.take(tracker.uri) or metric_logger.spawn(tracker.uri)
             self._proc.stdin.write(json.dumps([self.run_id, str(self.spool_file)]) + "\n")
             self._proc.stdin.flush()
-            if another:
-                metric_logger.prestart(tracker.uri)
         self._ready = threading.Event()
         if self._proc is None:
             self._ready.set()
@@ -629,7 +628,14 @@ class MlflowSink:
             with self.spool_file.open("a") as fh:
                 fh.write(item)
         if self._proc is not None:
-            self._proc.stdin.close()
+            try:
+                if self._keep:
+                    self._proc.stdin.write("null\n")  # this run's end: the logger answers and waits
+                    self._proc.stdin.flush()
+                else:
+                    self._proc.stdin.close()
+            except OSError:
+                pass
 
     @staticmethod
     def _empty() -> dict[str, Any]:
@@ -703,6 +709,7 @@ class MlflowSink:
         if self._ended:
             return
         self._ended = True
+        self._keep = self._keep and complete  # an interrupted stage ends here: its logger too
         last = self._acc.get("last")
         if complete and self._acc["n"] and last:
             step, samples, lr, t, has_correct = last
@@ -719,8 +726,13 @@ class MlflowSink:
         self._feeder.join()
         self._feeder = None
         if self._proc is not None:
-            result = metric_logger.read_answer(self._proc, "metric logger")
+            result = metric_logger.read_answer(self._proc, "metric logger", exits=not self._keep)
             if result.get("error"):
                 self.tracker._fail(StoreDown(result["error"]))
+            if self._keep and not result.get("error"):
+                metric_logger.give_back(self.tracker.uri, self._proc)
+            elif self._keep:
+                self._proc.stdin.close()
+                self._proc.wait()
         if self.spool_file.is_file():
             self.tracker.log_metrics_file(self.run_id, self.spool_file)

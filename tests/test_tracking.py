@@ -116,26 +116,33 @@ def test_sink_full_history_logs_every_step_and_the_last_partial_window(store):
     assert steps == [3 * 4 * k for k in range(1, 8)] + [23 * 4]
 
 
-def test_a_logger_started_ahead_serves_the_next_run_and_one_never_used_exits(store):
-    """``another=True`` starts the next run's logger while this run trains; the next sink is
-    handed that process (its run named on its first line), and every point arrives once."""
+def test_one_logger_serves_the_stages_runs_in_turn_and_a_spare_never_used_exits(store):
+    """``another=True``: once the logger has answered for this run it is kept, and the next run's
+    sink hands it that run in a line; every point arrives once, in its own run, and the logger of
+    the last run (or of an interrupted one) exits."""
     from pipeline import metric_logger
 
     t = Tracker(store, "exp", {})
-    first = t.client.create_run(t.experiment_id).info.run_id
-    sink = MlflowSink(t, first, total_steps=10, max_points=100, full_history=False, start_time=time.time(),
-                      another=True)
-    spare = metric_logger._SPARES[t.uri]
-    assert spare.poll() is None and spare is not sink._proc
-    sink.steps(_chunk(1, 10))
-    sink.close(complete=True)
-    second = t.client.create_run(t.experiment_id).info.run_id
-    sink = MlflowSink(t, second, total_steps=10, max_points=100, full_history=False, start_time=time.time())
-    assert sink._proc is spare and t.uri not in metric_logger._SPARES
-    sink.steps(_chunk(1, 10))
-    sink.close(complete=True)
-    for run in (first, second):
+    runs = [t.client.create_run(t.experiment_id).info.run_id for _ in range(3)]
+    procs = []
+    for i, run in enumerate(runs):
+        sink = MlflowSink(t, run, total_steps=10, max_points=100, full_history=False, start_time=time.time(),
+                          another=i + 1 < len(runs))
+        procs.append(sink._proc)
+        sink.steps(_chunk(1, 10))
+        sink.close(complete=True)
+        assert (metric_logger._SPARES.get(t.uri) is sink._proc) == (i + 1 < len(runs))
+    assert procs[0] is procs[1] is procs[2] and procs[0].returncode == 0
+    for run in runs:
         assert sorted(m.step for m in t.client.get_metric_history(run, "train/loss")) == [4 * k for k in range(1, 11)]
+    # A run that does not end complete (a signal, an error) ends its logger, even if runs would follow.
+    run = t.client.create_run(t.experiment_id).info.run_id
+    sink = MlflowSink(t, run, total_steps=10, max_points=100, full_history=False, start_time=time.time(),
+                      another=True)
+    sink.steps(_chunk(1, 5))
+    sink.close(complete=False)
+    assert sink._proc.returncode == 0 and t.uri not in metric_logger._SPARES
+    assert len(t.client.get_metric_history(run, "train/loss")) == 5
     metric_logger.prestart(t.uri)  # a spare nobody takes reads the end of its input and exits
     unused = metric_logger.take(t.uri)
     unused.stdin.close()

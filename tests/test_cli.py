@@ -62,3 +62,28 @@ def test_cli_runs_or_stops_with_one_line(prepared, capsys, batch, sets):
     if (prepared / "mlflow.db").exists():
         _, runs = runs_of(f"sqlite:///{prepared / 'mlflow.db'}")
         assert not [r for r in runs if r.info.status == "RUNNING"]
+
+
+def _thp_mode() -> str:
+    try:
+        text = open("/sys/kernel/mm/transparent_hugepage/enabled").read()
+    except OSError:
+        return ""
+    return text[text.find("[") + 1:text.find("]")]
+
+
+@pytest.mark.skipif(_thp_mode() != "madvise", reason="transparent huge pages are not in madvise mode here")
+def test_the_cli_process_puts_large_tensors_in_huge_pages_unless_told_not_to():
+    """Where the kernel gives huge pages on request (madvise), a process that loads the CLI has
+    torch's allocator ask for them: a 32 MB tensor is backed by huge pages; with
+    THP_MEM_ALLOC_ENABLE=0 in the environment it is not."""
+    import subprocess
+    import sys
+
+    code = ("import pipeline.__main__, torch; x = torch.ones(1 << 23); "
+            "print([l.split()[1] for l in open('/proc/self/smaps_rollup') if l.startswith('AnonHugePages')][0])")
+    env = {k: v for k, v in os.environ.items() if k != "THP_MEM_ALLOC_ENABLE"}
+    on = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    off = subprocess.run([sys.executable, "-c", code], env=env | {"THP_MEM_ALLOC_ENABLE": "0"},
+                         capture_output=True, text=True, check=True)
+    assert int(on.stdout) >= 2048 and int(off.stdout) == 0, (on.stdout, off.stdout)

@@ -215,14 +215,31 @@ def _direction(rows, key: str) -> tuple[str, str]:
     return ("rises" if up else "falls" if down else "mixed"), ("intervals separate" if clear else "intervals overlap")
 
 
+FASTER = "Batching is faster: a larger batch size generally leads to faster training."
+MEMORY = "Bigger batches cost memory."
+UNSTABLE = ("Too small is unstable: a smaller batch size might lead to less stable training and "
+            "slower convergence.")
+SHUFFLE = {
+    "claim": "Shuffling matters: shuffled batches keep the model from learning the data's order.",
+    "numbers": "every run here shuffles (a seeded permutation per epoch); the sweep has no shuffle-off "
+               "control to compare with",
+    "verdict": "inconclusive (not measured)"}
+
+
 def claims(ctx: Context, rows, task) -> list[dict[str, str]]:
-    """The tutorial's claims, each with the sweep's numbers and a verdict."""
+    """The tutorial's claims, each with the sweep's numbers and a verdict. Each compares batch
+    sizes, so a sweep of one batch size measures none of them."""
+    if len(rows) < 2:
+        alone = (f"this sweep has one batch size ({rows[0]['batch_size']}): nothing to compare it with; "
+                 "list two or more in train.batch_sizes")
+        return [{"claim": c, "numbers": alone, "verdict": "not measured (one batch size)"}
+                for c in (FASTER, MEMORY, UNSTABLE)] + [dict(SHUFFLE)]
     first, last = rows[0], rows[-1]
     out = []
     direction, sure = _direction(rows, "throughput")
     ratio = last["throughput"] / first["throughput"] if first.get("throughput") else math.nan
     out.append({
-        "claim": "Batching is faster: a larger batch size generally leads to faster training.",
+        "claim": FASTER,
         "numbers": f"throughput {human(first['throughput'])} samples/s at batch size {first['batch_size']}, "
                    f"{human(last['throughput'])} at {last['batch_size']} ({ratio:,.1f}x); "
                    + _to_target_words(rows),
@@ -230,17 +247,13 @@ def claims(ctx: Context, rows, task) -> list[dict[str, str]]:
                    "inconclusive" if direction != "falls" else "does not hold here"})
     direction, sure = _direction(rows, "step_memory_bytes")
     out.append({
-        "claim": "Bigger batches cost memory.",
+        "claim": MEMORY,
         "numbers": f"a step holds {human(first.get('step_memory_bytes'), 'step_memory_bytes')} at batch size "
                    f"{first['batch_size']}, {human(last.get('step_memory_bytes'), 'step_memory_bytes')} at "
                    f"{last['batch_size']} ({human(first.get('bytes_per_sample'))} bytes per sample)",
         "verdict": "holds" if direction == "rises" else "inconclusive" if direction == "mixed" else "does not hold here"})
     out.append(_stability_claim(rows, task))
-    out.append({
-        "claim": "Shuffling matters: shuffled batches keep the model from learning the data's order.",
-        "numbers": "every run here shuffles (a seeded permutation per epoch); the sweep has no shuffle-off "
-                   "control to compare with",
-        "verdict": "inconclusive (not measured)"})
+    out.append(dict(SHUFFLE))
     return out
 
 
@@ -273,8 +286,7 @@ def _stability_claim(rows, task) -> dict[str, str]:
                f"{_to_target(first)} vs {_to_target(last)}")
     verdict = ("holds" if noisier and slower else "partly: noisier, not slower to converge" if noisier
                else "does not hold here" if not wider else "inconclusive")
-    return {"claim": "Too small is unstable: a smaller batch size might lead to less stable training and "
-                     "slower convergence.", "numbers": numbers, "verdict": verdict}
+    return {"claim": UNSTABLE, "numbers": numbers, "verdict": verdict}
 
 
 def critical_story(ctx: Context, rows, concl) -> str:
@@ -318,7 +330,7 @@ def _columns(task: str) -> list[tuple[str, str]]:
     return cols + ([("weight", "fitted w"), ("bias", "fitted b")] if task != "classification" else [])
 
 
-def _bullets(ctx: Context, concl: dict[str, Any]) -> list[str]:
+def _bullets(ctx: Context, concl: dict[str, Any], n_sizes: int) -> list[str]:
     t = ctx.params.train
     target = f"{t.target_metric} {'≥' if t.target_metric == 'val_acc' else '≤'} {t.target_value:g}"
     fastest, acc, top = concl["fastest_to_target"], concl["most_accurate"], concl["highest_throughput"]
@@ -326,6 +338,8 @@ def _bullets(ctx: Context, concl: dict[str, Any]) -> list[str]:
     missed = concl["missed_target"]
 
     def tie(w):
+        if n_sizes < 2:
+            return " — the only batch size in this sweep"
         return (f" — not distinguishable from batch size {', '.join(map(str, w['ties']))} (intervals overlap)"
                 if w["ties"] else " — its interval separates it from every other batch size")
     return [
@@ -358,7 +372,7 @@ def html(ctx: Context, rows, runs, concl, images: list[tuple[Path, str]], manife
         for img, caption in images)
     return Template(TEMPLATE.read_text()).substitute(
         title=html_lib.escape(f"{p.data.name} / {p.model.name} / {p.train.optimizer}"), setup=html_lib.escape(setup),
-        conclusions="\n".join(f"<li>{b}</li>" for b in _bullets(ctx, concl)),
+        conclusions="\n".join(f"<li>{b}</li>" for b in _bullets(ctx, concl, len(rows))),
         claims=checked, critical=critical_story(ctx, rows, concl),
         table_head=head, table_body=body,
         glossary="\n".join(f"<dt>{html_lib.escape(k)}</dt><dd>{html_lib.escape(v)}</dd>" for k, v in GLOSSARY.items()),

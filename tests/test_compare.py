@@ -91,3 +91,18 @@ def test_a_batch_size_that_missed_the_target_says_so_in_the_stability_claim(ctx_
     rows[-1].update({"time_to_target_s": None, "samples_to_target": None, "reached": 1, "n": 3})
     numbers = claims(ctx_factory(), rows, "classification")[2]["numbers"]
     assert "seconds to target 9 vs target reached in 1/3 seeds" in numbers and "vs —" not in numbers
+
+
+def test_a_sweep_of_one_batch_size_measures_no_claim_and_separates_it_from_nothing(ctx_factory):
+    """`dvc exp run -S 'train.batch_sizes=[256]'` makes a sweep of one size: every claim compares
+    sizes, so none gets a verdict from it, and the conclusions do not say it beats other sizes."""
+    from pipeline.report import _bullets, claims
+    ctx = ctx_factory()
+    rows = _claim_rows((600, 4800, 38400))[-1:]
+    out = claims(ctx, rows, "classification")
+    assert [c["verdict"] for c in out[:3]] == ["not measured (one batch size)"] * 3
+    assert all("one batch size (64)" in c["numbers"] for c in out[:3])
+    bullets = " ".join(_bullets(ctx, conclusions(rows, "classification", 0.5), n_sizes=1))
+    assert "the only batch size in this sweep" in bullets and "separates" not in bullets
+    two = _claim_rows((600, 4800, 38400))[-2:]
+    assert "separates it from every other" in " ".join(_bullets(ctx, conclusions(two, "classification", 0.5), 2))

@@ -49,7 +49,7 @@ TAG_LAUNCH = "batchlab.sweep_parent"
 TAG_OWNER = "batchlab.owner"
 SEND_SECONDS = 10.0
 SPOOL_DIR = "spool"
-VIEW_KEY = "batch-sizes"
+VIEW_KEY = "batch-sizes"  # every run of the experiment; each sweep also has its own: sweep_view()
 # MLflow UI state (keys as its experiment page shares them): runs grouped by batch size, the
 # groups' mean drawn in charts, every run shown, line charts against step (= samples seen).
 SHARED_VIEW = {
@@ -281,11 +281,21 @@ class Tracker:
             if exp.tags.get(key) != value:
                 _once_more_on_conflict(lambda: self.client.set_experiment_tag(exp.experiment_id, key, value))
 
-    def ui_url(self, base: str = "http://127.0.0.1:5000") -> str:
+    def ui_url(self, base: str = "http://127.0.0.1:5000", sweep_key: str | None = None) -> str:
         """The experiment in MLflow's UI: its model-training layout (3.17 opens the GenAI one
-        unless told), the chart view, the shared batch-size view."""
+        unless told), the chart view, and the shared batch-size view of the sweep ``sweep_key``
+        (its runs alone), or of every run in the experiment."""
+        view = sweep_view(sweep_key)[0] if sweep_key else VIEW_KEY
         return (f"{base}/#/experiments/{self.experiment_id}/runs?workflowType=machine_learning"
-                f"&compareRunsMode=CHART&viewStateShareKey={VIEW_KEY}")
+                f"&compareRunsMode=CHART&viewStateShareKey={view}")
+
+    def _sweep_view_tag(self, key: str) -> None:
+        """The sweep's own shared view: the batch-size view filtered to the sweep's runs, so that
+        runs of another sweep (another learning rate, another list) never join its groups."""
+        view, state = sweep_view(key)
+        tag, value = f"mlflow.sharedViewState.{view}", json.dumps(state, sort_keys=True)
+        if self.client.get_experiment(self.experiment_id).tags.get(tag) != value:
+            _once_more_on_conflict(lambda: self.client.set_experiment_tag(self.experiment_id, tag, value))
 
     @contextmanager
     def _lock(self) -> Iterator[None]:
@@ -328,6 +338,7 @@ class Tracker:
 
     def _sweep_parent_online(self, key, manifest, params, tags, given) -> str:
         with self._lock():
+            self._sweep_view_tag(key)
             run_id = self.find_sweep(key)
             if run_id is not None:
                 if given and given != run_id:
@@ -553,6 +564,11 @@ def data_params(manifest: dict[str, Any]) -> dict[str, Any]:
     return stats | {"data.hash": manifest["data_hash"], "data.n_features": manifest["n_features"],
                     "data.n_classes": manifest["n_classes"], "data.mean": manifest["normalisation"]["mean"],
                     "data.std": manifest["normalisation"]["std"]}
+
+
+def sweep_view(key: str) -> tuple[str, dict[str, Any]]:
+    """The share key and UI state of sweep ``key``'s view: SHARED_VIEW for its runs alone."""
+    return f"sweep-{key}", SHARED_VIEW | {"searchFilter": f"tags.`{TAG_SWEEP}` = '{key}'"}
 
 
 def _text(value: Any) -> str:

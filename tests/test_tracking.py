@@ -29,6 +29,28 @@ MANIFEST = {"data_hash": "abc", "splits": {"train": {"n": 10}}, "n_features": 4,
             "normalisation": {"mean": 0.0, "std": 1.0}}
 
 
+def test_each_sweep_has_a_ui_view_of_its_own_runs_and_the_url_opens_it(store):
+    """Two sweeps in one experiment (another learning rate): each one's shared view filters the
+    runs page to its own runs, so batch-size groups never mix the two; ui_url opens it."""
+    import json
+
+    from pipeline.tracking import TAG_SWEEP
+    trackers = [_tracker(store), _tracker(store, lr=0.2)]
+    parents = [t.sweep_parent(MANIFEST) for t in trackers]
+    t = trackers[0]
+    train = {p: t.client.create_run(t.experiment_id, tags={TAG_SWEEP: t.client.get_run(p).data.tags[TAG_SWEEP],
+                                                           "mlflow.parentRunId": p}).info.run_id for p in parents}
+    tags = t.client.get_experiment(t.experiment_id).tags
+    for parent in parents:
+        key = t.client.get_run(parent).data.tags[TAG_SWEEP]
+        state = json.loads(tags[f"mlflow.sharedViewState.sweep-{key}"])
+        assert state["groupBy"]["groupByKeys"][0]["groupByData"] == "batch_size"
+        found = {r.info.run_id for r in t.client.search_runs([t.experiment_id], state["searchFilter"])}
+        assert found == {parent, train[parent]}
+        assert t.ui_url("http://h:1", key).endswith(f"viewStateShareKey=sweep-{key}")
+    assert t.ui_url("http://h:1").endswith("viewStateShareKey=batch-sizes")  # no sweep: every run
+
+
 def test_sweep_parent_is_found_not_duplicated_and_not_left_running(store):
     a = _tracker(store).sweep_parent(MANIFEST)
     b = _tracker(store).sweep_parent(MANIFEST)

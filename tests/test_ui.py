@@ -53,15 +53,26 @@ def test_report_shows_intervals_claims_and_captioned_plots(sweep):
 
 
 def test_mlflow_ui_opens_on_the_batch_size_runs_and_the_loss_chart(sweep):
+    from pipeline.data import read_manifest
+    from pipeline.tracking import TAG_SWEEP
+
+    tracker = sweep.tracker("ui-url")
+    # A run of another sweep in the same experiment (another learning rate, say) at batch size 16.
+    other = tracker.client.create_run(tracker.experiment_id, run_name="bs16-other-sweep",
+                                      tags={TAG_SWEEP: "another-sweep"}).info.run_id
+    tracker.client.log_param(other, "batch_size", 16)
+    tracker.client.set_terminated(other)
     server = MlflowServer(sweep.workdir, f"sqlite:///{sweep.workdir / 'mlflow.db'}").start()
     try:
-        url = sweep.tracker("ui-url").ui_url(server.url)
+        url = tracker.ui_url(server.url, sweep.params.sweep_key(read_manifest(sweep.data_dir)["data_hash"]))
         dom = _dom(url)
     finally:
         server.kill()
     # The runs of every batch size and seed are on the page without a click, grouped by batch size,
     for name in ("bs16-s0", "bs16-s1", "bs64-s0", "bs64-s1"):
         assert name in dom, name
+    # and only this sweep's: the other sweep's run does not join the group of 16.
+    assert "bs16-other-sweep" not in dom
     assert "Group: 16" in dom and "Group: 64" in dom
     # in the model-training layout (not the GenAI one), with the train/loss chart drawn per batch size.
     assert "Model training" in dom and "Detect Issues" not in dom

@@ -318,7 +318,10 @@ GLOSSARY = {
                               "reached it (reached: how many did)",
     "step memory": "what one training step holds for its batch (batch, saved activations, outputs)",
     "loss spread": "standard deviation of the per-step training loss over the last epoch, relative to its mean",
-    "noise scale": "final B_simple = tr(Σ)/|G|², the gradient noise scale",
+    "noise scale": "final B_simple = tr(Σ)/|G|², the gradient noise scale; near convergence the gradient "
+                   "is small and its unbiased estimate |G|² can fall to zero or below, so a negative or huge "
+                   "value (or interval) means the run ended where it is not measurable; the critical batch "
+                   "size above uses the batch sizes whose value is positive",
 }
 
 

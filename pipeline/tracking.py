@@ -112,6 +112,7 @@ class Tracker:
         self.experiment_name = experiment
         self.spool = Spool(root / SPOOL_DIR, stage)
         self.ids = spool.load_ids(root / SPOOL_DIR)
+        self._exp_tags: dict[str, dict[str, str]] = {}  # experiment id -> its tags as read or written here
         self.down: str | None = None
         self.warn = warn
         self.experiment_id: str | None = None
@@ -275,11 +276,19 @@ class Tracker:
         """What MLflow's UI reads to open this experiment on the comparison: a model-training
         experiment (not its GenAI layout), and a shared view (``?viewStateShareKey=batch-sizes``)
         that groups runs by batch size, shows them all, and charts loss against step = samples seen."""
-        wanted = {"mlflow.experimentKind": "custom_model_development",
-                  f"mlflow.sharedViewState.{VIEW_KEY}": json.dumps(SHARED_VIEW, sort_keys=True)}
+        self._exp_tags[exp.experiment_id] = dict(exp.tags)
+        self._set_experiment_tags(exp.experiment_id, {
+            "mlflow.experimentKind": "custom_model_development",
+            f"mlflow.sharedViewState.{VIEW_KEY}": json.dumps(SHARED_VIEW, sort_keys=True)})
+
+    def _set_experiment_tags(self, experiment_id: str, wanted: dict[str, str]) -> None:
+        """Writes the tags of ``wanted`` that the experiment (its tags as read when this tracker
+        opened it) lacks or holds with another value."""
+        held = self._exp_tags.setdefault(experiment_id, {})
         for key, value in wanted.items():
-            if exp.tags.get(key) != value:
-                _once_more_on_conflict(lambda: self.client.set_experiment_tag(exp.experiment_id, key, value))
+            if held.get(key) != value:
+                _once_more_on_conflict(lambda: self.client.set_experiment_tag(experiment_id, key, value))
+                held[key] = value
 
     def ui_url(self, base: str = "http://127.0.0.1:5000", sweep_key: str | None = None) -> str:
         """The experiment in MLflow's UI: its model-training layout (3.17 opens the GenAI one
@@ -293,9 +302,8 @@ class Tracker:
         """The sweep's own shared view: the batch-size view filtered to the sweep's runs, so that
         runs of another sweep (another learning rate, another list) never join its groups."""
         view, state = sweep_view(key)
-        tag, value = f"mlflow.sharedViewState.{view}", json.dumps(state, sort_keys=True)
-        if self.client.get_experiment(self.experiment_id).tags.get(tag) != value:
-            _once_more_on_conflict(lambda: self.client.set_experiment_tag(self.experiment_id, tag, value))
+        self._set_experiment_tags(self.experiment_id,
+                                  {f"mlflow.sharedViewState.{view}": json.dumps(state, sort_keys=True)})
 
     @contextmanager
     def _lock(self) -> Iterator[None]:

@@ -13,7 +13,7 @@ import numpy as np
 
 from .compare import read_csv, scaling_knee, separated
 from .context import Context
-from .palette import batch_size_colour
+from .palette import sweep_colours
 
 TEMPLATE = Path(__file__).with_name("templates") / "report.html"
 
@@ -28,8 +28,8 @@ def _pyplot():
 
 
 def _colour(rows, bs: int) -> str:
-    """The batch size's colour, the same as its runs' in the MLflow UI."""
-    return batch_size_colour(bs)
+    """The batch size's colour, the same as its group's and runs' in the MLflow UI (palette.py)."""
+    return sweep_colours(r["batch_size"] for r in rows)[bs]
 
 
 def _save(fig, path: Path) -> Path:

@@ -106,3 +106,16 @@ def test_a_sweep_of_one_batch_size_measures_no_claim_and_separates_it_from_nothi
     assert "the only batch size in this sweep" in bullets and "separates" not in bullets
     two = _claim_rows((600, 4800, 38400))[-2:]
     assert "separates it from every other" in " ".join(_bullets(ctx, conclusions(two, "classification", 0.5), 2))
+
+
+def test_each_batch_size_of_a_sweep_gets_the_ui_colour_of_its_group_and_colours_stay_distinct():
+    from pipeline.palette import UI_PALETTE, batch_size_colour, sweep_colours
+
+    # The groups of the default sweep, as MLflow 3.17's UI draws them (test_ui reads them in Chromium).
+    assert [batch_size_colour(bs) for bs in (4, 16, 64, 256)] == ["#0e538b", "#8ddda8", "#8396a5", "#f792a6"]
+    assert sweep_colours([256, 4, 64, 16]) == {bs: batch_size_colour(bs) for bs in (4, 16, 64, 256)}
+    # 512 and 1024 share a colour in the UI; in the report the larger gets one no batch size of the sweep has.
+    assert batch_size_colour(512) == batch_size_colour(1024)
+    colours = sweep_colours([64, 512, 1024])
+    assert colours[512] == batch_size_colour(512) and len(set(colours.values())) == 3
+    assert colours[1024] in UI_PALETTE and colours[1024] not in (batch_size_colour(64), batch_size_colour(512))

@@ -1,5 +1,6 @@
 """What a user sees first: the report and the MLflow UI, loaded in a real headless Chromium."""
 import os
+import re
 import shutil
 import subprocess
 import tempfile
@@ -54,6 +55,7 @@ def test_report_shows_intervals_claims_and_captioned_plots(sweep):
 
 def test_mlflow_ui_opens_on_the_batch_size_runs_and_the_loss_chart(sweep):
     from pipeline.data import read_manifest
+    from pipeline.palette import batch_size_colour
     from pipeline.tracking import TAG_SWEEP
 
     tracker = sweep.tracker("ui-url")
@@ -77,3 +79,8 @@ def test_mlflow_ui_opens_on_the_batch_size_runs_and_the_loss_chart(sweep):
     # in the model-training layout (not the GenAI one), with the train/loss chart drawn per batch size.
     assert "Model training" in dom and "Detect Issues" not in dom
     assert "16 (train/loss)" in dom and "64 (train/loss)" in dom
+    # Each group in the colour of its batch size's runs and of its lines in the report.
+    for bs in (16, 64):
+        found = re.search(rf'value="(#[0-9a-f]{{6}})"></label><div[^>]*><span title="{bs}"[^>]*>Group: {bs}<', dom)
+        assert found, f"no colour next to Group: {bs}"
+        assert found.group(1) == batch_size_colour(bs), bs

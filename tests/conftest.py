@@ -57,7 +57,7 @@ def sh(cmd: list[str], cwd: Path, check: bool = True, **kw) -> subprocess.Comple
 def make_project(dest: Path, params: dict, git: bool = True) -> Path:
     dest.mkdir(parents=True, exist_ok=True)
     shutil.copytree(REPO / "pipeline", dest / "pipeline", ignore=shutil.ignore_patterns("__pycache__"))
-    for name in ("dvc.yaml", "MLproject", ".gitignore"):
+    for name in ("dvc.yaml", "MLproject", "python_env.yaml", "requirements.txt", ".gitignore"):
         shutil.copy(REPO / name, dest / name)
     # DVC wants every key a stage lists: start from the project's own params.yaml.
     full = merge(yaml.safe_load((REPO / "params.yaml").read_text()), params)

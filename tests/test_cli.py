@@ -87,3 +87,22 @@ def test_the_cli_process_puts_large_tensors_in_huge_pages_unless_told_not_to():
     off = subprocess.run([sys.executable, "-c", code], env=env | {"THP_MEM_ALLOC_ENABLE": "0"},
                          capture_output=True, text=True, check=True)
     assert int(on.stdout) >= 2048 and int(off.stdout) == 0, (on.stdout, off.stdout)
+
+
+def test_mlflow_run_without_env_manager_builds_the_pinned_requirements():
+    """A bare `mlflow run .` (pyenv or uv present) builds its virtualenv from python_env.yaml: the
+    MLproject names it, and MLflow reads from it exactly the pins of requirements.txt (before, it
+    built an environment with none of them and the entry point died on `import yaml`)."""
+    from mlflow.projects import env_type
+    from mlflow.projects._project_spec import load_project
+    from mlflow.utils.environment import _PythonEnv
+    from mlflow.utils.requirements_utils import _parse_requirements
+
+    from conftest import REPO
+
+    project = load_project(str(REPO))
+    assert project.env_type == env_type.PYTHON and project.env_config_path == str(REPO / "python_env.yaml")
+    env = _PythonEnv.from_yaml(project.env_config_path)
+    got = {r.req_str for r in _parse_requirements(env.dependencies, is_constraint=False, base_dir=str(REPO))}
+    pins = {line for line in (REPO / "requirements.txt").read_text().splitlines() if line and not line.startswith("#")}
+    assert got == pins and "torch==2.14.1" in got

@@ -184,13 +184,14 @@ def _sync(args, ctx) -> int:
 def _ui_url(args, ctx) -> None:
     """The view of the sweep that params.yaml and the prepared data describe, once it exists in
     the store; else the view of every run in the experiment."""
-    import json
+    from .config import DataError
+    from .context import read_manifest
     tracker = ctx.tracker("ui-url", warn=False)
     if tracker.down is not None:
         return
-    try:  # the prepared data's manifest (pipeline.data.MANIFEST; read here without importing torch)
-        key = ctx.params.sweep_key(json.loads((ctx.data_dir / "manifest.json").read_text())["data_hash"])
-    except (OSError, ValueError, KeyError):  # no prepared data here yet
+    try:
+        key = ctx.params.sweep_key(read_manifest(ctx.data_dir)["data_hash"])
+    except (DataError, KeyError):  # no prepared data here yet
         key = None
     print(tracker.ui_url(args.base, key if key and tracker.find_sweep(key) else None))
 

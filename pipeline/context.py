@@ -8,11 +8,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .config import Params
+from .config import DataError, Params
 
 DATA_DIR = Path("data/prepared")
 OUT_DIR = Path("outputs")
 CHECKPOINT_DIR = Path("checkpoints")
+MANIFEST = "manifest.json"  # the prepared data's description, beside its tensors (pipeline.data)
 
 
 @dataclass
@@ -136,3 +137,14 @@ def file_digest(path: Path) -> str | None:
 
 def read_json(path: Path) -> Any:
     return json.loads(Path(path).read_text())
+
+
+def read_manifest(data_dir: Path) -> dict[str, Any]:
+    """The prepared data's manifest (pipeline.data writes it); here, so that reading it imports no torch."""
+    path = Path(data_dir) / MANIFEST
+    if not path.is_file():
+        raise DataError(f"{path} not found: run the prepare stage first (dvc repro prepare)")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError:
+        raise DataError(f"{path}: not valid JSON (corrupt manifest); rerun prepare") from None

@@ -19,10 +19,9 @@ import numpy as np
 import torch
 
 from .config import DataError, DataParams
-from .context import swap_dir
+from .context import MANIFEST, read_manifest, swap_dir  # noqa: F401  (read_manifest, as before)
 
 SPLITS = ("train", "val", "test")
-MANIFEST = "manifest.json"
 
 
 @dataclass(frozen=True)
@@ -225,16 +224,6 @@ def write_prepared(out_dir: Path, task: str, splits: dict[str, tuple[np.ndarray,
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return manifest
-
-
-def read_manifest(data_dir: Path) -> dict[str, Any]:
-    path = Path(data_dir) / MANIFEST
-    if not path.is_file():
-        raise DataError(f"{path} not found: run the prepare stage first (dvc repro prepare)")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError:
-        raise DataError(f"{path}: not valid JSON (corrupt manifest); rerun prepare") from None
 
 
 def load_prepared(data_dir: Path, splits: tuple[str, ...] = SPLITS) -> Prepared:

@@ -75,8 +75,7 @@ def dvc_command(entry: str, params_file: str, batch_size: int | None, sets: list
 def point_to_parent(run_id: str) -> None:
     """After DVC: if the run `mlflow run` made did not become the sweep's parent (the sweep was
     already done), say where the sweep is instead of leaving an unexplained empty run."""
-    from .context import Context
-    from .data import read_manifest
+    from .context import Context, read_manifest
 
     ctx = Context.from_environment(load_params("params.yaml"))
     tracker = ctx.tracker("mlproject")

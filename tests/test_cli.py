@@ -90,7 +90,7 @@ def test_the_cli_process_puts_large_tensors_in_huge_pages_unless_told_not_to():
 
 
 def test_mlflow_run_without_env_manager_builds_the_pinned_requirements():
-    """A bare `mlflow run .` (pyenv or uv present) builds its virtualenv from python_env.yaml: the
+    """A bare `mlflow run .` (pyenv present) builds its virtualenv from python_env.yaml: the
     MLproject names it, and MLflow reads from it exactly the pins of requirements.txt (before, it
     built an environment with none of them and the entry point died on `import yaml`)."""
     from mlflow.projects import env_type

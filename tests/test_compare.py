@@ -119,3 +119,14 @@ def test_each_batch_size_of_a_sweep_gets_the_ui_colour_of_its_group_and_colours_
     colours = sweep_colours([64, 512, 1024])
     assert colours[512] == batch_size_colour(512) and len(set(colours.values())) == 3
     assert colours[1024] in UI_PALETTE and colours[1024] not in (batch_size_colour(64), batch_size_colour(512))
+
+
+def test_plotted_intervals_stop_where_the_figure_can_no_longer_be():
+    from pipeline.report import bounded_yerr
+    # 3 seeds: the t-interval of 0.3 +- 0.4 s would reach -0.1 s; an accuracy of 0.96 +- 0.05 would pass 1.
+    pts = [{"batch_size": 4, "t": 0.3, "t_ci": 0.4}, {"batch_size": 16, "t": 0.15, "t_ci": 0.1},
+           {"batch_size": 64, "t": 2.0, "t_ci": float("nan")}]
+    below, above = bounded_yerr(pts, "t")
+    assert below == [0.3, 0.1, 0.0] and above == [0.4, 0.1, 0.0]
+    below, above = bounded_yerr([{"acc": 0.96, "acc_ci": 0.05}], "acc", hi=1.0)
+    assert below == [0.05] and round(above[0], 12) == 0.04

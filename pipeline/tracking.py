@@ -52,11 +52,18 @@ SPOOL_DIR = "spool"
 VIEW_KEY = "batch-sizes"  # every run of the experiment; each sweep also has its own: sweep_view()
 # MLflow UI state (keys as its experiment page shares them): runs grouped by batch size, the
 # groups' mean drawn in charts, every run shown, line charts against step (= samples seen).
+# The "train" chart section is one column wide and 480 px high, so the loss chart the view opens
+# on spans the chart pane (the UI's default is 3 columns of 360 px: a thumbnail whose legend
+# showed two of the four groups). With the section and an empty chart list given, the UI still
+# adds a chart for every metric, each to the section named by its prefix (3.17's reconciliation).
 SHARED_VIEW = {
     "groupBy": {"aggregateFunction": "average", "groupByKeys": [{"mode": "param", "groupByData": "batch_size"}]},
     "useGroupedValuesInCharts": True, "runsHiddenMode": "SHOW_ALL", "hideEmptyCharts": True,
     "chartsSearchFilter": "train/loss",
     "globalLineChartConfig": {"xAxisKey": "step", "lineSmoothness": 0, "selectedXAxisMetricKey": ""},
+    "compareRunCharts": [],
+    "compareRunSections": [{"uuid": "batchlab-train", "name": "train", "display": True, "isReordered": False,
+                            "deleted": False, "isGenerated": True, "columns": 1, "cardHeight": 480}],
 }
 
 # A store that does not answer is declared down within about 10 s, not after MLflow's default

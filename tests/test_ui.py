@@ -79,6 +79,8 @@ def test_mlflow_ui_opens_on_the_batch_size_runs_and_the_loss_chart(sweep):
     # in the model-training layout (not the GenAI one), with the train/loss chart drawn per batch size.
     assert "Model training" in dom and "Detect Issues" not in dom
     assert "16 (train/loss)" in dom and "64 (train/loss)" in dom
+    # The chart spans the chart pane: its section is one column wide (the UI's default is three).
+    assert re.findall(r"grid-template-columns: repeat\((\d+), 1fr\)", dom) == ["1"]
     # Each group in the colour of its batch size's runs and of its lines in the report.
     for bs in (16, 64):
         found = re.search(rf'value="(#[0-9a-f]{{6}})"></label><div[^>]*><span title="{bs}"[^>]*>Group: {bs}<', dom)

@@ -151,7 +151,10 @@ def plot_noise_scale(ctx, rows, runs, task) -> str:
     for r in rows:
         noise = read_csv(ctx.train_dir(r["batch_size"], r["seeds"][0]) / "noise.csv")
         if noise.get("samples"):
-            ax.plot(noise["samples"], noise["b_simple"], label=f"bs={r['batch_size']}", lw=1,
+            # A value <= 0 (the unbiased |G|² estimate fell below 0) is not measurable: a gap in
+            # the line, where a log axis would otherwise draw it as a plunge to the bottom.
+            values = [v if v > 0 else math.nan for v in noise["b_simple"]]
+            ax.plot(noise["samples"], values, label=f"bs={r['batch_size']}", lw=1,
                     color=_colour(rows, r["batch_size"]))
     ax.set(xlabel="samples seen", ylabel="B_simple", yscale="log",
            title="Gradient noise scale (McCandlish et al. 2018)")
@@ -159,7 +162,9 @@ def plot_noise_scale(ctx, rows, runs, task) -> str:
         ax.legend()
     _save(fig, ctx.compare_dir / "noise_scale.png")
     return ("The gradient noise scale B_simple during training (first seed of each batch size): batch sizes "
-            "well below it use each sample efficiently; it grows as the loss falls.")
+            "well below it use each sample efficiently; it grows as the loss falls. A gap in a line is where "
+            "the estimate was 0 or below (the gradient's signal lost in its noise: not measurable there), "
+            "frequent at small batch sizes.")
 
 
 PLOTS = {"loss_vs_samples": plot_loss_vs_samples, "accuracy_vs_batch_size": plot_accuracy,

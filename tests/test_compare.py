@@ -130,3 +130,20 @@ def test_plotted_intervals_stop_where_the_figure_can_no_longer_be():
     assert below == [0.3, 0.1, 0.0] and above == [0.4, 0.1, 0.0]
     below, above = bounded_yerr([{"acc": 0.96, "acc_ci": 0.05}], "acc", hi=1.0)
     assert below == [0.05] and round(above[0], 12) == 0.04
+
+
+def test_noise_scale_plot_leaves_a_gap_where_the_estimate_is_not_measurable(ctx_factory, monkeypatch):
+    import math
+
+    from pipeline import report
+    ctx = ctx_factory()
+    folder = ctx.train_dir(4, 0)
+    folder.mkdir(parents=True)
+    (folder / "noise.csv").write_text("samples,b_simple\n4,12.5\n44,-17.4\n84,0.0\n124,30.0\n")
+    drawn = {}
+    monkeypatch.setattr(report, "_save", lambda fig, path: drawn.update(lines=fig.axes[0].lines))
+    report.plot_noise_scale(ctx, [{"batch_size": 4, "seeds": [0]}], [], "classification")
+    (line,) = drawn["lines"]
+    y = list(line.get_ydata())
+    # On the log axis a value <= 0 would plunge to the bottom; it is a gap (nan) instead.
+    assert y[0] == 12.5 and y[3] == 30.0 and math.isnan(y[1]) and math.isnan(y[2])

@@ -521,9 +521,11 @@ def _log_model(run_id: str, model, example) -> None:
     example = example.cpu()
     with torch.no_grad():
         output = model(example)
-    with mlflow.start_run(run_id=run_id):
+    with mlflow.start_run(run_id=run_id) as run:
+        # Named as its run (bs64-s0), not "model": the experiment's Models tab lists every model
+        # of the sweep, and twelve models all called "model" told a user nothing.
         mlflow.pytorch.log_model(
-            model, name="model", signature=infer_signature(example.numpy(), output.numpy()),
+            model, name=run.info.run_name or "model", signature=infer_signature(example.numpy(), output.numpy()),
             input_example=example.numpy(), serialization_format="pt2",
             pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"])
 

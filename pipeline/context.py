@@ -85,10 +85,30 @@ class Context:
         code = code_state(self.workdir)
         tags = {"batchlab.git_commit": code.commit, "batchlab.git_dirty": str(code.dirty).lower(),
                 "batchlab.code_hash": code.tree, "mlflow.source.git.commit": code.commit}
+        # MLflow's own fields, which its UI shows on the run page ("Created by", "Source"):
+        # fluent runs get them from MLflow, runs made with the client (as here) do not.
+        tags |= {"mlflow.source.type": "LOCAL", "mlflow.source.name": _command()} | _user()
         tags |= {f"batchlab.version.{k}": v for k, v in package_versions().items()}
         if self.env.get("DVC_EXP_NAME"):
             tags["dvc.exp_name"] = self.env["DVC_EXP_NAME"]
         return tags
+
+
+def _command() -> str:
+    """How this process was started: ``python -m pipeline train --batch-size 64`` for a stage."""
+    import sys
+    main = Path(sys.argv[0])
+    if main.name == "__main__.py" and main.parent.name == "pipeline":
+        return " ".join(["python -m pipeline", *sys.argv[1:]])
+    return " ".join(sys.argv)
+
+
+def _user() -> dict[str, str]:
+    import getpass
+    try:
+        return {"mlflow.user": getpass.getuser()}
+    except (KeyError, OSError):  # no name for this uid (a container's random user)
+        return {}
 
 
 def write_atomic(path: Path, content: str | bytes) -> None:

@@ -160,6 +160,9 @@ def test_sigterm_marks_run_killed_then_rerun_resumes_to_identical_metrics(tmp_pa
     child = next(r for r in runs if r.data.tags.get("batchlab.role") == "train")
     assert child.info.status == "KILLED"
     assert "SIGTERM" in child.data.tags["batchlab.end_reason"]
+    # The run page's "Source" and "Created by": the stage's command, the user.
+    assert child.data.tags["mlflow.source.name"] == "python -m pipeline train --batch-size 1"
+    assert child.data.tags["mlflow.source.type"] == "LOCAL" and child.data.tags["mlflow.user"]
     assert not (proj / "outputs" / "train" / "bs1" / "seed0" / "summary.json").exists()
 
     subprocess.run([sys.executable, "-m", "pipeline", "train", "--batch-size", "1"], cwd=proj,

@@ -193,13 +193,15 @@ def run(ctx: Context) -> dict[str, Any]:
 
 def _log(ctx: Context, manifest, rows, concl, files: list[Path]) -> None:
     """The conclusions as the parent's metrics, and per-size means and intervals with
-    step = batch size, so MLflow's charts draw them against the batch size."""
+    step = batch size, so MLflow's charts draw them against the batch size. The intervals go
+    under a prefix of their own: the run page charts each prefix as a section, and the means'
+    section would otherwise alternate each figure with its interval."""
     tracker = ctx.tracker("compare")
     parent = tracker.sweep_parent(manifest)
     tracker.log_metrics(parent, {f"sweep/{k}": v for k, v in summary_metrics(concl).items() if v is not None})
     for row in rows:
-        figures = {f"by_batch_size/{k}": v for k, v in row.items()
-                   if k in FIGURES or (k.endswith("_ci") and k[:-3] in FIGURES)}
+        figures = {f"by_batch_size/{k}": v for k, v in row.items() if k in FIGURES}
+        figures |= {f"by_batch_size_ci/{k[:-3]}": v for k, v in row.items() if k.endswith("_ci") and k[:-3] in FIGURES}
         tracker.log_metrics(parent, {k: v for k, v in figures.items() if not math.isnan(v)}, step=row["batch_size"])
     tracker.set_tags(parent, {"batchlab.compare.scaling_margin": ctx.params.compare.scaling_margin,
                               "batchlab.batch_sizes": ctx.params.train.batch_sizes,

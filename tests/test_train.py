@@ -249,6 +249,11 @@ def test_seeds_are_repeats_under_one_parent_and_the_report_gives_intervals(ctx_f
     assert rows[16]["n"] == 2 and rows[16]["test_acc_ci"] > 0
     per_size = client.get_metric_history(parent.info.run_id, "by_batch_size/test_acc")
     assert sorted(m.step for m in per_size) == [16, 128]
+    # Each interval under the prefix of its own section on the run page, none among the means.
+    ci = {m.step: m.value for m in client.get_metric_history(parent.info.run_id, "by_batch_size_ci/test_acc")}
+    assert ci[16] == rows[16]["test_acc_ci"]
+    assert not [k for k in client.get_run(parent.info.run_id).data.metrics if k.startswith("by_batch_size/")
+                and k.endswith("_ci")]
     report = (ctx.compare_dir / "report.html").read_text()
     assert " ± " in report and "The tutorial's claims, checked" in report and "Critical batch size" in report
     header = (ctx.compare_dir / "sweep.csv").read_text().splitlines()[0].split(",")

@@ -67,26 +67,27 @@ def plot_loss_vs_samples(ctx: Context, rows, runs, task) -> str:
             "sample; a curve that falls later needs more data to get there.")
 
 
-def bounded_yerr(pts, key: str, lo: float = 0.0, hi: float = math.inf) -> list[list[float]]:
+def bounded_yerr(pts, key: str, hi: float = math.inf) -> list[list[float]]:
     """Error bars (below, above) of each point's 95 % interval, cut at what the quantity can be:
     with 3 seeds the t-interval of a mean of seconds or bytes can reach below 0 (and an accuracy's
     above 1), and a plot must not show a value that cannot occur."""
     half = [0.0 if math.isnan(r.get(f"{key}_ci", math.nan)) else r[f"{key}_ci"] for r in pts]
-    return [[min(h, r[key] - lo) for r, h in zip(pts, half)], [min(h, hi - r[key]) for r, h in zip(pts, half)]]
+    return [[min(h, r[key]) for r, h in zip(pts, half)], [min(h, hi - r[key]) for r, h in zip(pts, half)]]
 
 
 def _per_batch_size(ctx, rows, name, key, ylabel, log_y=False, hi: float = math.inf) -> None:
     fig, ax = _pyplot().subplots(figsize=(6, 4))
     pts = [r for r in rows if r.get(key) is not None]
+    yerr = bounded_yerr(pts, key, hi=hi)
     if pts:
-        ax.errorbar([r["batch_size"] for r in pts], [r[key] for r in pts], yerr=bounded_yerr(pts, key, hi=hi),
+        ax.errorbar([r["batch_size"] for r in pts], [r[key] for r in pts], yerr=yerr,
                     fmt="-", color="0.6", ecolor="0.3", capsize=4, zorder=1)
         for r in pts:
             ax.scatter([r["batch_size"]], [r[key]], color=_colour(rows, r["batch_size"]), zorder=2, s=40)
     ax.set(xscale="log", xlabel="batch size", ylabel=ylabel, title=ylabel + " vs batch size")
     if log_y:
         ax.set_yscale("log")
-        below = bounded_yerr(pts, key, hi=hi)[0]
+        below = yerr[0]
         if any(r[key] <= b for r, b in zip(pts, below)):  # a bar cut at 0 runs off the log axis' bottom
             ax.set_ylim(bottom=min([r[key] - b for r, b in zip(pts, below) if r[key] > b] + [r[key] for r in pts]) / 2)
     ax.set_xticks([r["batch_size"] for r in rows], [str(r["batch_size"]) for r in rows])

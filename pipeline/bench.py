@@ -11,6 +11,9 @@ Rows (MNIST-shaped synthetic data made in memory, the tutorial's 784-128-10 MLP 
   limit          the same optimizer steps on one batch already in memory, at every thread count
                  from 1 to the number of cores: the best (the compute limit; its thread count
                  is printed).
+Every row computes subnormal floats as 0, as the pipeline does (train.flush_denormal): the
+ratios compare data paths. A user's own script keeps them (torch's default), slower where they
+occur.
 Cells are interleaved and repeated; the median is reported. Under the table, stage-level
 figures from real processes (stagebench): the fixed cost per stage and an MNIST-sized row.
 """
@@ -32,7 +35,8 @@ from .config import TrackingParams, TrainParams
 from .data import Split
 from .engine import NullSink, fit, make_optimizer
 from .models import MLP
-from .system import PeakMemory, cpu_count, pick_device, processor, set_threads, sync, threads_for
+from .system import (PeakMemory, cpu_count, pick_device, processor, set_flush_denormal, set_threads, sync,
+                     threads_for)
 
 LOADERS = ("tutorial", "tensordataset", "pipeline", "limit")
 DEFAULT_THREADS = torch.get_num_threads()  # before anything sets it: what a user's script gets
@@ -131,6 +135,8 @@ def _pipeline_rate(train: Split, val: Split, bs, device, seconds, sink, p=PARAMS
 
 def run_bench(batch_sizes: list[int], seconds: float, repeats: int, device: torch.device,
               sink_factory=None, log=print) -> dict[str, Any]:
+    # Before any parallel work: OpenMP's threads take the setting from the thread that starts them.
+    flush = set_flush_denormal(PARAMS.flush_denormal) and PARAMS.flush_denormal
     images, labels = synthetic()
     x = ((torch.from_numpy(images).float() / 255 - MEAN) / STD).reshape(N_SAMPLES, -1)
     y = torch.from_numpy(labels)
@@ -205,6 +211,7 @@ def run_bench(batch_sizes: list[int], seconds: float, repeats: int, device: torc
             "noise_scale_overhead": {"batch_size": 64, "every_steps": with_noise.noise_scale_every,
                                      "fraction": 1 - statistics.median(noisy) / statistics.median(quiet)},
             "device": processor(device), "cores": cores, "default_threads": DEFAULT_THREADS,
+            "flush_denormal": flush,
             "seconds_per_cell": seconds, "repeats": repeats}
 
 
@@ -215,10 +222,12 @@ def table(result: dict[str, Any]) -> str:
             f" {'pipe/tut':>9} {'pipe/limit':>10} {'peak MB':>8}")
     where = (f"{result['device']} ({result['cores']} cores)" if not result["device"].startswith("cuda") else
              f"{result['device']} (the pipeline's data set and the limit's batch on the card; [threads]: CPU threads)")
+    numerics = ("computes subnormal floats as 0 (train.flush_denormal)" if result.get("flush_denormal")
+                else "computes subnormal floats (train.flush_denormal false)")
     lines = [f"training samples/s on {where}, median of {result['repeats']} cells "
              f"of {result['seconds_per_cell'] / result['repeats']:.1f} s; "
              f"[threads]: tutorial and tensordataset run with torch's default ({result['default_threads']}), "
-             f"the limit is the best compute-only rate over 1..{result['cores']}", head]
+             f"the limit is the best compute-only rate over 1..{result['cores']}; every row {numerics}", head]
     for bs in sizes:
         r = {name: rows[(name, bs)] for name in LOADERS}
         rate = {name: r[name]["samples_per_s"] for name in LOADERS}
@@ -332,6 +341,7 @@ def ddp_worker(batch_size: int, steps: int) -> None:
     device = torch.device("cpu")
     d = dist_mod.init(device.type)
     set_threads(1)
+    set_flush_denormal(PARAMS.flush_denormal)
     images, labels = synthetic()
     steps = max(1, min(steps, N_SAMPLES // batch_size))
     n = batch_size * steps

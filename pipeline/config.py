@@ -72,6 +72,10 @@ class TrainParams(_Section):
     # torch intra-op threads; 0: one for small steps, all cores from batch x parameters >= 16M, one on a GPU
     # (system.set_threads).
     threads: int = Field(0, ge=0)
+    # CPU floats below 2**-126 computed as 0 (system.set_flush_denormal): Adam's running mean of a
+    # weight whose gradient has become 0 (a dead ReLU unit, a pixel that is almost never lit)
+    # decays into that range, where x86 arithmetic is many times slower.
+    flush_denormal: bool = True
     # Data path: "tensor" cuts batches by index from tensors on the device;
     # "dataloader" goes through torch.utils.data.DataLoader (same batches, slower).
     loader: Literal["tensor", "dataloader"] = "tensor"

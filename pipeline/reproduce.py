@@ -17,7 +17,7 @@ from .context import Context
 from .data import load_prepared, read_manifest
 from .engine import NullSink, fit
 from .models import build_model
-from .system import code_state, pick_device, set_threads
+from .system import code_state, pick_device, set_flush_denormal, set_threads
 
 
 class Refused(RuntimeError):
@@ -52,6 +52,8 @@ def run(ctx: Context, run_id: str, log=print) -> bool:
         raise Refused(f"data differ: the run used data hash {recorded.data.params.get('data.hash', '?')[:12]}…, "
                       f"{ctx.data_dir} holds {manifest['data_hash'][:12]}…; rerun prepare with the run's params")
 
+    # Before any parallel work: OpenMP's threads take the setting from the thread that starts them.
+    set_flush_denormal(params.train.flush_denormal)
     data = load_prepared(ctx.data_dir, ("train", "val"))
     device = pick_device(params.train.device)
     set_threads(int(recorded.data.params.get("threads", 0)) or params.train.threads)

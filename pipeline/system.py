@@ -151,5 +151,19 @@ def set_threads(wanted: int, work: int | None = None, device: str = "cpu") -> in
     return n
 
 
+def set_flush_denormal(on: bool) -> bool:
+    """Compute CPU floats below 2**-126 (subnormals) as 0, or not (torch's default); whether
+    the CPU supports it. A GPU is not affected. It is a setting of the calling thread, which
+    OpenMP's threads copy when they start: call it before the process's first parallel work.
+
+    Adam's running mean of a weight whose gradient has become 0 decays by beta1 = 0.9 a step:
+    from 1e-3 it is subnormal about 770 steps later. On the bench's synthetic MNIST (784-128-10 MLP, batch 64)
+    99 % of Adam's first moments were subnormal after 3,000 steps, and x86 arithmetic on such
+    values takes many times longer: the fused Adam step became over half of the step's time.
+    Flushing them took the pipeline from 40,770 to 68,038 samples/s there (2 cores, one thread,
+    cells interleaved, median of 3)."""
+    return bool(torch.set_flush_denormal(on))
+
+
 def cpu_count() -> int:
     return os.cpu_count() or 1

@@ -21,7 +21,7 @@ from .batches import batch_bounds
 from .models import build_model
 from .palette import batch_size_colour
 from .signals import Busy, StopSignals
-from .system import PeakMemory, device_name, pick_device, set_threads, threads
+from .system import PeakMemory, device_name, pick_device, set_flush_denormal, set_threads, threads
 
 
 @dataclass(frozen=True)
@@ -64,6 +64,8 @@ def check_batch_size(ctx: Context, batch_size: int, n_train: int) -> None:
 
 def prepare_jobs(ctx: Context, batch_size: int, seeds: tuple[int, ...]) -> list[Job]:
     """Everything checked and placed before any run is created: one job per seed."""
+    # Before any parallel work: OpenMP's threads take the setting from the thread that starts them.
+    set_flush_denormal(ctx.params.train.flush_denormal)
     data = load_prepared(ctx.data_dir, ("train", "val"))
     check_batch_size(ctx, batch_size, len(data.train))
     device = pick_device(ctx.params.train.device)

@@ -25,6 +25,15 @@ SMALL = {
 }
 
 
+@pytest.fixture(autouse=True)
+def _subnormals_back():
+    """Training in this process computes subnormal floats as 0 (train.flush_denormal), a setting of
+    the thread; later tests (hypothesis checks for it) get the main thread's default back."""
+    yield
+    if "torch" in sys.modules:
+        sys.modules["torch"].set_flush_denormal(False)
+
+
 def merge(base: dict, extra: dict) -> dict:
     out = {k: dict(v) if isinstance(v, dict) else v for k, v in base.items()}
     for k, v in extra.items():

@@ -258,3 +258,25 @@ def test_seeds_are_repeats_under_one_parent_and_the_report_gives_intervals(ctx_f
     assert " ± " in report and "The tutorial's claims, checked" in report and "Critical batch size" in report
     header = (ctx.compare_dir / "sweep.csv").read_text().splitlines()[0].split(",")
     assert {"test_acc", "test_acc_ci", "step_memory_bytes_ci"} <= set(header)
+
+
+# The train stage's start, then a parallel multiply of subnormal floats (2**-139, made from its bits:
+# no float arithmetic) on two threads: how many results stay non-zero. OpenMP's threads take the
+# setting from the thread that starts them, so the stage must set it before its first parallel
+# work, or the second thread would keep computing them.
+PROBE = ("import torch; from pipeline.config import load_params; from pipeline.context import Context; "
+         "from pipeline import train; ctx = Context.from_environment(load_params('params.yaml')); "
+         "train.prepare_jobs(ctx, 16, (0,)); assert torch.get_num_threads() == 2; "
+         "sub = torch.full((1 << 22,), 1024, dtype=torch.int32).view(torch.float32); "
+         "print(int((sub * 1.0).count_nonzero()))")
+
+
+@pytest.mark.parametrize("flush", [True, False])
+def test_subnormals_are_flushed_on_every_thread_of_a_training_process(tmp_path, flush):
+    params = merge(SMALL, {"train": {"threads": 2, "flush_denormal": flush}})
+    proj = make_project(tmp_path / "p", params, git=False)
+    subprocess.run([sys.executable, "-m", "pipeline", "prepare"], cwd=proj, env=env_for(proj), check=True,
+                   capture_output=True)
+    out = subprocess.run([sys.executable, "-c", PROBE], cwd=proj, env=env_for(proj), check=True,
+                         capture_output=True, text=True).stdout
+    assert int(out.split()[-1]) == (0 if flush else 1 << 22)

@@ -6,9 +6,10 @@ import os
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from .config import DataError, Params
+if TYPE_CHECKING:  # imported where used: a helper process that only writes files loads no pydantic
+    from .config import Params
 
 DATA_DIR = Path("data/prepared")
 OUT_DIR = Path("outputs")
@@ -161,6 +162,7 @@ def read_json(path: Path) -> Any:
 
 def read_manifest(data_dir: Path) -> dict[str, Any]:
     """The prepared data's manifest (pipeline.data writes it); here, so that reading it imports no torch."""
+    from .config import DataError
     path = Path(data_dir) / MANIFEST
     if not path.is_file():
         raise DataError(f"{path} not found: run the prepare stage first (dvc repro prepare)")

@@ -228,6 +228,24 @@ def test_exception_marks_run_failed_with_reason(ctx_factory):
     assert not ctx.train_dir(16).exists()
 
 
+def test_evaluate_whose_scorer_fails_names_it_and_logs_nothing(ctx_factory):
+    """The scorer process (scikit-learn and matplotlib) cannot write a seed's folder: the stage
+    fails with its reason, and the tracker worker it started writes nothing to the store."""
+    ctx = ctx_factory({"train": {"batch_sizes": [64], "seeds": [0, 1], "epochs": 1}})
+    prepare.run(ctx)
+    train.run(ctx, 64)
+    blocker = ctx.eval_dir(64, 1)
+    blocker.parent.mkdir(parents=True, exist_ok=True)
+    blocker.write_text("a file where seed 1's folder goes")
+    with pytest.raises(RuntimeError, match=r"evaluate's scorer: FileExistsError"):
+        evaluate.run(ctx, 64)
+    _, runs = runs_of(_uri(ctx))
+    children = [r for r in runs if r.data.tags.get("batchlab.role") == "train"]
+    assert len(children) == 2 and all(r.info.status == "FINISHED" for r in children)
+    assert not [k for r in children for k in r.data.metrics if k.startswith("test/")]
+    assert not (ctx.eval_dir(64, 0) / "metrics.json").exists()
+
+
 def test_seeds_are_repeats_under_one_parent_and_the_report_gives_intervals(ctx_factory):
     ctx = ctx_factory({"train": {"batch_sizes": [16, 128], "seeds": [0, 1], "epochs": 1}})
     prepare.run(ctx)

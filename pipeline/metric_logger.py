@@ -245,6 +245,15 @@ def spawn_helper(module: str, *args: str):
                             text=True, cwd=str(Path(__file__).resolve().parent.parent), start_new_session=True)
 
 
+def close_input(proc) -> None:
+    """End a helper's input (this logger, a tracker worker, a scorer): it finishes what it was
+    handed and exits. One that has died already is left as it is."""
+    try:
+        proc.stdin.close()
+    except OSError:
+        pass
+
+
 def read_answer(proc, who: str, exits: bool = True) -> dict:
     """The answer line a helper process (this logger, a tracker worker) writes, as JSON, once it
     exited (``exits``; else once written); a helper that died without answering gives

@@ -4,11 +4,11 @@ for each seed, from a process of its own, started first: importing scikit-learn 
 predicts.
 
 Protocol: one JSON line per seed, {"task", "y", "pred", "dtypes", "folder"} (the test targets and
-the model's predictions, as lists, and their numpy dtypes); for each, in order, the process writes ``report.json``,
-``predictions.csv`` and ``evaluation.png`` into ``folder`` and answers one JSON line,
-{"metrics": {...}, "files": [...]} or {"error": "..."}. It exits at the end of its input: a stage
-that fails or is stopped closes it. It runs in a session of its own and ignores SIGINT: a
-terminal's Ctrl-C reaches the stage, which then closes the input.
+the model's predictions, as lists, and their numpy dtypes); for each, in order, the process writes
+``report.json``, ``predictions.csv`` and ``evaluation.png`` into ``folder`` and answers one JSON
+line, {"metrics": {...}, "files": [...]} or {"error": "..."}. It exits at the end of its input: a
+stage that fails or is stopped closes it and waits for that exit. It runs in a session of its own
+and ignores SIGINT: a terminal's Ctrl-C reaches the stage, which then closes the input.
 
 ``Scorer`` is the stage's side; this module imports nothing heavy at the top.
 """
@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from .context import write_atomic, write_json
-from .metric_logger import spawn_helper
+from .metric_logger import close_input, spawn_helper
 
 
 class Scorer:
@@ -45,7 +45,7 @@ class Scorer:
 
     def results(self) -> list[tuple[dict[str, Any], list[Path]]]:
         """(metrics, files written) for every seed submitted, in order."""
-        self.abort()
+        close_input(self.proc)
         out = []
         for _ in range(self.submitted):
             line = self.proc.stdout.readline()
@@ -63,11 +63,13 @@ class Scorer:
         return out
 
     def abort(self) -> None:
-        """No more seeds: the process ends once it has answered those it has."""
+        """The stage stops: the process finishes the seeds it was handed (each file is written
+        whole) and has exited when this returns, so nothing writes into the outputs after the
+        stage has ended. Its answers are read and dropped, so that it never waits on a full pipe."""
         try:
-            self.proc.stdin.close()
-        except OSError:
-            pass
+            self.proc.communicate()
+        except (OSError, ValueError):
+            self.proc.wait()
 
 
 def score(task: str, y: np.ndarray, pred: np.ndarray, folder: Path) -> tuple[dict[str, Any], list[Path]]:

@@ -20,7 +20,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .metric_logger import read_answer, spawn_helper
+from .metric_logger import close_input, read_answer, spawn_helper
 
 OPS = ("log_metrics", "log_artifacts")  # Tracker methods a stage may hand over, called as (run_id, *args)
 
@@ -50,10 +50,7 @@ class TrackerWorker:
 
     def abort(self) -> None:
         """The stage stops: the worker reads the end of its input and exits without writing."""
-        try:
-            self.proc.stdin.close()
-        except OSError:
-            pass
+        close_input(self.proc)
 
 
 def main(config: dict[str, Any]) -> int:

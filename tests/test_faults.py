@@ -268,15 +268,17 @@ def test_killing_dvc_repro_stops_its_trainer_with_a_checkpoint_and_repro_resumes
     _assert_exactly_once(client, children[0])
 
 
-def _workers_of(proj) -> list[int]:
-    """Tracker workers (``python -m pipeline.tracker_worker``) started for this project."""
+def _workers_of(proj, module: str = "pipeline.tracker_worker") -> list[int]:
+    """Helper processes (``python -m MODULE``) started for this project: tracker workers name it in
+    their config; a scorer names nothing (``proj`` None: every one; the tests run one at a time)."""
     pids = []
     for entry in os.scandir("/proc"):
         try:
             cmd = open(f"/proc/{entry.name}/cmdline", "rb").read().decode(errors="replace")
         except OSError:
             continue
-        if entry.name.isdigit() and "pipeline.tracker_worker" in cmd and str(proj) in cmd and not _gone(int(entry.name)):
+        if entry.name.isdigit() and module in cmd.split("\0") and (proj is None or str(proj) in cmd) \
+                and not _gone(int(entry.name)):
             pids.append(int(entry.name))
     return pids
 
@@ -284,7 +286,7 @@ def _workers_of(proj) -> list[int]:
 def test_an_evaluate_that_fails_after_its_worker_started_writes_nothing_then_a_rerun_writes_once(tmp_path):
     """evaluate hands its MLflow writes to a tracker worker started with the stage: a stage that
     fails (seed 1's model is missing, found after seed 0 was evaluated) writes nothing to the store
-    and leaves no worker behind; the rerun logs each test metric and artifact once."""
+    and leaves no worker or scorer behind; the rerun logs each test metric and artifact once."""
     proj, env = _prepared(tmp_path, merge(SMALL, {"train": {"batch_sizes": [16], "seeds": [0, 1], "epochs": 1}}))
     sh([sys.executable, "-m", "pipeline", "train", "--batch-size", "16"], proj, env=env)
     model = proj / "outputs" / "train" / "bs16" / "seed1" / "model.pt"
@@ -293,6 +295,7 @@ def test_an_evaluate_that_fails_after_its_worker_started_writes_nothing_then_a_r
     failed = sh([sys.executable, "-m", "pipeline", "evaluate", "--batch-size", "16"], proj, env=env, check=False)
     assert failed.returncode == 2 and failed.stderr.count("\n") == 1 and "model.pt not found" in failed.stderr
     _wait_for(lambda: not _workers_of(proj), "the tracker worker to exit")
+    assert not _workers_of(None, "pipeline.scorer")  # the stage waited for its scorer's exit
     client, children = _child(f"sqlite:///{proj / 'mlflow.db'}")
     assert len(children) == 2 and not [k for c in children for k in c.data.metrics if k.startswith("test/")]
     assert not [a for c in children for a in client.list_artifacts(c.info.run_id, "evaluate")]
@@ -300,6 +303,7 @@ def test_an_evaluate_that_fails_after_its_worker_started_writes_nothing_then_a_r
     model.write_bytes(kept)
     sh([sys.executable, "-m", "pipeline", "evaluate", "--batch-size", "16"], proj, env=env)
     assert not _workers_of(proj)  # the stage waited for its worker's answer and exit
+    assert not _workers_of(None, "pipeline.scorer")  # and for its scorer's
     client, children = _child(f"sqlite:///{proj / 'mlflow.db'}")
     for child in children:
         assert len(client.get_metric_history(child.info.run_id, "test/acc")) == 1

@@ -255,7 +255,7 @@ def close_input(proc) -> None:
 
 
 def read_answer(proc, who: str, exits: bool = True) -> dict:
-    """The answer line a helper process (this logger, a tracker worker) writes, as JSON, once it
+    """The answer line a helper process (this logger, a tracker worker, a scorer) writes, as JSON, once it
     exited (``exits``; else once written); a helper that died without answering gives
     {"error": ...} naming ``who``."""
     answer = proc.stdout.readline().strip()

@@ -5,10 +5,10 @@ predicts.
 
 Protocol: one JSON line per seed, {"task", "y", "pred", "dtypes", "folder"} (the test targets and
 the model's predictions, as lists, and their numpy dtypes); for each, in order, the process writes
-``report.json``, ``predictions.csv`` and ``evaluation.png`` into ``folder`` and answers one JSON
-line, {"metrics": {...}, "files": [...]} or {"error": "..."}. It exits at the end of its input: a
-stage that fails or is stopped closes it and waits for that exit. It runs in a session of its own
-and ignores SIGINT: a terminal's Ctrl-C reaches the stage, which then closes the input.
+``FILES`` into ``folder`` and answers one JSON line, {"metrics": {...}} or {"error": "..."}. It
+exits at the end of its input: a stage that fails or is stopped closes it and waits for that exit.
+It runs in a session of its own and ignores SIGINT: a terminal's Ctrl-C reaches the stage, which
+then closes the input.
 
 ``Scorer`` is the stage's side; this module imports nothing heavy at the top.
 """
@@ -22,7 +22,9 @@ from typing import Any
 import numpy as np
 
 from .context import write_atomic, write_json
-from .metric_logger import close_input, spawn_helper
+from .metric_logger import close_input, read_answer, spawn_helper
+
+FILES = ("report.json", "predictions.csv", "evaluation.png")  # what a seed's scoring writes
 
 
 class Scorer:
@@ -30,7 +32,7 @@ class Scorer:
 
     def __init__(self):
         self.proc = spawn_helper("pipeline.scorer")
-        self.submitted = 0
+        self.folders: list[Path] = []  # one per seed submitted, in order
 
     def submit(self, task: str, y: np.ndarray, pred: np.ndarray, folder: Path) -> None:
         """Queue one seed's figures; the next seed's predictions are made while it works."""
@@ -41,24 +43,18 @@ class Scorer:
             self.proc.stdin.flush()
         except OSError:
             pass  # it died; ``results`` says so
-        self.submitted += 1
+        self.folders.append(folder)
 
     def results(self) -> list[tuple[dict[str, Any], list[Path]]]:
         """(metrics, files written) for every seed submitted, in order."""
         close_input(self.proc)
         out = []
-        for _ in range(self.submitted):
-            line = self.proc.stdout.readline()
-            try:
-                answer = json.loads(line)
-            except json.JSONDecodeError:
-                self.proc.wait()
-                raise RuntimeError(f"evaluate's scorer process died without answering "
-                                   f"(exit {self.proc.returncode})") from None
-            if "error" in answer:
+        for folder in self.folders:
+            answer = read_answer(self.proc, "scorer", exits=False)
+            if answer.get("error"):
                 self.proc.wait()
                 raise RuntimeError(f"evaluate's scorer: {answer['error']}")
-            out.append((answer["metrics"], [Path(f) for f in answer["files"]]))
+            out.append((answer["metrics"], [folder / name for name in FILES]))
         self.proc.wait()
         return out
 
@@ -73,13 +69,13 @@ class Scorer:
 
 
 def score(task: str, y: np.ndarray, pred: np.ndarray, folder: Path) -> tuple[dict[str, Any], list[Path]]:
-    """The figures of one seed, written into ``folder``: (metrics, files)."""
+    """The figures of one seed, written into ``folder`` as ``FILES``: (metrics, their paths)."""
     import matplotlib
     matplotlib.use("Agg")
     metrics = (_classification if task == "classification" else _regression)(y, pred, folder)
     rows = ["actual,predicted"] + [f"{a},{b}" for a, b in zip(y.tolist(), pred.tolist())]
     write_atomic(folder / "predictions.csv", "\n".join(rows) + "\n")
-    return metrics, [folder / "report.json", folder / "predictions.csv", folder / "evaluation.png"]
+    return metrics, [folder / name for name in FILES]
 
 
 def _save_figure(fig, path: Path) -> None:
@@ -138,8 +134,7 @@ def main() -> int:
             folder = Path(job["folder"])
             folder.mkdir(parents=True, exist_ok=True)
             y, pred = (np.asarray(job[k], dtype=t) for k, t in zip(("y", "pred"), job["dtypes"]))
-            metrics, files = score(job["task"], y, pred, folder)
-            answer: dict[str, Any] = {"metrics": metrics, "files": [str(f) for f in files]}
+            answer: dict[str, Any] = {"metrics": score(job["task"], y, pred, folder)[0]}
         except Exception as err:
             answer = {"error": f"{type(err).__name__}: {' '.join(str(err).split())[:300]}"}
         try:

@@ -48,7 +48,7 @@ def _parser() -> argparse.ArgumentParser:
                     help="CPU: the memory a step may use above the process's baseline (required on CPU)")
     sp = verb("reproduce", "re-run a recorded training run; exit 1 unless every step matches")
     sp.add_argument("run_id")
-    verb("sync", "send the records kept under spool/ while the tracking store was down")
+    verb("sync", "publish to MLflow what the sweep's outputs hold and the store lacks")
     sp = verb("ui-url", "print the URL that opens the sweep's comparison in `mlflow ui`")
     sp.add_argument("--base", default="http://127.0.0.1:5000", help="where `mlflow ui` serves")
     sp = verb("bench", "benchmark data paths and logging overhead (prints a table)")
@@ -78,17 +78,15 @@ def _positive_int(text: str) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     from .config import DataError, ParamsError, load_params
-    from .signals import Busy, Interrupted, NonFiniteLoss
+    from .core.signals import Busy, Interrupted, NonFiniteLoss
 
     try:
         params = load_params(Path(args.params), args.overrides)
-        if args.verb == "train" and os.environ.get("RANK", "0") == "0":
-            # Params are valid: the first run's metric logger imports MLflow on another core while
-            # this process imports torch and loads the data (it waits for its run on stdin).
-            from . import metric_logger, store
-            metric_logger.prestart(store.tracking_uri(store.project_root()))
         from .context import Context
         ctx = Context.from_environment(params, Path(args.params))
+        if args.verb in STAGES and os.environ.get("RANK", "0") == "0":
+            from .lock import hold
+            hold(ctx.workdir, f"`python -m pipeline {args.verb}`", dvc_too="DVC_STAGE" not in os.environ)
         return VERBS[args.verb](args, ctx) or 0
     except (ParamsError, DataError) as err:
         print(f"error: {err}", file=sys.stderr)
@@ -115,15 +113,15 @@ def main(argv: list[str] | None = None) -> int:
 # derived from those imports by a test).
 
 def _prepare(args, ctx) -> None:
-    from . import prepare
+    from .stages import prepare
     manifest = prepare.run(ctx)
     print(f"prepared {ctx.params.data.name}: " + ", ".join(
         f"{k} {v['n']}" for k, v in manifest["splits"].items()) + f" -> {ctx.data_dir}")
 
 
 def _train(args, ctx) -> None:
-    from . import train
-    from .signals import stop_with_parent
+    from .stages import train
+    from .core.signals import stop_with_parent
     if "DVC_STAGE" in os.environ:  # set by DVC for a stage's command; not under nohup or a plain shell
         stop_with_parent()  # a `dvc repro` that dies takes its trainer along, at a step boundary
     seeds = (args.seed,) if args.seed is not None else None
@@ -133,20 +131,20 @@ def _train(args, ctx) -> None:
 
 
 def _evaluate(args, ctx) -> None:
-    from . import evaluate
+    from .stages import evaluate
     for metrics in evaluate.run(ctx, args.batch_size):
         print("evaluated bs={} seed={}: {}".format(args.batch_size, metrics["seed"], ", ".join(
             f"{k}={v:.4g}" for k, v in metrics.items() if isinstance(v, float))))
 
 
 def _compare(args, ctx) -> None:
-    from . import compare
+    from .stages import compare
     result = compare.run(ctx)
     print(f"compared {len(result['rows'])} batch sizes -> {ctx.compare_dir / 'report.html'}")
 
 
 def _find_batch_size(args, ctx) -> int:
-    from . import find_batch_size
+    from .tools import find_batch_size
     found = find_batch_size.run(ctx, args.start, args.limit, args.memory_budget_mb)
     if found.largest is None:
         first = found.trials[0]
@@ -159,7 +157,7 @@ def _find_batch_size(args, ctx) -> int:
 
 
 def _reproduce(args, ctx) -> int:
-    from .reproduce import Refused, run as reproduce
+    from .tools.reproduce import Refused, run as reproduce
     try:
         return 0 if reproduce(ctx, args.run_id) else 1
     except Refused as err:
@@ -168,16 +166,16 @@ def _reproduce(args, ctx) -> int:
 
 
 def _sync(args, ctx) -> int:
-    from .store import project_root
-    from .tracking import SPOOL_DIR
-    from . import spool
-    tracker = ctx.tracker("sync", warn=False)
-    left = spool.pending(project_root(ctx.workdir) / SPOOL_DIR)
-    if tracker.down is not None or left:
-        print(f"error: tracking store {tracker.uri} does not answer ({tracker.down}); {len(left)} journal(s) wait in "
-              f"{SPOOL_DIR}/: run sync again once it is back", file=sys.stderr)
+    from .tracking.store import project_root, tracking_uri
+    from .tracking.sweep import publish_sweep
+    done = publish_sweep(ctx)
+    uri = tracking_uri(project_root(ctx.workdir), ctx.env)
+    if done is None:
+        print(f"error: sync: {uri} did not take the records (above); the outputs are kept, run sync again "
+              f"once it answers", file=sys.stderr)
         return 4
-    print(f"sync: every journal under {SPOOL_DIR}/ reached {tracker.uri}")
+    print(f"sync: {uri} holds the sweep's {done['runs']} training runs ({done.get('evaluated', 0)} evaluated)"
+          + (f"; closed {done['closed']} left RUNNING by a dead trainer" if done.get("closed") else ""))
     return 0
 
 
@@ -186,21 +184,23 @@ def _ui_url(args, ctx) -> None:
     the store; else the view of every run in the experiment."""
     from .config import DataError
     from .context import read_manifest
-    tracker = ctx.tracker("ui-url", warn=False)
-    if tracker.down is not None:
+    from .tracking.sweep import open_view
+    view = open_view(ctx, quiet=True)
+    if view is None:
         return
     try:
         key = ctx.params.sweep_key(read_manifest(ctx.data_dir)["data_hash"])
     except (DataError, KeyError):  # no prepared data here yet
         key = None
-    print(tracker.ui_url(args.base, key if key and tracker.find_sweep(key) else None))
+    print(view.ui_url(args.base, key if key and view.sweep_runs(key) else None))
 
 
 def _bench(args, ctx) -> None:
-    from . import bench
+    from .tools import bench
     bench.main(ctx, args)
 
 
+STAGES = ("prepare", "train", "evaluate", "compare")
 VERBS = {"prepare": _prepare, "train": _train, "evaluate": _evaluate, "compare": _compare,
          "find-batch-size": _find_batch_size, "reproduce": _reproduce, "bench": _bench, "sync": _sync, "ui-url": _ui_url}
 
@@ -213,5 +213,5 @@ def _train_line(s: dict) -> str:
 
 if __name__ == "__main__":
     os.environ.setdefault("GIT_PYTHON_REFRESH", "quiet")
-    from .signals import exit_now
+    from .core.signals import exit_now
     exit_now(main())

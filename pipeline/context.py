@@ -1,4 +1,4 @@
-"""What a stage needs besides its params: where files go, the tracking store, the sweep's parent."""
+"""What a stage needs besides its params: where its files go, and what makes a run reproducible."""
 from __future__ import annotations
 
 import json
@@ -66,14 +66,6 @@ class Context:
     def checkpoint(self, batch_size: int, seed: int) -> Path:
         return self.workdir / CHECKPOINT_DIR / f"bs{batch_size}-s{seed}.pt"
 
-    def tracker(self, stage: str, experiment: str | None = None, warn: bool = True):
-        """The store for ``stage`` (it names the stage's journal if the store is down), in the
-        sweep's experiment or in ``experiment`` (e.g. the bench's)."""
-        from .store import project_root
-        from .tracking import Tracker
-        return Tracker(project_root(self.workdir), experiment or self.params.tracking.experiment, self.env,
-                       self.parent_run_id, params=self.params, run_tags=self.run_tags, stage=stage, warn=warn)
-
     def run_tags(self) -> dict[str, str]:
         """What a run needs to be reproduced, besides its params. ``git_dirty`` and the code hash
         describe the source code (pipeline/), not params.yaml, dvc.lock or outputs."""
@@ -82,7 +74,7 @@ class Context:
         return dict(self._tags)
 
     def _reproduction_tags(self) -> dict[str, str]:
-        from .system import code_state, package_versions  # torch: imported where a run is made
+        from .core.system import code_state, package_versions  # torch: imported where a run is made
         code = code_state(self.workdir)
         tags = {"batchlab.git_commit": code.commit, "batchlab.git_dirty": str(code.dirty).lower(),
                 "batchlab.code_hash": code.tree, "mlflow.source.git.commit": code.commit}

@@ -124,7 +124,7 @@ def ctx_factory(tmp_path: Path, monkeypatch, empty_store: Path):
 def write_idx(folder: Path, n_train: int = 60, n_test: int = 20, seed: int = 0,
               gz: bool = False) -> None:
     """Tiny MNIST-format files (real IDX headers) in torchvision's layout."""
-    from pipeline.stagebench import write_idx as write_files
+    from pipeline.tools.stagebench import write_idx as write_files
 
     rng = np.random.default_rng(seed)
     for prefix, n in (("train", n_train), ("t10k", n_test)):
@@ -195,3 +195,30 @@ def runs_of(uri: str, experiment: str = "test"):
     exp = client.get_experiment_by_name(experiment)
     assert exp is not None, f"no experiment {experiment!r} in {uri}"
     return client, client.search_runs([exp.experiment_id], max_results=1000)
+
+
+def check_published(uri: str, proj: Path, experiment: str = "test") -> dict[str, int]:
+    """The store holds every training run of ``proj``'s outputs once, FINISHED, nothing RUNNING,
+    and each metric key exactly one point per logged step: the (key, step) pairs the files give."""
+    import json
+    from pipeline.tracking.points import by_key, train_points
+
+    client, runs = runs_of(uri, experiment)
+    assert not [r.info.run_name for r in runs if r.info.status == "RUNNING"]
+    by_record = {}
+    for r in runs:
+        if r.data.tags.get("batchlab.role") == "train":
+            assert r.data.tags["batchlab.record"] not in by_record, "a record published twice"
+            by_record[r.data.tags["batchlab.record"]] = r
+    folders = sorted((proj / "outputs" / "train").glob("bs*/seed*"))
+    points = 0
+    for folder in folders:
+        record = json.loads((folder / "run.json").read_text())
+        run = by_record[record["record"]]
+        assert run.info.status == "FINISHED", (run.info.run_name, run.info.status)
+        expected = by_key(train_points(folder, record["window"], record["steps_t0"]))
+        for key, mine in expected.items():
+            steps = [m.step for m in client.get_metric_history(run.info.run_id, key)]
+            assert sorted(steps) == sorted(p[3] for p in mine), (run.info.run_name, key)
+            points += len(steps)
+    return {"runs": len(folders), "points": points, "train_runs": len(by_record)}

@@ -5,8 +5,8 @@ import pytest
 
 import torch
 
-from pipeline import bench
-from pipeline.engine import NullSink
+from pipeline.tools import bench
+from pipeline.core.engine import NullSink
 
 
 def test_bench_reports_every_row_and_the_json_shape(tmp_path, monkeypatch):
@@ -48,7 +48,7 @@ def test_tutorial_dataset_matches_torchvision_transform():
 def test_stage_bench_times_the_real_train_and_evaluate_stages(tmp_path):
     """The fixed-cost line comes from real stage processes: their outputs say how long the
     optimizer steps took, and the wall time is more than that."""
-    from pipeline import stagebench
+    from pipeline.tools import stagebench
 
     fixed = stagebench.fixed_cost({"model": {"name": "mlp", "hidden_sizes": [16]},
                                    "train": {"batch_sizes": [64], "seeds": [0], "epochs": 1}})
@@ -60,7 +60,7 @@ def test_stage_bench_times_the_real_train_and_evaluate_stages(tmp_path):
 
 
 def test_memory_line_is_the_growth_per_added_training_image():
-    from pipeline import stagebench
+    from pipeline.tools import stagebench
 
     row = {"batch_size": 512, "epochs": 2, "samples_per_s": 1.0, "stage_wall_seconds": 1.0, "peak_rss_bytes": 2**30}
     small = row | {"train_samples": 10_000, "training_peak_bytes": 500 * 2**20}

@@ -1,4 +1,4 @@
-from pipeline.compare import conclusions, scaling_knee
+from pipeline.analysis.stats import conclusions, scaling_knee
 
 
 def _rows(steps):
@@ -38,14 +38,14 @@ def test_conclusions_name_the_winners():
 
 def test_interval_is_the_students_t_95_percent_half_width():
     import math
-    from pipeline.compare import interval
+    from pipeline.analysis.stats import interval
     mean, half = interval([1.0, 2.0, 3.0])
     assert mean == 2.0 and abs(half - 4.302653 / math.sqrt(3)) < 1e-5
     assert math.isnan(interval([5.0])[1])
 
 
 def test_aggregate_gives_mean_and_interval_and_to_target_only_when_every_seed_reached():
-    from pipeline.compare import aggregate
+    from pipeline.analysis.stats import aggregate
     runs = [{"batch_size": 8, "seed": s, "test_acc": a, "time_to_target_s": t}
             for s, a, t in ((0, 0.90, 1.0), (1, 0.92, 2.0), (2, 0.94, None))]
     (row,) = aggregate(runs)
@@ -62,7 +62,7 @@ def test_a_difference_is_called_only_when_the_intervals_separate():
 
 
 def test_numbers_with_intervals_read_as_people_write_them():
-    from pipeline.report import human, with_ci
+    from pipeline.analysis.report import human, with_ci
     assert with_ci({"test_acc": 0.96213, "test_acc_ci": 0.0081}, "test_acc") == "0.962 ± 0.008"
     assert with_ci({"throughput": 129837.2, "throughput_ci": 2110.0}, "throughput") == "129,837 ± 2,110"
     assert human(129837.2) == "129,837" and human(38404, "step_memory_bytes") == "38.4 kB"
@@ -77,7 +77,7 @@ def _claim_rows(memory):
 
 
 def test_claims_get_verdicts_from_the_numbers(ctx_factory):
-    from pipeline.report import claims
+    from pipeline.analysis.report import claims
     ctx = ctx_factory()
     verdicts = [c["verdict"] for c in claims(ctx, _claim_rows((600, 4800, 38400)), "classification")]
     assert verdicts[:3] == ["holds", "holds", "holds"] and verdicts[3].startswith("inconclusive")
@@ -86,7 +86,7 @@ def test_claims_get_verdicts_from_the_numbers(ctx_factory):
 
 
 def test_a_batch_size_that_missed_the_target_says_so_in_the_stability_claim(ctx_factory):
-    from pipeline.report import claims
+    from pipeline.analysis.report import claims
     rows = _claim_rows((600, 4800, 38400))
     rows[-1].update({"time_to_target_s": None, "samples_to_target": None, "reached": 1, "n": 3})
     numbers = claims(ctx_factory(), rows, "classification")[2]["numbers"]
@@ -96,7 +96,7 @@ def test_a_batch_size_that_missed_the_target_says_so_in_the_stability_claim(ctx_
 def test_a_sweep_of_one_batch_size_measures_no_claim_and_separates_it_from_nothing(ctx_factory):
     """`dvc exp run -S 'train.batch_sizes=[256]'` makes a sweep of one size: every claim compares
     sizes, so none gets a verdict from it, and the conclusions do not say it beats other sizes."""
-    from pipeline.report import _bullets, claims
+    from pipeline.analysis.report import _bullets, claims
     ctx = ctx_factory()
     rows = _claim_rows((600, 4800, 38400))[-1:]
     out = claims(ctx, rows, "classification")
@@ -109,7 +109,7 @@ def test_a_sweep_of_one_batch_size_measures_no_claim_and_separates_it_from_nothi
 
 
 def test_each_batch_size_of_a_sweep_gets_the_ui_colour_of_its_group_and_colours_stay_distinct():
-    from pipeline.palette import UI_PALETTE, batch_size_colour, sweep_colours
+    from pipeline.tracking.ui import UI_PALETTE, batch_size_colour, sweep_colours
 
     # The groups of the default sweep, as MLflow 3.17's UI draws them (test_ui reads them in Chromium).
     assert [batch_size_colour(bs) for bs in (4, 16, 64, 256)] == ["#0e538b", "#8ddda8", "#8396a5", "#f792a6"]
@@ -122,7 +122,7 @@ def test_each_batch_size_of_a_sweep_gets_the_ui_colour_of_its_group_and_colours_
 
 
 def test_plotted_intervals_stop_where_the_figure_can_no_longer_be():
-    from pipeline.report import bounded_yerr
+    from pipeline.analysis.report import bounded_yerr
     # 3 seeds: the t-interval of 0.3 +- 0.4 s would reach -0.1 s; an accuracy of 0.96 +- 0.05 would pass 1.
     pts = [{"batch_size": 4, "t": 0.3, "t_ci": 0.4}, {"batch_size": 16, "t": 0.15, "t_ci": 0.1},
            {"batch_size": 64, "t": 2.0, "t_ci": float("nan")}]
@@ -135,7 +135,7 @@ def test_plotted_intervals_stop_where_the_figure_can_no_longer_be():
 def test_noise_scale_plot_leaves_a_gap_where_the_estimate_is_not_measurable(ctx_factory, monkeypatch):
     import math
 
-    from pipeline import report
+    from pipeline.analysis import report
     ctx = ctx_factory()
     folder = ctx.train_dir(4, 0)
     folder.mkdir(parents=True)

@@ -5,9 +5,9 @@ import pytest
 import torch
 
 from conftest import write_idx
-from pipeline import prepare
+from pipeline.stages import prepare
 from pipeline.config import DataParams
-from pipeline.data import DataError, build_splits, load_prepared, write_prepared
+from pipeline.core.data import DataError, build_splits, load_prepared, write_prepared
 
 
 def test_digits_prepare_writes_tensors_manifest_and_hashes(ctx_factory):

@@ -1,5 +1,9 @@
-"""dvc.yaml's deps are what each stage really runs: derived here from the imports."""
+"""dvc.yaml's deps are what shapes each stage's outputs: its data, its params and the code that
+computes them, derived here from the imports. The MLflow view (pipeline/tracking, less the UI
+colours the report shares), the CLI, the locks and the tools shape no output, so editing them
+reruns nothing."""
 import ast
+from pathlib import Path
 
 import pytest
 import yaml
@@ -8,52 +12,72 @@ from conftest import REPO
 
 PKG = REPO / "pipeline"
 STAGES = ("prepare", "train", "evaluate", "compare")
+# Code that publishes, locks or parses the command line: it changes no file a stage writes.
+NOT_SHAPING = ("pipeline/tracking/", "pipeline/tools/", "pipeline/__main__.py", "pipeline/lock.py")
+SHAPING_ANYWAY = ("pipeline/tracking/ui.py",)  # the report's colours are the MLflow UI's
 
 
-def _imports(tree: ast.AST) -> set[str]:
-    out: set[str] = set()
-    for node in ast.walk(tree):
-        if isinstance(node, ast.ImportFrom) and node.level == 1:
-            out |= {node.module.split(".")[0]} if node.module else {a.name for a in node.names}
-        elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("pipeline"):
-            parts = node.module.split(".")
-            out |= {parts[1]} if len(parts) > 1 else {a.name for a in node.names}
-        elif isinstance(node, ast.Import):
-            out |= {a.name.split(".")[1] for a in node.names if a.name.startswith("pipeline.")}
-    return {m for m in out if (PKG / f"{m}.py").is_file()}
+def _resolve(module: Path, node: ast.ImportFrom) -> list[Path]:
+    """The files an import names, for imports inside the package."""
+    if node.level:
+        base = module.parent
+        for _ in range(node.level - 1):
+            base = base.parent
+    elif (node.module or "").startswith("pipeline"):
+        base = REPO
+    else:
+        return []
+    parts = (node.module or "").split(".") if node.module else []
+    target = base.joinpath(*parts)
+    found = []
+    if target.with_suffix(".py").is_file():
+        found.append(target.with_suffix(".py"))
+    elif target.is_dir():
+        found.append(target / "__init__.py")
+        found += [target / f"{a.name}.py" for a in node.names if (target / f"{a.name}.py").is_file()]
+    return found
 
 
-def _cli_imports(verb: str) -> set[str]:
-    """What `python -m pipeline VERB` imports: __main__ less the other verbs' functions."""
-    tree = ast.parse((PKG / "__main__.py").read_text())
-    others = {f"_{v.replace('-', '_')}" for v in ("prepare", "train", "evaluate", "compare",
-                                                 "find-batch-size", "reproduce", "bench")} - {f"_{verb}"}
-    tree.body = [n for n in tree.body if not (isinstance(n, ast.FunctionDef) and n.name in others)]
-    return _imports(tree)
+def _shapes(path: Path) -> bool:
+    rel = path.relative_to(REPO).as_posix()
+    return rel in SHAPING_ANYWAY or not rel.startswith(NOT_SHAPING)
 
 
-def modules_run_by(verb: str) -> set[str]:
-    seen: set[str] = set()
-    todo = ["__main__", *_cli_imports(verb), verb]
+def modules_of(stage: str) -> set[str]:
+    seen: set[Path] = set()
+    todo = [PKG / "stages" / f"{stage}.py"]
     while todo:
-        mod = todo.pop()
-        if mod in seen:
+        path = todo.pop()
+        if path in seen or not _shapes(path):
             continue
-        seen.add(mod)
-        if mod != "__main__":
-            todo += _imports(ast.parse((PKG / f"{mod}.py").read_text()))
-    return seen | {"__init__"}
+        seen.add(path)
+        for parent in path.relative_to(REPO).parents:  # packages run their __init__ first
+            if parent.name and (REPO / parent / "__init__.py").is_file():
+                seen.add(REPO / parent / "__init__.py")
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                todo += _resolve(path, node)
+    return {p.relative_to(REPO).as_posix() for p in seen}
 
 
 @pytest.mark.parametrize("stage", STAGES)
-def test_each_stage_lists_every_module_it_runs(stage):
+def test_each_stage_depends_on_the_code_that_shapes_its_outputs(stage):
     dvc = yaml.safe_load((REPO / "dvc.yaml").read_text())
     deps = {d for d in dvc["stages"][stage]["deps"] if d.startswith("pipeline/")}
-    expected = {f"pipeline/{m}.py" for m in modules_run_by(stage)}
+    expected = modules_of(stage)
     if stage == "compare":
-        expected.add("pipeline/templates/report.html")
+        expected.add("pipeline/analysis/templates/report.html")
     assert deps == expected
 
 
-def test_train_does_not_depend_on_the_comparison():
-    assert "compare" not in modules_run_by("train") and "bench" not in modules_run_by("train")
+def test_no_stage_depends_on_publishing_or_tools():
+    for stage in STAGES:
+        assert not any(m.startswith(("pipeline/tracking/publish", "pipeline/tools/")) for m in modules_of(stage))
+    assert "pipeline/stages/compare.py" not in modules_of("train")
+
+
+def test_no_stage_reruns_for_tracking_params():
+    """MLflow settings (which experiment, how many points) shape the view, not the outputs."""
+    dvc = yaml.safe_load((REPO / "dvc.yaml").read_text())
+    for stage in STAGES:
+        assert not any(p.startswith("tracking") for p in dvc["stages"][stage].get("params", []))

@@ -83,11 +83,11 @@ def test_mlflow_run_makes_its_run_the_sweep_parent(project):
     child = children[0].info.run_id
     same = sh(["python", "-m", "pipeline", "reproduce", child], project)
     assert "reproduced exactly" in same.stdout
-    with (project / "pipeline" / "models.py").open("a") as fh:
+    with (project / "pipeline" / "core" / "models.py").open("a") as fh:
         fh.write("\n# a change\n")
     refused = sh(["python", "-m", "pipeline", "reproduce", child], project, check=False)
     assert refused.returncode == 3 and "code differs" in refused.stderr
-    sh(["git", "checkout", "pipeline/models.py"], project)
+    sh(["git", "checkout", "pipeline/core/models.py"], project)
 
     sh(["mlflow", "run", ".", "--env-manager", "local", "--experiment-name", "test", "-e", "prepare"], project)
     _, runs = runs_of(_uri(project))

@@ -4,10 +4,10 @@ import pytest
 import torch
 
 from pipeline.config import TrainParams
-from pipeline.data import Split
-from pipeline.engine import (Batches, Checkpoint, Interrupted, NonFiniteLoss, NullSink, StopSignals,
+from pipeline.core.data import Split
+from pipeline.core.engine import (Batches, Checkpoint, Interrupted, NonFiniteLoss, NullSink, StopSignals,
                              fit, lr_at, scaled_lr)
-from pipeline.models import MLP
+from pipeline.core.models import MLP
 
 
 def toy(n=203, d=5, classes=3, seed=0) -> Split:
@@ -74,8 +74,8 @@ def test_resume_mid_epoch_starts_at_the_right_batch():
 def test_chunked_gather_gives_each_rank_its_rows_of_every_global_batch(monkeypatch, chunk, drop_last):
     """Batches gathered a chunk at a time are the epoch permutation cut in order; under two ranks
     each takes every other row of each global batch; a resume inside a chunk starts at its batch."""
-    from pipeline.batches import epoch_permutation
-    from pipeline.dist import Dist
+    from pipeline.core.batches import epoch_permutation
+    from pipeline.core.dist import Dist
 
     monkeypatch.setattr(Batches, "CHUNK_ELEMENTS", chunk)
     p = TrainParams(seed=7, drop_last=drop_last)
@@ -220,7 +220,7 @@ def test_non_finite_loss_stops_with_a_clear_message():
 
 
 def test_threads_follow_the_work_per_step_and_an_explicit_count_wins():
-    from pipeline.system import PARALLEL_WORK, cpu_count, set_threads
+    from pipeline.core.system import PARALLEL_WORK, cpu_count, set_threads
 
     before = torch.get_num_threads()
     try:

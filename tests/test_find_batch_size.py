@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from pipeline.config import ParamsError, parse_params
-from pipeline.find_batch_size import find
+from pipeline.tools.find_batch_size import find
 
 
 @pytest.mark.slow

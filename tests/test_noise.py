@@ -7,7 +7,7 @@ B_simple = tr(Sigma)/|G|^2 = ((d + 1)|delta|^2 + d s^2) / |delta|^2.
 """
 import torch
 
-from pipeline.noise import NoiseScale, squared_norm
+from pipeline.core.noise import NoiseScale, squared_norm
 
 
 def exact_b_simple(delta: torch.Tensor, noise_std: float) -> float:

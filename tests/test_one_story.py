@@ -153,7 +153,7 @@ def test_named_params_file_through_mlflow_run_is_a_recorded_experiment(clone):
 
 def test_params_file_changed_while_a_stage_runs_fails_the_stage(ctx_factory, tmp_path):
     """dvc.lock must never record params a model was not trained with."""
-    from pipeline import prepare, train
+    from pipeline.stages import prepare, train
     from pipeline.config import ParamsError
     from pipeline.context import file_digest
 
@@ -172,7 +172,8 @@ def test_params_file_changed_while_a_stage_runs_fails_the_stage(ctx_factory, tmp
 
 
 def test_tools_log_to_their_own_experiments_and_usage_errors_make_no_run(ctx_factory):
-    from pipeline import find_batch_size, prepare
+    from pipeline.stages import prepare
+    from pipeline.tools import find_batch_size
     from pipeline.config import ParamsError
 
     ctx = ctx_factory()

@@ -56,9 +56,15 @@ def test_sweep_on_a_postgres_backed_server(tmp_path, postgres):
             assert "outputs/steps.csv" in {f["path"] for f in arts["files"]}
 
 
-def test_sql_points_on_postgres(tmp_path, postgres):
-    """The metric logger's SQL path straight into PostgreSQL (a postgresql:// tracking URI)."""
-    from pipeline.tracking import Tracker
-    from test_tracking import check_sql_points
-
-    check_sql_points(Tracker(tmp_path, f"exp-{tmp_path.name}", {"MLFLOW_TRACKING_URI": postgres}))
+def test_a_sweep_published_straight_into_postgres_is_complete_and_republishing_adds_nothing(tmp_path, postgres):
+    """A postgresql:// tracking URI (no server between): the stages publish into it, and
+    `python -m pipeline sync` afterwards finds nothing missing."""
+    from conftest import check_published, sh
+    proj = make_project(tmp_path / "p", merge(SMALL, {"train": {"epochs": 1}}), git=False)
+    env = env_for(proj) | {"MLFLOW_TRACKING_URI": postgres}
+    proc = subprocess.run(sweep_cmd(), cwd=proj, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    stats = check_published(postgres, proj)
+    assert stats["train_runs"] == 2
+    sh(["python", "-m", "pipeline", "sync"], proj, env=env)
+    assert check_published(postgres, proj) == stats

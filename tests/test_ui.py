@@ -33,7 +33,7 @@ def _dom(url: str, budget_ms: int = 60000) -> str:
 def sweep(tmp_path_factory):
     """A finished sweep of two batch sizes and two seeds, by the stages themselves."""
     from conftest import SMALL, merge
-    from pipeline import compare, evaluate, prepare, train
+    from pipeline.stages import compare, evaluate, prepare, train
     from pipeline.config import parse_params
     from pipeline.context import Context
 
@@ -54,11 +54,12 @@ def test_report_shows_intervals_claims_and_captioned_plots(sweep):
 
 
 def test_mlflow_ui_opens_on_the_batch_size_runs_and_the_loss_chart(sweep):
-    from pipeline.data import read_manifest
-    from pipeline.palette import batch_size_colour
-    from pipeline.tracking import TAG_SWEEP
+    from pipeline.core.data import read_manifest
+    from pipeline.tracking.ui import batch_size_colour
+    from pipeline.tracking.publish import TAG_SWEEP
+    from pipeline.tracking.sweep import open_view
 
-    tracker = sweep.tracker("ui-url")
+    tracker = open_view(sweep)
     # A run of another sweep in the same experiment (another learning rate, say) at batch size 16.
     other = tracker.client.create_run(tracker.experiment_id, run_name="bs16-other-sweep",
                                       tags={TAG_SWEEP: "another-sweep"}).info.run_id

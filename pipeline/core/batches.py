@@ -7,7 +7,7 @@ from typing import Iterator
 
 import torch
 
-from .config import TrainParams
+from ..config import TrainParams
 from .data import Split
 from .dist import Dist
 

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from .batches import Batches
-from .config import TrainParams
+from ..config import TrainParams
 from .data import Split
 from .dist import Dist, all_sum
 from .noise import NoiseScale, squared_norm
@@ -434,8 +434,7 @@ def fit(model: nn.Module, train: Split, val: Split, p: TrainParams, batch_size: 
         signals.immediate = dist.world > 1
         signals.check()  # a signal during set-up stops here: nothing trained since the checkpoint
     while s.epoch < p.epochs and not out_of_time:
-        epoch, epoch_t0 = s.epoch, time.perf_counter()
-        t_last = epoch_t0
+        epoch, t_last = s.epoch, time.perf_counter()
         for b, (xb, yb) in enumerate(t.batches.epoch(epoch, s.batch), start=s.batch):
             t.set_lr(lr_at(p, batch_size, s.step, t.per_epoch))
             n_b = t.batches.samples_in(b, xb)
@@ -457,10 +456,8 @@ def fit(model: nn.Module, train: Split, val: Split, p: TrainParams, batch_size: 
                 break
             t_last = time.perf_counter()
         t.flush()
-        if not out_of_time:
-            sink.point("epoch/wall_seconds", time.perf_counter() - epoch_t0, s.samples)
-            if s.epoch < p.epochs:
-                t.save()
+        if not out_of_time and s.epoch < p.epochs:
+            t.save()
     # A signal after the last step is left recorded: the run's outputs are written whole.
     return t.result()
 

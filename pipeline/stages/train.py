@@ -1,4 +1,7 @@
-"""train: one batch size, once per seed; each run is a child run of the sweep's parent."""
+"""train: one batch size, once per seed. Each training writes its whole record into
+``outputs/train/bs<B>/seed<S>`` (model, every step, validations, noise scale, summary, params and
+``run.json``, the record's identity); its MLflow run follows it live and is published from those
+files when it ends (``pipeline.tracking``)."""
 from __future__ import annotations
 
 import io
@@ -12,16 +15,15 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from . import dist
-from .config import ParamsError
-from .context import Context, swap_dir, write_atomic, write_json
-from .data import Prepared, load_prepared
-from .engine import Checkpoint, FitResult, NullSink, eval_interval, fit, scaled_lr
-from .batches import batch_bounds
-from .models import build_model
-from .palette import batch_size_colour
-from .signals import Busy, StopSignals
-from .system import PeakMemory, device_name, pick_device, set_flush_denormal, set_threads, threads
+from ..core import dist
+from ..config import ParamsError
+from ..context import Context, swap_dir, write_atomic, write_json
+from ..core.data import Prepared, load_prepared
+from ..core.engine import Checkpoint, FitResult, NullSink, eval_interval, fit, scaled_lr
+from ..core.batches import batch_bounds
+from ..core.models import build_model
+from ..core.signals import Busy, Interrupted, StopSignals
+from ..core.system import PeakMemory, device_name, pick_device, set_flush_denormal, set_threads, threads
 
 
 @dataclass(frozen=True)
@@ -90,29 +92,58 @@ def run(ctx: Context, batch_size: int, *, log_to_mlflow: bool = True,
         seeds: tuple[int, ...] | None = None) -> list[dict[str, Any]]:
     """Every seed of the sweep at ``batch_size`` (or ``seeds``); the summaries, in that order."""
     jobs = prepare_jobs(ctx, batch_size, seeds or ctx.params.train.seeds)
-    # Only rank 0 talks to MLflow and writes outputs.
-    tracker = ctx.tracker(f"train-bs{batch_size}") if log_to_mlflow and jobs[0].dist.main else None
-    return [run_one(job, tracker, another=i + 1 < len(jobs)) for i, job in enumerate(jobs)]
+    view = None
+    if log_to_mlflow and jobs[0].dist.main:  # only rank 0 talks to MLflow and writes outputs
+        from ..tracking.sweep import open_view
+        view = open_view(ctx)
+    return [run_one(job, view) for job in jobs]
 
 
-def run_one(job: Job, tracker, another: bool = False) -> dict[str, Any]:
-    ctx, batch_size, seed = job.ctx, job.batch_size, job.seed
+def run_one(job: Job, view=None) -> dict[str, Any]:
     with trainer_lock(job):
-        previous = job.checkpoint.load() if ctx.params.train.resume else None
-        resume_id = (previous or {}).get("meta", {}).get("run_id")
+        saved = job.checkpoint.load() if job.ctx.params.train.resume else None
+        record = _record(job, (saved or {}).get("meta", {}))
+        live = None
+        if view is not None:
+            from ..tracking.sweep import LiveRun
+            live = LiveRun(view, job.ctx, record, job.data.manifest)
         with StopSignals() as signals:
-            if tracker is None:
-                return _train(job, None, None, signals)
-            parent = tracker.sweep_parent(job.data.manifest)
-            resume_id = tracker.resolve(resume_id)
-            close_dead_runs(tracker, job, resume_id)
-            tags = ctx.run_tags() | {"batchlab.batch_size": str(batch_size), "batchlab.seed": str(seed),
-                                     "batchlab.sweep_key": job.sweep_key, "batchlab.role": "train",
-                                     "mlflow.runColor": batch_size_colour(batch_size)}
-            with tracker.run(name=job.name, parent_id=parent, tags=tags, run_id=resume_id) as run_id:
-                summary = _train(job, tracker, run_id, signals, another)
-            tracker.retire_others(parent, batch_size, seed, keep=run_id)
-            return summary
+            try:
+                summary, model = _train(job, record, live.sink if live and live.sink else NullSink(), signals)
+            except Interrupted as exc:
+                _ended(live, "KILLED", str(exc))
+                raise
+            except KeyboardInterrupt:
+                _ended(live, "KILLED", "stopped by SIGINT")
+                raise
+            except BaseException as exc:
+                _ended(live, "FAILED", f"{type(exc).__name__}: {exc}")
+                raise
+        if live is not None and job.dist.main:
+            live.publish(job.ctx.train_dir(job.batch_size, job.seed), model)
+        return summary
+
+
+def _ended(live, status: str, reason: str) -> None:
+    if live is not None:
+        live.ended_early(status, reason)
+
+
+def _record(job: Job, meta: dict[str, Any]) -> dict[str, Any]:
+    """The identity of this training (kept in its checkpoint, so a resumed training is the same
+    record and the same MLflow run), and what its run shows besides the files."""
+    import uuid
+    from ..tracking.points import window_for
+    t = job.ctx.params.tracking
+    window = meta.get("window") or window_for(job.total_steps, t.max_points, t.full_history)
+    return {"record": meta.get("record") or uuid.uuid4().hex, "created": meta.get("created") or _now(),
+            "name": job.name, "sweep_key": job.sweep_key, "batch_size": job.batch_size, "seed": job.seed,
+            "window": window, "n_in": job.data.n_features, "n_out": job.data.n_outputs,
+            "tags": job.ctx.run_tags(), "params": {k: _text(v) for k, v in _run_params(job, window).items()}}
+
+
+def _text(value: Any) -> str:
+    return ",".join(str(v) for v in value) if isinstance(value, (list, tuple)) else str(value)
 
 
 @contextmanager
@@ -144,68 +175,23 @@ def trainer_lock(job: Job):
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
-def close_dead_runs(tracker, job: Job, keep: str | None) -> None:
-    """Runs of this identity left RUNNING by a trainer that died (SIGKILL, power loss, the OOM
-    killer) are closed KILLED with the reason; the one a checkpoint resumes is reopened instead."""
-    from .tracking import owner_alive
-    for run in tracker.running_runs(job.sweep_key, job.batch_size, job.seed):
-        if run.info.run_id == keep:
-            continue
-        tags = run.data.tags
-        if owner_alive(tags):
-            raise Busy(f"train {job.name} of this sweep is running as MLflow run {run.info.run_id} "
-                       f"(pid {tags.get('batchlab.owner.pid')} on {tags.get('batchlab.owner.host')})")
-        tracker.set_tags(run.info.run_id, {"batchlab.end_reason": (
-            f"its trainer (pid {tags.get('batchlab.owner.pid', '?')} on {tags.get('batchlab.owner.host', '?')}) "
-            f"died without ending the run; closed by a later run of train {job.name}")})
-        tracker.finish(run.info.run_id, "KILLED")
-
-
-def _train(job: Job, tracker, run_id: str | None, signals: StopSignals, another: bool = False) -> dict[str, Any]:
-    from .tracking import MlflowSink
-
+def _train(job: Job, record: dict[str, Any], sink, signals: StopSignals) -> tuple[dict[str, Any], torch.nn.Module]:
     p = job.ctx.params
-    sink: Any = NullSink()
-    if tracker is not None:
-        recorded = _recorded_window(tracker, run_id)
-        sink = MlflowSink(tracker, run_id, job.total_steps, p.tracking.max_points,
-                          p.tracking.full_history, start_time=_now(), window=recorded, another=another)
-        tracker.log_params(run_id, _run_params(job, sink.window))
-        tracker.log_dict(run_id, p.model_dump(mode="json"), "params.json")
     torch.manual_seed(job.seed)
     model = build_model(p.model, job.data.n_features, job.data.n_outputs)
-    checkpoint = Checkpoint(job.checkpoint.path, job.checkpoint.key, {"run_id": run_id})
-    try:
-        with PeakMemory(job.device) as mem, tqdm(total=job.total_steps, desc=f"train {job.name}",
-                                                 unit="step", disable=None, leave=False) as bar:
-            result = fit(model, job.data.train, job.data.val, job.train, job.batch_size, job.data.task,
-                         job.device, sink, checkpoint=checkpoint, signals=signals,
-                         progress=bar if job.dist.main else None, dist=job.dist)
-    except BaseException:
-        if tracker is not None:
-            sink.close(complete=False)  # the last partial window stays for the resumed run
-        raise
-    if tracker is not None:
-        sink.end(complete=True)  # the logger drains while the outputs are written and the model exported
-    try:
-        summary = _summary(job, model, result, mem.peak_bytes)
-        if not job.dist.main:
-            return summary
+    meta = {k: record[k] for k in ("record", "created", "window")}
+    checkpoint = Checkpoint(job.checkpoint.path, job.checkpoint.key, meta)
+    with PeakMemory(job.device) as mem, tqdm(total=job.total_steps, desc=f"train {job.name}",
+                                             unit="step", disable=None, leave=False) as bar:
+        result = fit(model, job.data.train, job.data.val, job.train, job.batch_size, job.data.task,
+                     job.device, sink, checkpoint=checkpoint, signals=signals,
+                     progress=bar if job.dist.main else None, dist=job.dist)
+    summary = _summary(job, model, result, mem.peak_bytes)
+    if job.dist.main:
         job.ctx.check_params_unchanged(f"train@{job.batch_size}")
-        _write_outputs(job, model, result, summary, tracker, run_id)
-    finally:
-        if tracker is not None:
-            sink.wait()
-    job.checkpoint.remove()
-    return summary
-
-
-def _recorded_window(tracker, run_id: str) -> int | None:
-    """A resumed run keeps the logging window it started with (tracking.max_points may differ now)."""
-    if tracker.down is not None or run_id.startswith("local-"):
-        return None
-    value = tracker.get_run(run_id).data.params.get("log_window_steps")
-    return int(value) if value else None
+        _write_outputs(job, model, result, summary, record)
+        job.checkpoint.remove()
+    return summary, model
 
 
 def _run_params(job: Job, window: int) -> dict[str, Any]:
@@ -257,28 +243,14 @@ def _summary(job: Job, model: torch.nn.Module, result: FitResult, peak_bytes: in
     return summary
 
 
-# Summary keys that are settings or bookkeeping, not results: params and tags hold them.
-_NOT_METRICS = ("batch_size", "seed", "epochs", "lr_effective", "world_size", "resumed_from_step")
-
-
-def final_metrics(summary: dict[str, Any]) -> dict[str, float]:
-    """The summary as MLflow metrics, each named once: ``final/val_acc``, ``final/throughput``."""
-    out = {}
-    for key, value in summary.items():
-        if key in _NOT_METRICS or value is None or not isinstance(value, (int, float)):
-            continue
-        out[f"final/{key.removeprefix('final_')}"] = float(value)
-    return out
-
-
 def _now() -> float:
     import time
     return time.time()
 
 
-def _write_outputs(job: Job, model, result: FitResult, summary, tracker, run_id) -> None:
-    """Every output of the run into a new folder, logged, then swapped in whole: the folder holds
-    one run's set or the previous set, never a mix."""
+def _write_outputs(job: Job, model, result: FitResult, summary, record: dict[str, Any]) -> None:
+    """Every output of the run into a new folder, swapped in whole: the folder holds one run's
+    set or the previous set, never a mix."""
     import shutil
     import tempfile
 
@@ -286,28 +258,26 @@ def _write_outputs(job: Job, model, result: FitResult, summary, tracker, run_id)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
-        files = _write_files(tmp, model, result, summary, job.data.task)
-        if tracker is not None:
-            tracker.log_metrics(run_id, final_metrics(summary), step=result.samples)
-            tracker.log_artifacts(run_id, files, "outputs")
-            spec = {"model": job.ctx.params.model.model_dump(mode="json"), "n_in": job.data.n_features,
-                    "n_out": job.data.n_outputs}
-            tracker.log_model(run_id, model, job.data.val.x[:5], spec)
-            write_json(tmp / "run.json", {"run_id": run_id, "experiment_id": tracker.experiment_id,
-                                          "sweep_key": job.sweep_key})
+        t0 = _write_files(tmp, model, result, summary, job.data.task)
+        buf = io.BytesIO()
+        torch.save(job.data.val.x[:2].detach().cpu().clone(), buf)  # the MLflow model's input example
+        write_atomic(tmp / "input_example.pt", buf.getvalue())
+        write_json(tmp / "params.json", job.ctx.params.model_dump(mode="json"))
+        write_json(tmp / "run.json", record | {"steps_t0": t0, "end_time": _now()})
         swap_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
 
 
-def _write_files(out: Path, model, result: FitResult, summary, task) -> list[Path]:
+def _write_files(out: Path, model, result: FitResult, summary, task) -> float:
+    """The run's files; returns the wall clock that ``steps.csv``'s wall_s counts from."""
     hist = result.history
     buf = io.BytesIO()
     torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, buf)
     write_atomic(out / "model.pt", buf.getvalue())
     t0 = hist.time[0] - 1e-9 if hist.time else 0.0
-    cols = {"step": hist.step, "samples": hist.samples, "loss": hist.loss, "lr": hist.lr,
+    cols = {"step": hist.step, "samples": hist.samples, "batch": hist.batch, "loss": hist.loss, "lr": hist.lr,
             "wall_s": [x - t0 for x in hist.time]}
     if task == "classification":
         cols["batch_acc"] = [c / b for c, b in zip(hist.correct, hist.batch)]
@@ -319,7 +289,7 @@ def _write_files(out: Path, model, result: FitResult, summary, task) -> list[Pat
     write_atomic(out / "noise.csv", _csv({"samples": [s for s, _ in hist.noise],
                                           "b_simple": [v for _, v in hist.noise]}))
     write_json(out / "summary.json", summary)
-    return [out / n for n in ("steps.csv", "evals.csv", "noise.csv", "summary.json", "model.pt")]
+    return t0
 
 
 def _csv(cols: dict[str, list]) -> str:

@@ -24,18 +24,19 @@ import statistics
 import sys
 import time
 from pathlib import Path
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
-from .config import TrackingParams, TrainParams
-from .data import Split
-from .engine import NullSink, fit, make_optimizer
-from .models import MLP
-from .system import (PeakMemory, cpu_count, pick_device, processor, set_flush_denormal, set_threads, sync,
+from ..config import TrackingParams, TrainParams
+from ..core.data import Split
+from ..core.engine import NullSink, fit, make_optimizer
+from ..core.models import MLP
+from ..tracking.points import window_for
+from ..core.system import (PeakMemory, cpu_count, pick_device, processor, set_flush_denormal, set_threads, sync,
                      threads_for)
 
 LOADERS = ("tutorial", "tensordataset", "pipeline", "limit")
@@ -125,9 +126,9 @@ def _compute_rate(x, y, bs, device, seconds: float) -> float:
 
 def _pipeline_rate(train: Split, val: Split, bs, device, seconds, sink, p=PARAMS) -> tuple[float, int]:
     model, _ = _model(device)
-    if hasattr(sink, "window"):
+    if hasattr(sink, "windows"):
         # The window a real one-epoch run at this batch size gets with default settings.
-        sink.window = max(1, -(-(N_SAMPLES // bs) // TrackingParams().max_points))
+        sink.windows.window = window_for(N_SAMPLES // bs, TrackingParams().max_points, False)
     with PeakMemory(device) as mem:
         result = fit(model, train, val, p, bs, "classification", device, sink, max_seconds=seconds)
     return result.samples / result.train_seconds, mem.peak_bytes
@@ -260,7 +261,7 @@ def main(ctx, args) -> None:
     is logged and the stage lines, which run real stages against a store, are left out."""
     sizes = [int(s) for s in str(args.batch_sizes).split(",") if s.strip()]
     if not sizes or any(b < 1 for b in sizes):
-        from .config import ParamsError
+        from ..config import ParamsError
         raise ParamsError(f"--batch-sizes {args.batch_sizes!r}: allowed: comma-separated positive integers")
     device = pick_device(ctx.params.train.device)
     if not args.tracking:
@@ -268,26 +269,17 @@ def main(ctx, args) -> None:
         print(table(result))
         _write_json(args, result)
         return
-    from .tracking import MlflowSink
+    from ..tracking.toolrun import tool_run
 
-    tracker = ctx.tracker("bench", f"{ctx.params.tracking.experiment}-bench")
-    with tracker.run(name="bench", parent_id=None, tags={"batchlab.role": "bench"}) as run_id:
-        @contextmanager
+    with tool_run(ctx, "bench") as rec:
         def cell_sink(name: str):
             # Each pipeline cell logs into a child run of its own, as a training run would.
-            cell_run = tracker.create_run(name, {"batchlab.role": "bench-sink"}, parent_id=run_id)
-            sink = MlflowSink(tracker, cell_run, N_SAMPLES, TrackingParams().max_points, False, time.time(),
-                              another=True)
-            try:
-                yield sink
-            finally:
-                sink.close(complete=True)
-                tracker.finish(cell_run)
+            return rec.child(name, window_for(N_SAMPLES, TrackingParams().max_points, False))
 
         result = measure(ctx, args, sizes, device, cell_sink)
         text = table(result)
         print(text)
-        _log_bench(tracker, run_id, sizes, args, result, text)
+        _log_bench(rec, sizes, args, result, text)
     _write_json(args, result)
 
 
@@ -310,25 +302,25 @@ def measure(ctx, args, sizes: list[int], device: torch.device, cell_sink) -> dic
 
 def _write_json(args, result: dict[str, Any]) -> None:
     if args.json_path:
-        from .context import write_json
+        from ..context import write_json
         write_json(Path(args.json_path), result)
 
 
-def _log_bench(tracker, run_id: str, sizes, args, result: dict[str, Any], text: str) -> None:
-    tracker.log_params(run_id, {"batch_sizes": sizes, "seconds": args.seconds, "repeats": args.repeats,
-                                "device": result["device"], "cores": result["cores"]})
+def _log_bench(rec, sizes, args, result: dict[str, Any], text: str) -> None:
+    rec.log_params({"batch_sizes": sizes, "seconds": args.seconds, "repeats": args.repeats,
+                    "device": result["device"], "cores": result["cores"]})
     for r in result["rows"]:
-        tracker.log_metrics(run_id, {f"{r['loader']}/samples_per_s": r["samples_per_s"]}, step=r["batch_size"])
+        rec.log_metrics({f"{r['loader']}/samples_per_s": r["samples_per_s"]}, step=r["batch_size"])
         if r["loader"] == "pipeline":
-            tracker.log_metrics(run_id, {"pipeline/peak_memory_bytes": r["peak_memory_bytes"]}, step=r["batch_size"])
+            rec.log_metrics({"pipeline/peak_memory_bytes": r["peak_memory_bytes"]}, step=r["batch_size"])
     if result["logging_overhead"] is not None:
-        tracker.log_metrics(run_id, {"logging_overhead_bs8": result["logging_overhead"]["fraction"]})
+        rec.log_metrics({"logging_overhead_bs8": result["logging_overhead"]["fraction"]})
     if result.get("fixed_cost"):
         fc = result["fixed_cost"]
-        tracker.log_metrics(run_id, {"fixed_cost/train_seconds": fc["train_fixed_seconds"],
-                                     "fixed_cost/evaluate_seconds": fc["evaluate_wall_seconds"]})
-    tracker.log_dict(run_id, result, "bench.json")
-    tracker.log_text(run_id, text, "bench.txt")
+        rec.log_metrics({"fixed_cost/train_seconds": fc["train_fixed_seconds"],
+                         "fixed_cost/evaluate_seconds": fc["evaluate_wall_seconds"]})
+    rec.log_dict(result, "bench.json")
+    rec.log_text(text, "bench.txt")
 
 
 # ---------------------------------------------------------------- data-parallel rows
@@ -336,7 +328,7 @@ def _log_bench(tracker, run_id: str, sizes, args, result: dict[str, Any], text: 
 def ddp_worker(batch_size: int, steps: int) -> None:
     """One rank's share of a fixed number of steps (ranks must agree on when to stop, so no
     time budget here); rank 0 prints samples/s as JSON."""
-    from . import dist as dist_mod
+    from ..core import dist as dist_mod
 
     device = torch.device("cpu")
     d = dist_mod.init(device.type)

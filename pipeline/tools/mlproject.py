@@ -6,7 +6,7 @@ with no parameter set it runs ``dvc repro [stage]``, with some it runs
 `dvc status` agrees afterwards. The run `mlflow run` made (MLFLOW_RUN_ID, passed through DVC to
 the stages) becomes the parent of a new sweep. When DVC finds the sweep already done (up to date,
 or restored from its run-cache) nothing trains, and that run is tagged as pointing to the
-sweep's existing parent instead.
+sweep's existing parent instead. One launcher at a time per workspace (``pipeline.lock``).
 
 MLflow substitutes every parameter, empty ones too; ``key=`` (no value) means "keep params.yaml".
 Entry points that are not pipeline stages (find-batch-size, reproduce) run the CLI directly.
@@ -19,8 +19,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from .__main__ import main as cli
-from .config import ParamsError, load_params
+from ..__main__ import main as cli
+from ..config import ParamsError, load_params
 
 STAGE_ENTRIES = ("main", "prepare", "train", "evaluate", "compare")
 
@@ -72,21 +72,14 @@ def dvc_command(entry: str, params_file: str, batch_size: int | None, sets: list
     return ["dvc", "exp", "run", *[a for o in sets for a in ("-S", o)], *target]
 
 
-def point_to_parent(run_id: str) -> None:
-    """After DVC: if the run `mlflow run` made did not become the sweep's parent (the sweep was
-    already done), say where the sweep is instead of leaving an unexplained empty run."""
-    from .context import Context, read_manifest
-
+def publish(launch_run: str | None) -> None:
+    """After DVC: publish what the store lacks (outputs DVC restored from its cache included); a
+    run `mlflow run` made that did not become the sweep's parent is tagged to point to it."""
+    from ..context import Context
+    from ..tracking.sweep import publish_sweep
     ctx = Context.from_environment(load_params("params.yaml"))
-    tracker = ctx.tracker("mlproject")
-    key = ctx.params.sweep_key(read_manifest(ctx.data_dir)["data_hash"])
-    parent = tracker.find_sweep(key)
-    if parent is None or parent == run_id:
-        return
-    tracker.set_tags(run_id, {
-        "batchlab.role": "launch", "batchlab.sweep_parent": parent, "mlflow.runName": f"up-to-date-sweep-{key[:8]}",
-        "mlflow.note.content": f"DVC found this sweep already done (up to date, or restored from its run-cache): "
-                               f"nothing trained. Its runs are under sweep-{key[:8]} ({parent})."})
+    ctx.parent_run_id = launch_run
+    publish_sweep(ctx)
 
 
 def run_stage_entry(argv: list[str]) -> int:
@@ -109,10 +102,20 @@ def run_stage_entry(argv: list[str]) -> int:
     except ParamsError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    from ..core.signals import Busy
+    from ..lock import dvc_busy, hold
+    try:
+        hold(Path.cwd(), "`mlflow run`")
+        if dvc_busy(Path.cwd()):
+            raise Busy("DVC runs in this workspace (.dvc/tmp/lock is held); wait for it to end, then run "
+                       "`mlflow run` again")
+    except Busy as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 3
     print("running: " + " ".join(cmd), file=sys.stderr, flush=True)
     code = subprocess.call(cmd)
-    if code == 0 and os.environ.get("MLFLOW_RUN_ID"):
-        point_to_parent(os.environ["MLFLOW_RUN_ID"])
+    if code == 0:
+        publish(os.environ.get("MLFLOW_RUN_ID"))
     return code
 
 

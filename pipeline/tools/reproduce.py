@@ -12,32 +12,38 @@ import math
 
 import torch
 
-from .config import parse_params
-from .context import Context
-from .data import load_prepared, read_manifest
-from .engine import NullSink, fit
-from .models import build_model
-from .system import code_state, pick_device, set_flush_denormal, set_threads
+from ..config import parse_params
+from ..context import Context
+from ..core.data import load_prepared, read_manifest
+from ..core.engine import NullSink, fit
+from ..core.models import build_model
+from ..core.system import code_state, pick_device, set_flush_denormal, set_threads
 
 
 class Refused(RuntimeError):
     pass
 
 
-def _recorded_steps(tracker, run_id: str) -> dict[str, list[float]]:
-    rows = list(csv.DictReader(io.StringIO(tracker.read_artifact(run_id, "outputs/steps.csv"))))
+def _recorded_steps(client, run_id: str) -> dict[str, list[float]]:
+    from ..tracking.publish import read_artifact
+    rows = list(csv.DictReader(io.StringIO(read_artifact(client, run_id, "outputs/steps.csv"))))
     return {k: [float(r[k]) for r in rows] for k in ("step", "samples", "loss")}
 
 
 def run(ctx: Context, run_id: str, log=print) -> bool:
-    tracker = ctx.tracker("reproduce")
+    from ..tracking.publish import read_artifact
+    from ..tracking.sweep import open_view
+    view = open_view(ctx)
+    if view is None:
+        raise Refused("the tracking store does not answer (above)")
+    client = view.client
     try:
-        recorded = tracker.get_run(run_id)
+        recorded = client.get_run(run_id)
     except Exception:
-        raise Refused(f"run {run_id!r} not found in {tracker.uri}") from None
+        raise Refused(f"run {run_id!r} not found in {view.uri}") from None
     if recorded.data.tags.get("batchlab.role") != "train":
         raise Refused(f"run {run_id} is not a training run (tag batchlab.role={recorded.data.tags.get('batchlab.role')!r})")
-    params = parse_params(json.loads(tracker.read_artifact(run_id, "params.json")))
+    params = parse_params(json.loads(read_artifact(client, run_id, "params.json")))
     batch_size, seed = int(recorded.data.params["batch_size"]), int(recorded.data.params["seed"])
 
     code = code_state(ctx.workdir)
@@ -61,7 +67,7 @@ def run(ctx: Context, run_id: str, log=print) -> bool:
     model = build_model(params.model, data.n_features, data.n_outputs)
     log(f"re-running {run_id}: batch size {batch_size}, seed {seed}, {recorded.data.params.get('total_steps')} steps")
     result = fit(model, data.train, data.val, params.train.for_seed(seed), batch_size, data.task, device, NullSink())
-    old = _recorded_steps(tracker, run_id)
+    old = _recorded_steps(client, run_id)
     now = result.history
     if len(old["loss"]) != len(now.loss):
         log(f"MISMATCH: recorded {len(old['loss'])} steps, now {len(now.loss)}")

@@ -1,4 +1,5 @@
-"""compare: one table, plots and an HTML report across the sweep, logged to the parent run."""
+"""The sweep's statistics: per batch size means and 95 % intervals over seeds, and the conclusions
+drawn from them. No torch, no MLflow: it reads the rows the compare stage collects."""
 from __future__ import annotations
 
 import csv
@@ -7,8 +8,6 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from .context import Context, read_json, write_atomic, write_json
-from .data import DataError, read_manifest
 
 def read_csv(path: Path) -> dict[str, list[float]]:
     with path.open() as fh:
@@ -18,29 +17,6 @@ def read_csv(path: Path) -> dict[str, list[float]]:
         for k, v in row.items():
             cols.setdefault(k, []).append(float(v))
     return cols
-
-
-def _need(path: Path, stage: str) -> Path:
-    if not path.is_file():
-        raise DataError(f"{path} not found: run {stage} first (dvc repro)")
-    return path
-
-
-def collect(ctx: Context, sweep_key: str | None = None) -> list[dict[str, Any]]:
-    """One row per run (batch size, seed) of the sweep. With ``sweep_key``, every training output
-    must belong to that sweep: a report never mixes runs of two sweeps."""
-    runs = []
-    for bs in ctx.params.train.batch_sizes:
-        for seed in ctx.params.train.seeds:
-            summary = read_json(_need(ctx.train_dir(bs, seed) / "summary.json", f"train@{bs}"))
-            metrics = read_json(_need(ctx.eval_dir(bs, seed) / "metrics.json", f"evaluate@{bs}"))
-            info = ctx.train_dir(bs, seed) / "run.json"
-            if sweep_key and info.is_file() and read_json(info).get("sweep_key") != sweep_key:
-                raise DataError(f"{ctx.train_dir(bs, seed)} was trained for another sweep than params.yaml "
-                                f"describes; rerun train@{bs} (dvc repro)")
-            runs.append({**summary, **{k: v for k, v in metrics.items() if k not in ("batch_size", "seed")},
-                         "batch_size": bs, "seed": seed})
-    return runs
 
 
 # Figures summarised per batch size as mean and 95 % interval over the seeds.
@@ -156,56 +132,3 @@ def summary_metrics(c: dict[str, Any]) -> dict[str, Any]:
             "top_speed": c["highest_throughput"]["samples_per_s"],
             "cbs_noise": c["critical_batch_size_noise"], "cbs_knee": c["critical_batch_size_knee"],
             "n_missed": len(c["missed_target"])}
-
-
-RUN_COLUMNS = ("batch_size", "seed", "test_acc", "test_mse", "test_loss", "throughput", "train_seconds",
-               "time_to_target_s", "steps_to_target", "step_memory_bytes", "peak_memory_bytes", "noise_scale",
-               "loss_noise", "weight", "bias")
-
-
-def _csv(rows: list[dict[str, Any]], columns: list[str]) -> str:
-    lines = [",".join(columns)] + [",".join("" if r.get(c) is None else str(r[c]) for c in columns) for r in rows]
-    return "\n".join(lines) + "\n"
-
-
-def run(ctx: Context) -> dict[str, Any]:
-    from . import report
-
-    p = ctx.params
-    manifest = read_manifest(ctx.data_dir)
-    runs = collect(ctx, p.sweep_key(manifest["data_hash"]))
-    rows = aggregate(runs)
-    task = manifest["task"]
-    out = ctx.compare_dir
-    concl = conclusions(rows, task, p.compare.scaling_margin)
-    ctx.check_params_unchanged("compare")
-    images = report.make_plots(ctx, rows, runs, task)
-    present = [k for k in FIGURES if any(k in r for r in rows)]
-    write_atomic(out / "sweep.csv", _csv(rows, ["batch_size", "n", "reached"] +
-                                         [c for k in present for c in (k, f"{k}_ci")]))
-    write_atomic(out / "runs.csv", _csv(runs, [c for c in RUN_COLUMNS if any(c in r for r in runs)]))
-    write_json(out / "metrics.json", dvc_metrics(concl))
-    write_atomic(out / "report.html", report.html(ctx, rows, runs, concl, images, manifest))
-    _log(ctx, manifest, rows, concl, [out / "sweep.csv", out / "runs.csv", out / "metrics.json",
-                                      out / "report.html", *[img for img, _ in images]])
-    return {"rows": rows, "runs": runs, "conclusions": concl}
-
-
-def _log(ctx: Context, manifest, rows, concl, files: list[Path]) -> None:
-    """The conclusions as the parent's metrics, and per-size means and intervals with
-    step = batch size, so MLflow's charts draw them against the batch size. The intervals go
-    under a prefix of their own: the run page charts each prefix as a section, and the means'
-    section would otherwise alternate each figure with its interval."""
-    tracker = ctx.tracker("compare")
-    parent = tracker.sweep_parent(manifest)
-    tracker.log_metrics(parent, {f"sweep/{k}": v for k, v in summary_metrics(concl).items() if v is not None})
-    for row in rows:
-        figures = {f"by_batch_size/{k}": v for k, v in row.items() if k in FIGURES}
-        figures |= {f"by_batch_size_ci/{k[:-3]}": v for k, v in row.items() if k.endswith("_ci") and k[:-3] in FIGURES}
-        tracker.log_metrics(parent, {k: v for k, v in figures.items() if not math.isnan(v)}, step=row["batch_size"])
-    tracker.set_tags(parent, {"batchlab.compare.scaling_margin": ctx.params.compare.scaling_margin,
-                              "batchlab.batch_sizes": ctx.params.train.batch_sizes,
-                              "batchlab.seeds": ctx.params.train.seeds})
-    tracker.log_artifacts(parent, files, "compare")
-    if not ctx.parent_run_id:  # a parent of ours: its duration runs from the sweep's start to here
-        tracker.finish(parent, "FINISHED")

@@ -15,9 +15,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .config import Params, ParamsError
-from .engine import step_memory
-from .models import build_model, loss_fn
+from ..config import Params, ParamsError
+from ..core.engine import step_memory
+from ..core.models import build_model, loss_fn
 
 
 @dataclass
@@ -127,8 +127,8 @@ def check_arguments(device: torch.device, start: int, limit: int, budget_bytes: 
 def run(ctx, start: int, limit: int, budget_mb: float | None) -> Found:
     """Searches and logs into an experiment of its own (``<experiment>-find-batch-size``): the
     sweep's experiment holds sweeps only. Bad arguments stop before any run is made."""
-    from .data import read_manifest
-    from .system import pick_device
+    from ..core.data import read_manifest
+    from ..core.system import pick_device
 
     p = ctx.params
     manifest = read_manifest(ctx.data_dir)
@@ -137,16 +137,15 @@ def run(ctx, start: int, limit: int, budget_mb: float | None) -> Found:
     n_out = manifest["n_classes"] if task == "classification" else 1
     budget = int(budget_mb * 2**20) if budget_mb else None
     check_arguments(device, start, limit, budget)
-    tracker = ctx.tracker("find-batch-size", f"{p.tracking.experiment}-find-batch-size")
-    with tracker.run(name="find-batch-size", parent_id=None, tags={"batchlab.role": "find-batch-size"}) as rid:
-        tracker.log_params(rid, p.flat() | {"start": start, "max": limit, "memory_budget_mb": budget_mb,
-                                            "device": str(device)})
+    from ..tracking.toolrun import tool_run
+    with tool_run(ctx, "find-batch-size", p.flat() | {"start": start, "max": limit, "memory_budget_mb": budget_mb,
+                                                      "device": str(device)}) as rec:
         found = find(p, manifest["n_features"], n_out, task, device, start, limit, budget)
         for t in found.trials:
             if t.peak_bytes:
-                tracker.log_metrics(rid, {"trial/peak_bytes": t.peak_bytes}, step=t.batch_size)
+                rec.log_metrics({"trial/peak_bytes": t.peak_bytes}, step=t.batch_size)
         if found.largest is not None:
-            tracker.log_metrics(rid, {"largest_batch_size": found.largest, "largest_peak_bytes": found.peak_bytes})
-        tracker.log_dict(rid, {"trials": [t.__dict__ for t in found.trials],
-                               "largest": found.largest, "peak_bytes": found.peak_bytes}, "find_batch_size.json")
+            rec.log_metrics({"largest_batch_size": found.largest, "largest_peak_bytes": found.peak_bytes})
+        rec.log_dict({"trials": [t.__dict__ for t in found.trials],
+                      "largest": found.largest, "peak_bytes": found.peak_bytes}, "find_batch_size.json")
     return found

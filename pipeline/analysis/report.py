@@ -11,9 +11,9 @@ from typing import Any
 
 import numpy as np
 
-from .compare import read_csv, scaling_knee, separated
-from .context import Context
-from .palette import sweep_colours
+from .stats import read_csv, scaling_knee, separated
+from ..context import Context
+from ..tracking.ui import sweep_colours
 
 TEMPLATE = Path(__file__).with_name("templates") / "report.html"
 

@@ -1,10 +1,10 @@
-"""prepare: raw data -> seeded train/val/test tensors + manifest, logged to the sweep's parent run."""
+"""prepare: raw data -> seeded train/val/test tensors + manifest, shown on the sweep's parent run."""
 from __future__ import annotations
 
 from typing import Any
 
-from .context import Context
-from .data import build_splits, write_prepared
+from ..context import Context
+from ..core.data import build_splits, write_prepared
 
 
 def run(ctx: Context) -> dict[str, Any]:
@@ -16,10 +16,6 @@ def run(ctx: Context) -> dict[str, Any]:
         source |= {"samples": p.data.linear_samples, "noise": p.data.linear_noise}
     ctx.check_params_unchanged("prepare")
     manifest = write_prepared(ctx.data_dir, task, splits, source)
-    log_manifest(ctx, manifest)
+    from ..tracking.sweep import publish_sweep
+    publish_sweep(ctx)  # the sweep's parent run, with the data set's figures as its params
     return manifest
-
-
-def log_manifest(ctx: Context, manifest: dict[str, Any]) -> str:
-    """The sweep's parent run, with the data set's figures as its params."""
-    return ctx.tracker("prepare").sweep_parent(manifest)

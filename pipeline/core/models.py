@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .config import ModelParams
+from ..config import ModelParams
 
 
 class MLP(nn.Module):

@@ -1,0 +1,61 @@
+"""evaluate: test-set figures for every run of one batch size, written beside its training's
+record (``outputs/evaluate/bs<B>/seed<S>``) and published into that training's MLflow run."""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from ..analysis.scores import score
+from ..config import DataError
+from ..context import Context, read_json, write_json
+from ..core.data import load_prepared
+from ..core.models import build_model, loss_fn
+
+
+def predict(model, x, batch_size: int):
+    """Model outputs for ``x`` in chunks of ``batch_size``; the result does not depend on it."""
+    model.eval()
+    with torch.no_grad():
+        return torch.cat([model(x[i:i + batch_size]) for i in range(0, len(x), batch_size)]) \
+            if len(x) else torch.empty(0)
+
+
+def load_trained(ctx: Context, batch_size: int, seed: int, n_in: int, n_out: int):
+    path = ctx.train_dir(batch_size, seed) / "model.pt"
+    if not path.is_file():
+        raise DataError(f"{path} not found: train batch size {batch_size} first (dvc repro train@{batch_size})")
+    model = build_model(ctx.params.model, n_in, n_out)
+    model.load_state_dict(torch.load(path, weights_only=True))
+    return model
+
+
+def run(ctx: Context, batch_size: int) -> list[dict[str, Any]]:
+    data = load_prepared(ctx.data_dir, ("test",))
+    results = [run_one(ctx, data, batch_size, seed) for seed in ctx.params.train.seeds]
+    ctx.check_params_unchanged(f"evaluate@{batch_size}")  # the stage fails: dvc.lock records nothing
+    for metrics in results:
+        write_json(ctx.eval_dir(batch_size, metrics["seed"]) / "metrics.json", metrics)
+    from ..tracking.sweep import publish_sweep
+    publish_sweep(ctx)
+    return results
+
+
+def run_one(ctx: Context, data, batch_size: int, seed: int) -> dict[str, Any]:
+    """The seed's test loss and figures (and a linear model's weights); its figure files written."""
+    model = load_trained(ctx, batch_size, seed, data.n_features, data.n_outputs)
+    test = data.test
+    out = predict(model, test.x, ctx.params.evaluate.batch_size)
+    record = ctx.train_dir(batch_size, seed) / "run.json"
+    metrics: dict[str, Any] = {"batch_size": batch_size, "seed": seed,
+                               "test_loss": float(loss_fn(data.task)(out, test.y)),
+                               "train_record": read_json(record)["record"] if record.is_file() else None}
+    folder = ctx.eval_dir(batch_size, seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    if data.task == "classification":
+        metrics |= score(data.task, test.y.numpy(), out.argmax(1).numpy(), folder)[0]
+    else:
+        metrics |= score(data.task, test.y.numpy().ravel(), out.numpy().ravel(), folder)[0]
+        metrics["weight"] = float(model.weight.detach().flatten()[0])
+        metrics["bias"] = float(model.bias.detach()[0])
+    return metrics

@@ -9,6 +9,9 @@ export GIT_PYTHON_REFRESH := quiet
 
 .PHONY: setup run test test-fast bench ui server clean
 
+HOST ?= 127.0.0.1
+PORT ?= 5000
+
 setup: $(STAMP)
 
 $(STAMP): requirements.txt requirements-dev.txt
@@ -19,11 +22,13 @@ $(STAMP): requirements.txt requirements-dev.txt
 run: setup
 	@test -d .git || { git init -q && git add -A && git -c user.name=batchlab -c user.email=batchlab@localhost commit -qm "initial"; }
 	dvc repro
+	@# DVC may have restored outputs from its cache without running a stage: publish what the store lacks.
+	$(PY) -m pipeline sync
 	@echo
 	@echo "Results:  outputs/compare/report.html (the sweep report), dvc metrics show, dvc plots show"
-	@echo "Runs:     $(abspath mlflow.db), experiment 'batchlab'"
+	@echo "Runs:     $${MLFLOW_TRACKING_URI:-sqlite:///$(abspath mlflow.db)}, experiment 'batchlab'"
 	@echo "Look:     make ui, then open"
-	@echo "          $$($(PY) -m pipeline ui-url 2>/dev/null)"
+	@echo "          $$($(PY) -m pipeline ui-url --base http://127.0.0.1:$(PORT) 2>/dev/null)"
 
 test: setup
 	$(PY) -m pytest -q tests
@@ -36,15 +41,13 @@ test-fast: setup
 bench: setup
 	$(PY) -m pipeline bench
 
-HOST ?= 127.0.0.1
-PORT ?= 5000
 BACKEND ?= sqlite:///$(abspath mlflow-server.db)
 server: setup
 	mlflow server --host $(HOST) --port $(PORT) --backend-store-uri $(BACKEND) \
 		--artifacts-destination $(abspath mlartifacts-server) --serve-artifacts
 
 ui: setup
-	mlflow ui --backend-store-uri sqlite:///$(abspath mlflow.db) --host 127.0.0.1 --port 5000
+	mlflow ui --backend-store-uri $${MLFLOW_TRACKING_URI:-sqlite:///$(abspath mlflow.db)} --host 127.0.0.1 --port $(PORT)
 
 # The outputs only: the MLflow store (mlflow.db, mlartifacts) and DVC's cache stay, so the next
 # `make run` restores the outputs of runs the store already holds and both still agree. To start

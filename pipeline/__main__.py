@@ -211,7 +211,12 @@ def _train_line(s: dict) -> str:
             f"val_loss {s['final_val_loss']:.4g}" + (f", val_acc {acc:.4f}" if acc is not None else ""))
 
 
-if __name__ == "__main__":
+def console() -> None:
+    """The ``batchlab`` command an installed package provides: the same as ``python -m pipeline``."""
     os.environ.setdefault("GIT_PYTHON_REFRESH", "quiet")
     from .core.signals import exit_now
     exit_now(main())
+
+
+if __name__ == "__main__":
+    console()

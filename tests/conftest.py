@@ -204,7 +204,7 @@ def check_published(uri: str, proj: Path, experiment: str = "test") -> dict[str,
     from pipeline.tracking.points import by_key, train_points
 
     client, runs = runs_of(uri, experiment)
-    assert not [r.info.run_name for r in runs if r.info.status == "RUNNING"]
+    assert not [(r.info.run_name, r.data.tags.get("batchlab.record"), r.data.tags.get("batchlab.owner.pid")) for r in runs if r.info.status == "RUNNING"]
     by_record = {}
     for r in runs:
         if r.data.tags.get("batchlab.role") == "train":

@@ -16,8 +16,8 @@ from conftest import BIN, SMALL, MlflowServer, check_published, env_for, make_pr
 
 pytestmark = pytest.mark.slow
 
-# Two seeds of about 8,000 steps each at batch size 4: long enough to strike in the middle.
-PARAMS = merge(SMALL, {"train": {"batch_sizes": [4], "seeds": [0, 1], "epochs": 25, "noise_scale": False,
+# Two seeds of about 4,700 steps each at batch size 4: long enough to strike in the middle.
+PARAMS = merge(SMALL, {"train": {"batch_sizes": [4], "seeds": [0, 1], "epochs": 15, "noise_scale": False,
                                  "checkpoint_every_steps": 500}})
 # Where to strike: while seed 0 trains, or while seed 1 trains after seed 0 was published.
 MOMENTS = {"first": ("checkpoints/bs4-s0.pt",),

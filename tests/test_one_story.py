@@ -5,7 +5,7 @@ import shutil
 import pytest
 import yaml
 
-from conftest import BIN, REPO, SMALL, env_for, make_project, merge, runs_of, sh
+from conftest import BIN, REPO, SMALL, check_published, env_for, make_project, merge, runs_of, sh
 
 pytestmark = pytest.mark.slow
 
@@ -57,7 +57,10 @@ def clone(tmp_path):
     return proj
 
 
-def test_make_run_leaves_git_clean_and_dvc_mlflow_agreeing_and_returning_restores(clone):
+def test_make_run_then_the_documented_commands_keep_dvc_and_mlflow_agreeing(clone):
+    """`make run`, then what the README walks through: nothing to do, reproduce a run, another
+    learning rate, back to the baseline, an experiment with another batch-size list, a forced
+    retrain. After each, git, `dvc status` and the store tell one story."""
     venv = BIN.parent
     sh(["make", "run", f"VENV={venv}"], clone, timeout=900)
     # Nothing git tracks is touched; dvc.lock is the one new file; outputs are DVC's, not git's.
@@ -67,15 +70,25 @@ def test_make_run_leaves_git_clean_and_dvc_mlflow_agreeing_and_returning_restore
     assert len(parents) == 1 and len(children) == 2
     assert all(c.data.tags["batchlab.git_dirty"] == "false" for c in children)
     assert {c.data.tags["mlflow.parentRunId"] for c in children} == {parents[0].info.run_id}
+    assert check_published(_uri(clone), clone)["train_runs"] == 2
+    again = sh(["dvc", "repro"], clone)
+    assert "Data and pipelines are up to date" in again.stdout and "Running stage" not in again.stdout
 
     child = children[0].info.run_id
     assert "reproduced exactly" in sh(["python", "-m", "pipeline", "reproduce", child], clone).stdout
     _commit(clone, "results")
     assert "reproduced exactly" in sh(["python", "-m", "pipeline", "reproduce", child], clone).stdout
+    with (clone / "pipeline" / "core" / "models.py").open("a") as fh:
+        fh.write("\n# a change\n")
+    refused = sh(["python", "-m", "pipeline", "reproduce", child], clone, check=False)
+    assert refused.returncode == 3 and "code differs" in refused.stderr
+    sh(["git", "checkout", "pipeline/core/models.py"], clone)
 
-    # Other params: a new sweep. Back to the first: restored from DVC's run-cache, no new run.
+    # Other params: a new sweep, and only the stages they shape run. Back to the first: restored
+    # from DVC's run-cache, no new run.
     _set(clone, "train", "lr", 0.002)
-    sh(["dvc", "repro"], clone)
+    changed = sh(["dvc", "repro"], clone).stdout
+    assert "Running stage 'prepare'" not in changed and "Running stage 'compare'" in changed
     _, parents, children = _store(clone)
     assert len(parents) == 2 and len(children) == 4
     sh(["git", "checkout", "params.yaml"], clone)
@@ -86,26 +99,15 @@ def test_make_run_leaves_git_clean_and_dvc_mlflow_agreeing_and_returning_restore
     assert _up_to_date(clone)
     assert _git_status(clone) <= {" M dvc.lock"}
 
-    # A deliberate retrain replaces the run of the same identity: one finished run per batch size.
-    sh(["dvc", "repro", "-f", "-s", "train@16"], clone)
-    sh(["dvc", "repro"], clone)
-    _, parents, children = _store(clone)
-    assert len(children) == 4
-    first = next(p for p in parents if p.data.params["train.lr"] == "0.003")
-    under = [c for c in children if c.data.tags["mlflow.parentRunId"] == first.info.run_id]
-    assert sorted(c.data.params["batch_size"] for c in under) == ["16", "64"]
-
-
-def test_another_batch_size_list_is_another_sweep_with_its_own_conclusions(clone):
-    sh(["dvc", "repro"], clone)
+    # Another batch-size list is another sweep, each parent holding what its comparison describes.
     sh(["dvc", "exp", "run", "-S", "train.batch_sizes=[32]", "--name", "bs32"], clone)
     client, parents, children = _store(clone)
-    assert len(parents) == 2
+    assert len(parents) == 3
     for parent in parents:
         under = [c for c in children if c.data.tags["mlflow.parentRunId"] == parent.info.run_id]
         described = parent.data.tags["batchlab.batch_sizes"].split(",")
         assert sorted(c.data.params["batch_size"] for c in under) == sorted(described)
-
+    assert [c.data.tags.get("dvc.exp_name") for c in children if c.data.params["batch_size"] == "32"] == ["bs32"]
     # The README's command compares them at 120 columns: changed params and conclusions, whole.
     env = env_for(clone) | {"COLUMNS": "120"}
     shown = sh(["dvc", "exp", "show", "--only-changed", "--drop", "Created|outputs/|data/|pipeline/", "--no-pager"],
@@ -113,12 +115,25 @@ def test_another_batch_size_list_is_another_sweep_with_its_own_conclusions(clone
     assert max(len(line) for line in shown) <= 120 and "…" not in "\n".join(shown)
     header = next(line for line in shown if "Experiment" in line)
     assert "train.batch_sizes" in header and ("cbs_noise" in header or "best_acc" in header)
+    assert "best_acc" in sh(["dvc", "metrics", "show", "--json"], clone).stdout
+    sh(["dvc", "plots", "show"], clone)
+    assert (clone / "dvc_plots" / "index.html").is_file()
+
+    # A deliberate retrain replaces the run of the same identity: one finished run per batch size.
+    sh(["git", "checkout", "params.yaml"], clone)
+    sh(["dvc", "repro", "-f", "-s", "train@16"], clone)
+    sh(["dvc", "repro"], clone)
+    _, parents, children = _store(clone)
+    assert len(children) == 5
+    first = next(p for p in parents if p.data.params["train.lr"] == "0.003" and p.data.params["train.batch_sizes"] == "16,64")
+    under = [c for c in children if c.data.tags["mlflow.parentRunId"] == first.info.run_id]
+    assert sorted(c.data.params["batch_size"] for c in under) == ["16", "64"]
 
 
 def test_mlflow_run_goes_through_dvc_and_its_run_is_the_parent(clone):
     mlflow = [str(BIN / "mlflow"), "run", ".", "--env-manager", "local", "--experiment-name", "test"]
     out = sh(mlflow + ["-P", "batch_sizes=16,64", "-P", "lr=0.002"], clone, timeout=900)
-    assert "dvc exp run -S train.lr=0.002" in out.stderr
+    assert "dvc exp run -S train.lr=0.002" in out.stderr and "succeeded" in out.stderr
     assert _up_to_date(clone)  # DVC recorded what `mlflow run` produced
     client, parents, children = _store(clone)
     assert len(parents) == 1 and len(children) == 2
@@ -127,6 +142,7 @@ def test_mlflow_run_goes_through_dvc_and_its_run_is_the_parent(clone):
     assert parent.data.tags["mlflow.runName"] == f"sweep-{parent.data.tags['batchlab.sweep_key'][:8]}"
     assert parent.data.tags.get("mlflow.project.entryPoint") == "main"
     assert {c.data.tags["mlflow.parentRunId"] for c in children} == {parent.info.run_id}
+    assert {a.path for a in client.list_artifacts(parent.info.run_id, "compare")} >= {"compare/report.html"}
 
     # A single stage of a sweep already done: nothing trains, its run points to the parent.
     sh(mlflow + ["-e", "train", "-P", "batch_size=16"], clone)

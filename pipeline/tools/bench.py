@@ -146,10 +146,9 @@ def run_bench(batch_sizes: list[int], seconds: float, repeats: int, device: torc
     tutorial_ds = TutorialDataset(images, labels)
     tensor_ds = torch.utils.data.TensorDataset(x, y)
     def logged(name: str):
-        # Each pipeline cell logs into a run of its own through the bench's one logger process, as
-        # a stage's runs share theirs: ready before the cell's steps, drained after them (neither
-        # is timed), so one cell's backlog never runs into the next. No factory (--no-tracking):
-        # the cells log nothing.
+        # Each pipeline cell logs live into a run of its own, as a training run does; what is left
+        # to send after its steps is sent before the next cell starts (not timed). No factory
+        # (--no-tracking): the cells log nothing.
         return sink_factory(name) if sink_factory else nullcontext(NullSink())
 
     per = seconds / repeats
@@ -178,10 +177,20 @@ def run_bench(batch_sizes: list[int], seconds: float, repeats: int, device: torc
                 rates.setdefault((f"compute{t}", bs), []).append(_compute_rate(x, y, bs, device, per))
             log(f"  repeat {r + 1}/{repeats} batch size {bs}: " + ", ".join(
                 f"{k[0]} {v[-1]:,.0f}" for k, v in rates.items() if k[1] == bs))
+    overheads = _overheads(train, val, device, per, repeats, logged, policy, sink_factory is not None)
+    rows = _rows(rates, memory, batch_sizes, cores, n_params, device)
+    return overheads | {"rows": rows, "device": processor(device), "cores": cores,
+                        "default_threads": DEFAULT_THREADS, "flush_denormal": flush,
+                        "seconds_per_cell": seconds, "repeats": repeats}
+
+
+def _overheads(train, val, device, per: float, repeats: int, logged, policy, tracked: bool) -> dict[str, Any]:
+    """What logging costs at batch size 8, and the noise-scale steps at 64: the same loop with each
+    on and off, interleaved."""
     # Logging overhead at batch size 8: the same loop with logging on and off, interleaved.
     on, off, drains = [], [], []
     policy(8)
-    for r in range(repeats if sink_factory else 0):
+    for r in range(repeats if tracked else 0):
         with logged(f"bs8-logging-on-repeat{r + 1}") as sink:
             on.append(_pipeline_rate(train, val, 8, device, per * 2, sink)[0])
             done = time.perf_counter()
@@ -193,6 +202,16 @@ def run_bench(batch_sizes: list[int], seconds: float, repeats: int, device: torc
     for _ in range(repeats):
         noisy.append(_pipeline_rate(train, val, 64, device, per * 2, NullSink(), with_noise)[0])
         quiet.append(_pipeline_rate(train, val, 64, device, per * 2, NullSink())[0])
+    logging = None if not on else {
+        "batch_size": 8, "fraction": 1 - statistics.median(on) / statistics.median(off),
+        "on_samples_per_s": statistics.median(on), "off_samples_per_s": statistics.median(off),
+        "drain_seconds_after_training": statistics.median(drains)}
+    return {"logging_overhead": logging,
+            "noise_scale_overhead": {"batch_size": 64, "every_steps": with_noise.noise_scale_every,
+                                     "fraction": 1 - statistics.median(noisy) / statistics.median(quiet)}}
+
+
+def _rows(rates, memory, batch_sizes, cores: int, n_params: int, device) -> list[dict[str, Any]]:
     rows = []
     for bs in batch_sizes:
         best = max(range(1, cores + 1), key=lambda t: statistics.median(rates[(f"compute{t}", bs)]))
@@ -204,16 +223,7 @@ def run_bench(batch_sizes: list[int], seconds: float, repeats: int, device: torc
         for t in range(1, cores + 1):
             rows.append({"loader": f"compute{t}", "batch_size": bs, "threads": t,
                          "samples_per_s": statistics.median(rates[(f"compute{t}", bs)]), "peak_memory_bytes": 0})
-    logging = None if not on else {
-        "batch_size": 8, "fraction": 1 - statistics.median(on) / statistics.median(off),
-        "on_samples_per_s": statistics.median(on), "off_samples_per_s": statistics.median(off),
-        "drain_seconds_after_training": statistics.median(drains)}
-    return {"rows": rows, "logging_overhead": logging,
-            "noise_scale_overhead": {"batch_size": 64, "every_steps": with_noise.noise_scale_every,
-                                     "fraction": 1 - statistics.median(noisy) / statistics.median(quiet)},
-            "device": processor(device), "cores": cores, "default_threads": DEFAULT_THREADS,
-            "flush_denormal": flush,
-            "seconds_per_cell": seconds, "repeats": repeats}
+    return rows
 
 
 def table(result: dict[str, Any]) -> str:

@@ -95,6 +95,11 @@ def find(p: Params, n_in: int, n_out: int, task: str, device: torch.device, star
         return fits
 
     step_peak(p, n_in, n_out, task, 2, device)  # the first step loads library code: not a measurement
+    return _search(attempt, found, start, limit)
+
+
+def _search(attempt, found: Found, start: int, limit: int) -> Found:
+    """Double from ``start`` until a size does not fit, then bisect between the last two."""
     bs, low, high = start, None, None
     while True:
         if attempt(bs):

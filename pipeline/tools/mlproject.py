@@ -82,6 +82,14 @@ def publish(launch_run: str | None) -> None:
     publish_sweep(ctx)
 
 
+def launch_experiment() -> str | None:
+    """The experiment `mlflow run` made its run in (MLFLOW_EXPERIMENT_ID), by name."""
+    if not os.environ.get("MLFLOW_EXPERIMENT_ID"):
+        return None
+    from ..tracking.store import experiment_name
+    return experiment_name(os.environ["MLFLOW_EXPERIMENT_ID"])
+
+
 def run_stage_entry(argv: list[str]) -> int:
     entry, rest = argv[0], argv[1:]
     params_file, batch_size, sets = "params.yaml", None, []
@@ -98,6 +106,9 @@ def run_stage_entry(argv: list[str]) -> int:
         else:
             sets.append(arg)
     try:
+        named = launch_experiment()
+        if named:  # --experiment-name: the sweep's view goes there, and params.yaml says so
+            sets.append(f"tracking.experiment={named}")
         cmd = dvc_command(entry, params_file, batch_size, sets)
     except ParamsError as err:
         print(f"error: {err}", file=sys.stderr)

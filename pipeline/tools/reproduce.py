@@ -46,6 +46,22 @@ def run(ctx: Context, run_id: str, log=print) -> bool:
     params = parse_params(json.loads(read_artifact(client, run_id, "params.json")))
     batch_size, seed = int(recorded.data.params["batch_size"]), int(recorded.data.params["seed"])
 
+    _check_workspace(ctx, recorded)
+
+    # Before any parallel work: OpenMP's threads take the setting from the thread that starts them.
+    set_flush_denormal(params.train.flush_denormal)
+    data = load_prepared(ctx.data_dir, ("train", "val"))
+    device = pick_device(params.train.device)
+    set_threads(int(recorded.data.params.get("threads", 0)) or params.train.threads)
+    torch.manual_seed(seed)
+    model = build_model(params.model, data.n_features, data.n_outputs)
+    log(f"re-running {run_id}: batch size {batch_size}, seed {seed}, {recorded.data.params.get('total_steps')} steps")
+    result = fit(model, data.train, data.val, params.train.for_seed(seed), batch_size, data.task, device, NullSink())
+    return _compare(_recorded_steps(client, run_id), result.history, log)
+
+
+def _check_workspace(ctx: Context, recorded) -> None:
+    """Refuse unless the workspace's code and prepared data are the run's."""
     code = code_state(ctx.workdir)
     want = recorded.data.tags.get("batchlab.code_hash", "none")
     if code.tree != want or code.dirty:
@@ -58,17 +74,9 @@ def run(ctx: Context, run_id: str, log=print) -> bool:
         raise Refused(f"data differ: the run used data hash {recorded.data.params.get('data.hash', '?')[:12]}…, "
                       f"{ctx.data_dir} holds {manifest['data_hash'][:12]}…; rerun prepare with the run's params")
 
-    # Before any parallel work: OpenMP's threads take the setting from the thread that starts them.
-    set_flush_denormal(params.train.flush_denormal)
-    data = load_prepared(ctx.data_dir, ("train", "val"))
-    device = pick_device(params.train.device)
-    set_threads(int(recorded.data.params.get("threads", 0)) or params.train.threads)
-    torch.manual_seed(seed)
-    model = build_model(params.model, data.n_features, data.n_outputs)
-    log(f"re-running {run_id}: batch size {batch_size}, seed {seed}, {recorded.data.params.get('total_steps')} steps")
-    result = fit(model, data.train, data.val, params.train.for_seed(seed), batch_size, data.task, device, NullSink())
-    old = _recorded_steps(client, run_id)
-    now = result.history
+
+def _compare(old: dict[str, list[float]], now, log) -> bool:
+    """Every recorded step's loss against the new run's ``History``, bit for bit."""
     if len(old["loss"]) != len(now.loss):
         log(f"MISMATCH: recorded {len(old['loss'])} steps, now {len(now.loss)}")
         return False

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import yaml
 
-PACKAGE_ROOT = Path(__file__).resolve().parent.parent
+PACKAGE_ROOT = Path(__file__).resolve().parents[2]  # the folder holding pipeline/
 FLOAT_ROW_BYTES = 28 * 28 * 4  # one MNIST image as the prepared float32 row
 
 

@@ -30,9 +30,6 @@ from typing import Any, Iterator
 for _key, _value in (("MLFLOW_HTTP_REQUEST_TIMEOUT", "3"), ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1"),
                      ("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")):
     os.environ.setdefault(_key, _value)
-# The store's table creation and migrations are not news to a user: warnings and errors only.
-for _name in ("mlflow", "alembic"):
-    logging.getLogger(_name).setLevel(logging.WARNING)
 
 from mlflow.entities import Metric, Param, RunTag  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
@@ -40,6 +37,11 @@ from mlflow.tracking import MlflowClient  # noqa: E402
 from . import ui  # noqa: E402
 from .points import by_key, scalar_points, train_points  # noqa: E402
 from .store import is_local_store, tracking_uri  # noqa: E402
+
+# The store's table creation and migrations are not news to a user: warnings and errors only
+# (set after MLflow's import, which configures its loggers).
+for _name in ("mlflow", "alembic"):
+    logging.getLogger(_name).setLevel(logging.WARNING)
 
 TAG_ROLE, TAG_SWEEP, TAG_RECORD = "batchlab.role", "batchlab.sweep_key", "batchlab.record"
 TAG_BATCH, TAG_SEED, TAG_END = "batchlab.batch_size", "batchlab.seed", "batchlab.end_reason"
@@ -66,9 +68,9 @@ def _text(value: Any) -> str:
     return ",".join(str(v) for v in value) if isinstance(value, (list, tuple)) else str(value)
 
 
-class View:
+class Store:
     """The store and experiment a project publishes to (``MLFLOW_TRACKING_URI``, else the
-    project's ``mlflow.db``)."""
+    project's ``mlflow.db``), and the parts of a run, each sent only where the run lacks it."""
 
     def __init__(self, root: Path, experiment: str, env: dict[str, str] | None = None):
         self.root, self.uri = root, tracking_uri(root, env)
@@ -134,7 +136,63 @@ class View:
         parents = [r for r in runs if r.data.tags.get(TAG_ROLE) == "sweep"]
         return min(parents, key=lambda r: r.info.start_time) if parents else None
 
-    # ------------------------------------------------------------------ the sweep's parent
+    def end_run(self, run_id: str, status: str, reason: str) -> None:
+        self.client.set_tag(run_id, TAG_END, reason[:4000])
+        self.client.set_terminated(run_id, status)
+
+    # ------------------------------------------------------------------ the parts
+    def _params(self, run, params: dict[str, Any]) -> None:
+        held = run.data.params
+        items = [Param(k, _text(v)) for k, v in params.items() if k not in held]
+        for i in range(0, len(items), 100):
+            self.client.log_batch(run.info.run_id, params=items[i:i + 100])
+
+    def _metrics(self, run, points: list) -> int:
+        """Sends the points whose (key, step) the run does not hold; returns how many."""
+        run_id, latest, missing = run.info.run_id, run.data.metrics, []
+        for key, mine in by_key(points).items():
+            if key in latest:
+                held = {m.step for m in self.client.get_metric_history(run_id, key)}
+                mine = [p for p in mine if p[3] not in held]
+            missing += mine
+        for i in range(0, len(missing), MAX_BATCH):
+            self.client.log_batch(run_id, metrics=[Metric(*p) for p in missing[i:i + MAX_BATCH]])
+        return len(missing)
+
+    def _artifacts(self, run_id: str, files: list[Path], path: str) -> None:
+        held = {Path(f.path).name: f.file_size for f in self.client.list_artifacts(run_id, path)}
+        for f in files:
+            if f.is_file() and held.get(f.name) != f.stat().st_size:
+                self.client.log_artifact(run_id, str(f), path)
+
+    def _model(self, run_id: str, folder: Path, record: dict[str, Any], model) -> None:
+        """The trained model as a LoggedModel in the pt2 (torch.export) format, named as its run;
+        rebuilt from ``model.pt`` when publishing from files alone."""
+        if self.client.search_logged_models([self.experiment_id], filter_string=f"source_run_id = '{run_id}'",
+                                            max_results=1):
+            return
+        import mlflow
+        import mlflow.pytorch
+        import torch
+        from mlflow.models import infer_signature
+        if model is None:
+            model = load_model(folder, record)
+        model = model.cpu().eval()
+        example = torch.load(folder / "input_example.pt", weights_only=True)
+        with torch.no_grad():
+            output = model(example)
+        mlflow.set_tracking_uri(self.uri)
+        # The fluent run ends the run when left: the caller sets the final status after this.
+        with mlflow.start_run(run_id=run_id):
+            mlflow.pytorch.log_model(model, name=record["name"], serialization_format="pt2",
+                                     signature=infer_signature(example.numpy(), output.numpy()),
+                                     input_example=example.numpy(),
+                                     pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"])
+
+
+class View(Store):
+    """The batchlab layout of a sweep in the store: its parent, one run per training record."""
+
     def parent(self, key: str, manifest: dict, params: dict[str, Any], tags: dict[str, str],
                given: str | None = None) -> str:
         """The sweep's parent run: found by its key, else the run `mlflow run` made (``given``),
@@ -206,10 +264,6 @@ class View:
                 for k in run.data.metrics}
         return run_id, held
 
-    def end_run(self, run_id: str, status: str, reason: str) -> None:
-        self.client.set_tag(run_id, TAG_END, reason[:4000])
-        self.client.set_terminated(run_id, status)
-
     def publish_train(self, folder: Path, parent: str, run=None, model=None) -> str:
         """Everything of one training's output folder into its run, then FINISHED."""
         record = read_json(folder / "run.json")
@@ -276,54 +330,6 @@ class View:
         self._artifacts(parent, [folder / n for n in summary["files"]], "compare")
         self.client.set_tag(parent, PUBLISHED + "compare", stamp)
 
-    # ------------------------------------------------------------------ the parts
-    def _params(self, run, params: dict[str, Any]) -> None:
-        held = run.data.params
-        items = [Param(k, _text(v)) for k, v in params.items() if k not in held]
-        for i in range(0, len(items), 100):
-            self.client.log_batch(run.info.run_id, params=items[i:i + 100])
-
-    def _metrics(self, run, points: list) -> int:
-        """Sends the points whose (key, step) the run does not hold; returns how many."""
-        run_id, latest, missing = run.info.run_id, run.data.metrics, []
-        for key, mine in by_key(points).items():
-            if key in latest:
-                held = {m.step for m in self.client.get_metric_history(run_id, key)}
-                mine = [p for p in mine if p[3] not in held]
-            missing += mine
-        for i in range(0, len(missing), MAX_BATCH):
-            self.client.log_batch(run_id, metrics=[Metric(*p) for p in missing[i:i + MAX_BATCH]])
-        return len(missing)
-
-    def _artifacts(self, run_id: str, files: list[Path], path: str) -> None:
-        held = {Path(f.path).name: f.file_size for f in self.client.list_artifacts(run_id, path)}
-        for f in files:
-            if f.is_file() and held.get(f.name) != f.stat().st_size:
-                self.client.log_artifact(run_id, str(f), path)
-
-    def _model(self, run_id: str, folder: Path, record: dict[str, Any], model) -> None:
-        """The trained model as a LoggedModel in the pt2 (torch.export) format, named as its run;
-        rebuilt from ``model.pt`` when publishing from files alone."""
-        if self.client.search_logged_models([self.experiment_id], filter_string=f"source_run_id = '{run_id}'",
-                                            max_results=1):
-            return
-        import mlflow
-        import mlflow.pytorch
-        import torch
-        from mlflow.models import infer_signature
-        if model is None:
-            model = load_model(folder, record)
-        model = model.cpu().eval()
-        example = torch.load(folder / "input_example.pt", weights_only=True)
-        with torch.no_grad():
-            output = model(example)
-        mlflow.set_tracking_uri(self.uri)
-        # The fluent run ends the run when left: the caller sets the final status after this.
-        with mlflow.start_run(run_id=run_id):
-            mlflow.pytorch.log_model(model, name=record["name"], serialization_format="pt2",
-                                     signature=infer_signature(example.numpy(), output.numpy()),
-                                     input_example=example.numpy(),
-                                     pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"])
 
 
 TRAIN_FILES = ("steps.csv", "evals.csv", "noise.csv", "summary.json", "model.pt")

@@ -29,3 +29,12 @@ def tracking_uri(root: Path, env: dict[str, str] | None = None) -> str:
 
 def is_local_store(uri: str) -> bool:
     return uri.startswith("sqlite:") or uri.startswith("file:") or "://" not in uri
+
+
+def experiment_name(experiment_id: str) -> str | None:
+    """The name of an experiment of the store ``mlflow run`` names (MLFLOW_TRACKING_URI)."""
+    from mlflow.tracking import MlflowClient
+    try:
+        return MlflowClient(tracking_uri(project_root())).get_experiment(experiment_id).name
+    except Exception:
+        return None

@@ -31,7 +31,7 @@ run: setup
 	@echo "          $$($(PY) -m pipeline ui-url --base http://127.0.0.1:$(PORT) 2>/dev/null)"
 
 test: setup
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q --durations=15 tests
 
 # The edit-test loop: everything but the end-to-end tests marked slow (real dvc / mlflow run /
 # servers / subprocess training).

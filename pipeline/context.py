@@ -14,7 +14,7 @@ if TYPE_CHECKING:  # imported where used: a helper process that only writes file
 DATA_DIR = Path("data/prepared")
 OUT_DIR = Path("outputs")
 CHECKPOINT_DIR = Path("checkpoints")
-MANIFEST = "manifest.json"  # the prepared data's description, beside its tensors (pipeline.data)
+MANIFEST = "manifest.json"  # the prepared data's description, beside its tensors (pipeline.core.data)
 
 
 @dataclass
@@ -153,7 +153,7 @@ def read_json(path: Path) -> Any:
 
 
 def read_manifest(data_dir: Path) -> dict[str, Any]:
-    """The prepared data's manifest (pipeline.data writes it); here, so that reading it imports no torch."""
+    """The prepared data's manifest (pipeline.core.data writes it); here, so that reading it imports no torch."""
     from .config import DataError
     path = Path(data_dir) / MANIFEST
     if not path.is_file():

@@ -12,6 +12,7 @@ from pipeline.core.engine import NullSink
 def test_bench_reports_every_row_and_the_json_shape(tmp_path, monkeypatch):
     monkeypatch.setattr(bench, "N_SAMPLES", 4096)
     monkeypatch.setattr(bench, "N_VAL", 256)
+    monkeypatch.setattr(bench, "LOGGING_CELL_MIN", 0.0)
     result = bench.run_bench([64, 512], seconds=0.15, repeats=1, device=torch.device("cpu"), log=lambda m: None,
                              sink_factory=lambda name: nullcontext(NullSink()))
     rows = [r for r in result["rows"] if not r["loader"].startswith("compute")]

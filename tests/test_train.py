@@ -299,6 +299,7 @@ PROBE = ("import torch; from pipeline.config import load_params; from pipeline.c
          "print(int((sub * 1.0).count_nonzero()))")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("flush", [True, False])
 def test_subnormals_are_flushed_on_every_thread_of_a_training_process(tmp_path, flush):
     params = merge(SMALL, {"train": {"threads": 2, "flush_denormal": flush}})

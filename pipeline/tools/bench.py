@@ -35,6 +35,7 @@ from ..config import TrackingParams, TrainParams
 from ..core.data import Split
 from ..core.engine import NullSink, fit, make_optimizer
 from ..core.models import MLP
+from ..tracking.live import SEND_SECONDS
 from ..tracking.points import window_for
 from ..core.system import (PeakMemory, cpu_count, pick_device, processor, set_flush_denormal, set_threads, sync,
                      threads_for)
@@ -72,6 +73,8 @@ class TutorialDataset(torch.utils.data.Dataset):
 
 # Noise-scale estimation is measured as a cost of its own (a line under the table), so that
 # the rows compare data paths alone.
+# The logging cells outlast the live logger's send interval, so that its sends fall inside them.
+LOGGING_CELL_MIN = SEND_SECONDS + 1
 PARAMS = TrainParams(epochs=1000, lr=1e-3, optimizer="adam", noise_scale=False)
 
 
@@ -127,8 +130,10 @@ def _compute_rate(x, y, bs, device, seconds: float) -> float:
 def _pipeline_rate(train: Split, val: Split, bs, device, seconds, sink, p=PARAMS) -> tuple[float, int]:
     model, _ = _model(device)
     if hasattr(sink, "windows"):
-        # The window a real one-epoch run at this batch size gets with default settings.
-        sink.windows.window = window_for(N_SAMPLES // bs, TrackingParams().max_points, False)
+        # The window a default run on this data gets at this batch size (train.epochs epochs,
+        # tracking.max_points points per metric): the points per step a user's run sends live.
+        sink.windows.window = window_for(TrainParams().epochs * -(-N_SAMPLES // bs), TrackingParams().max_points,
+                                         False)
     with PeakMemory(device) as mem:
         result = fit(model, train, val, p, bs, "classification", device, sink, max_seconds=seconds)
     return result.samples / result.train_seconds, mem.peak_bytes
@@ -190,12 +195,13 @@ def _overheads(train, val, device, per: float, repeats: int, logged, policy, tra
     # Logging overhead at batch size 8: the same loop with logging on and off, interleaved.
     on, off, drains = [], [], []
     policy(8)
+    cell = max(per * 2, LOGGING_CELL_MIN)
     for r in range(repeats if tracked else 0):
         with logged(f"bs8-logging-on-repeat{r + 1}") as sink:
-            on.append(_pipeline_rate(train, val, 8, device, per * 2, sink)[0])
+            on.append(_pipeline_rate(train, val, 8, device, cell, sink)[0])
             done = time.perf_counter()
         drains.append(time.perf_counter() - done)
-        off.append(_pipeline_rate(train, val, 8, device, per * 2, NullSink())[0])
+        off.append(_pipeline_rate(train, val, 8, device, cell, NullSink())[0])
     noisy, quiet = [], []
     with_noise = PARAMS.model_copy(update={"noise_scale": True})
     policy(64)
@@ -364,9 +370,9 @@ def ddp_rows(batch_sizes: list[int], steps: int = 40, ranks: int = 2) -> list[di
     bin_dir = Path(sys.executable).parent
     rows = []
     for bs in batch_sizes:
-        one = [sys.executable, "-m", "pipeline.bench", str(bs), str(steps)]
+        one = [sys.executable, "-m", "pipeline.tools.bench", str(bs), str(steps)]
         many = [str(bin_dir / "torchrun"), "--standalone", f"--nproc_per_node={ranks}",
-                "-m", "pipeline.bench", str(bs), str(steps)]
+                "-m", "pipeline.tools.bench", str(bs), str(steps)]
         rates = {}
         for world, cmd in ((1, one), (ranks, many)):
             proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600,

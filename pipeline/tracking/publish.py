@@ -109,10 +109,16 @@ class Store:
             location = (self.root / "mlartifacts").as_uri() if is_local_store(self.uri) else None
             self.client.create_experiment(name, artifact_location=location)
             exp = self.client.get_experiment_by_name(name)
-        for key, value in ui.experiment_tags().items():
-            if exp.tags.get(key) != value:
-                self.client.set_experiment_tag(exp.experiment_id, key, value)
+        self._exp_tags = dict(exp.tags)
+        self.experiment_tags(ui.experiment_tags(), exp.experiment_id)
         return exp.experiment_id
+
+    def experiment_tags(self, tags: dict[str, str], experiment_id: str | None = None) -> None:
+        """Sets those of ``tags`` the experiment lacks or holds with another value."""
+        for key, value in tags.items():
+            if self._exp_tags.get(key) != value:
+                self.client.set_experiment_tag(experiment_id or self.experiment_id, key, value)
+                self._exp_tags[key] = value
 
     def ui_url(self, base: str, sweep_key: str | None = None) -> str:
         return ui.url(base, self.experiment_id, sweep_key)
@@ -212,7 +218,7 @@ class View(Store):
                     run_id = self.client.create_run(self.experiment_id, run_name=f"sweep-{key[:8]}",
                                                     tags=tags).info.run_id
                     self.client.set_terminated(run_id, "FINISHED")
-                self.client.set_experiment_tag(self.experiment_id, *ui.sweep_view_tag(key))
+        self.experiment_tags(dict([ui.sweep_view_tag(key)]))
         run = self.client.get_run(run_id)
         if run.data.tags.get(PUBLISHED + "prepare") != manifest["data_hash"][:16]:
             self._params(run, params)

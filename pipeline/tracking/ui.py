@@ -38,9 +38,11 @@ def experiment_tags() -> dict[str, str]:
 
 
 def sweep_view(key: str) -> tuple[str, dict]:
-    """The share key and UI state of sweep ``key``'s view: SHARED_VIEW for its runs alone, so that
-    runs of another sweep (another learning rate, another list) never join its groups."""
-    return f"sweep-{key}", SHARED_VIEW | {"searchFilter": f"tags.`batchlab.sweep_key` = '{key}'"}
+    """The share key and UI state of sweep ``key``'s view: SHARED_VIEW for its training runs alone,
+    so that runs of another sweep (another learning rate, another list) never join its groups, and
+    the parent (no batch size) makes no group of its own."""
+    return f"sweep-{key}", SHARED_VIEW | {
+        "searchFilter": f"tags.`batchlab.sweep_key` = '{key}' and tags.`batchlab.role` = 'train'"}
 
 
 def sweep_view_tag(key: str) -> tuple[str, str]:

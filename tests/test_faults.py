@@ -39,10 +39,18 @@ def _train(proj: Path, env: dict) -> subprocess.Popen:
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-def _prepared(tmp_path: Path, env_extra: dict | None = None) -> tuple[Path, dict]:
+def _prepared(tmp_path: Path, env_extra: dict | None = None, in_process: bool = True) -> tuple[Path, dict]:
+    """A project with its data prepared, in this process (the fault comes later) unless the test
+    deletes the store: this process's MLflow would keep reading the deleted file."""
+    from pipeline.config import load_params
+    from pipeline.context import Context
+    from pipeline.stages import prepare
     proj = make_project(tmp_path / "p", PARAMS, git=False)
     env = env_for(proj) | (env_extra or {})
-    sh([sys.executable, "-m", "pipeline", "prepare"], proj, env=env)
+    if in_process:
+        prepare.run(Context(params=load_params(proj / "params.yaml"), workdir=proj, env=env))
+    else:
+        sh([sys.executable, "-m", "pipeline", "prepare"], proj, env=env)
     return proj, env
 
 
@@ -96,7 +104,7 @@ def test_server_stopped_and_left_stopped(tmp_path, moment):
 
 @pytest.mark.parametrize("moment", MOMENTS)
 def test_sqlite_store_deleted_mid_training(tmp_path, moment):
-    proj, env = _prepared(tmp_path)
+    proj, env = _prepared(tmp_path, in_process=False)
     proc = _train(proj, env)
     _wait_for(proj, MOMENTS[moment], proc)
     (proj / "mlflow.db").unlink()

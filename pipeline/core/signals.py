@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import signal
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 
@@ -36,6 +37,7 @@ class StopSignals:
     def __init__(self):
         self.requested: int | None = None
         self.immediate = False
+        self._holding = False
         self._old: dict[int, object] = {}
 
     def __enter__(self) -> "StopSignals":
@@ -48,9 +50,21 @@ class StopSignals:
             signal.signal(sig, old)
 
     def _handle(self, signum, frame) -> None:
+        if self._holding:
+            return
         if self.immediate or self.requested is not None:
             raise Interrupted(signum)
         self.requested = signum
+
+    @contextmanager
+    def holding(self):
+        """While the stop is being recorded (a checkpoint, the run's end): a further signal (Linux's
+        parent-death signal and a watcher can both send one) waits rather than cut it short."""
+        self._holding = True
+        try:
+            yield
+        finally:
+            self._holding = False
 
     def check(self) -> None:
         if self.requested is not None:

@@ -111,22 +111,23 @@ def run_one(job: Job, view=None) -> dict[str, Any]:
             try:
                 summary, model = _train(job, record, live.sink if live and live.sink else NullSink(), signals)
             except Interrupted as exc:
-                _ended(live, "KILLED", str(exc))
+                _ended(live, signals, "KILLED", str(exc))
                 raise
             except KeyboardInterrupt:
-                _ended(live, "KILLED", "stopped by SIGINT")
+                _ended(live, signals, "KILLED", "stopped by SIGINT")
                 raise
             except BaseException as exc:
-                _ended(live, "FAILED", f"{type(exc).__name__}: {exc}")
+                _ended(live, signals, "FAILED", f"{type(exc).__name__}: {exc}")
                 raise
         if live is not None and job.dist.main:
             live.publish(job.ctx.train_dir(job.batch_size, job.seed), model)
         return summary
 
 
-def _ended(live, status: str, reason: str) -> None:
+def _ended(live, signals: StopSignals, status: str, reason: str) -> None:
     if live is not None:
-        live.ended_early(status, reason)
+        with signals.holding():
+            live.ended_early(status, reason)
 
 
 def _record(job: Job, meta: dict[str, Any]) -> dict[str, Any]:

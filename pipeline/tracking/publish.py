@@ -74,9 +74,11 @@ class Store:
 
     def __init__(self, root: Path, experiment: str, env: dict[str, str] | None = None):
         self.root, self.uri = root, tracking_uri(root, env)
-        self.client = MlflowClient(self.uri)
         self._file = Path(self.uri[len("sqlite:///"):]) if self.uri.startswith("sqlite:///") else None
+        # The first use of a new SQLite store creates its tables: two processes doing that at once
+        # break the migration (seen with two sweeps started together), so it happens under the lock.
         with self.lock():
+            self.client = MlflowClient(self.uri)
             self.experiment_id = self._experiment(experiment)
         self._inode = self._file.stat().st_ino if self._file and self._file.exists() else None
 
@@ -403,6 +405,10 @@ def data_params(manifest: dict[str, Any]) -> dict[str, Any]:
 
 
 def warn(uri: str, what: str, err: BaseException | str) -> None:
+    """One line: what the store did not take, and that ``sync`` will send it. (BATCHLAB_DEBUG=1
+    raises instead, with the traceback: a bug here would otherwise read as a store outage.)"""
+    if isinstance(err, BaseException) and os.environ.get("BATCHLAB_DEBUG"):
+        raise err
     text = err if isinstance(err, str) else one_line(err)
     print(f"warning: tracking store {uri} did not take {what} ({text}); the outputs are complete, "
           f"`python -m pipeline sync` publishes them once it answers", file=sys.stderr, flush=True)

@@ -1,1 +1,1 @@
-"""analysis"""
+"""Statistics, scores and the report: no torch, no MLflow."""

@@ -1,4 +1,4 @@
-"""compare: one table, plots and an HTML report across the sweep, logged to the parent run."""
+"""compare: one table, plots and an HTML report across the sweep, shown on the parent run."""
 from __future__ import annotations
 
 from pathlib import Path

@@ -1,1 +1,1 @@
-"""tools"""
+"""Tools beside the pipeline: bench, find-batch-size, reproduce, the MLproject launcher."""

@@ -258,7 +258,7 @@ def table(result: dict[str, Any]) -> str:
     else:
         lines.append(f"logging overhead at batch size 8: {lo['fraction']:+.1%} "
                      f"({lo['on_samples_per_s']:,.0f} samples/s on vs {lo['off_samples_per_s']:,.0f} off; "
-                     f"{lo['drain_seconds_after_training']:.2f} s to drain the logger afterwards)")
+                     f"{lo['drain_seconds_after_training']:.2f} s to send the rest afterwards)")
     for row in result.get("data_parallel", []):
         lines.append(f"{row['ranks']} ranks (torchrun, gloo, 1 thread each) at global batch {row['batch_size']}: "
                      f"{row['samples_per_s']:,.0f} samples/s vs {row['one_rank_samples_per_s']:,.0f} on one rank "

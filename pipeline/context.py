@@ -148,6 +148,11 @@ def file_digest(path: Path) -> str | None:
         return None
 
 
+def param_text(value: Any) -> str:
+    """A value as MLflow stores a param: a list as its comma-separated items."""
+    return ",".join(str(v) for v in value) if isinstance(value, (list, tuple)) else str(value)
+
+
 def read_json(path: Path) -> Any:
     return json.loads(Path(path).read_text())
 

@@ -17,7 +17,7 @@ from tqdm import tqdm
 
 from ..core import dist
 from ..config import ParamsError
-from ..context import Context, swap_dir, write_atomic, write_json
+from ..context import Context, param_text, swap_dir, write_atomic, write_json
 from ..core.data import Prepared, load_prepared
 from ..core.engine import Checkpoint, FitResult, NullSink, eval_interval, fit, scaled_lr
 from ..core.batches import batch_bounds
@@ -140,11 +140,7 @@ def _record(job: Job, meta: dict[str, Any]) -> dict[str, Any]:
     return {"record": meta.get("record") or uuid.uuid4().hex, "created": meta.get("created") or _now(),
             "name": job.name, "sweep_key": job.sweep_key, "batch_size": job.batch_size, "seed": job.seed,
             "window": window, "n_in": job.data.n_features, "n_out": job.data.n_outputs,
-            "tags": job.ctx.run_tags(), "params": {k: _text(v) for k, v in _run_params(job, window).items()}}
-
-
-def _text(value: Any) -> str:
-    return ",".join(str(v) for v in value) if isinstance(value, (list, tuple)) else str(value)
+            "tags": job.ctx.run_tags(), "params": {k: param_text(v) for k, v in _run_params(job, window).items()}}
 
 
 @contextmanager

@@ -34,6 +34,7 @@ for _key, _value in (("MLFLOW_HTTP_REQUEST_TIMEOUT", "3"), ("MLFLOW_HTTP_REQUEST
 from mlflow.entities import Metric, Param, RunTag  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
 
+from ..context import param_text as _text, read_json  # noqa: E402
 from . import ui  # noqa: E402
 from .points import by_key, scalar_points, train_points  # noqa: E402
 from .store import is_local_store, tracking_uri  # noqa: E402
@@ -58,14 +59,6 @@ def digest(*paths: Path) -> str:
     for path in paths:
         h.update(Path(path).read_bytes() if Path(path).is_file() else b"-")
     return h.hexdigest()[:16]
-
-
-def read_json(path: Path) -> Any:
-    return json.loads(Path(path).read_text())
-
-
-def _text(value: Any) -> str:
-    return ",".join(str(v) for v in value) if isinstance(value, (list, tuple)) else str(value)
 
 
 class Store:

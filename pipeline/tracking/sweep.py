@@ -9,7 +9,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from .publish import TAG_RECORD, TAG_ROLE, View, data_params, owner_alive, read_json, warn
+from ..context import read_json
+from .publish import TAG_RECORD, TAG_ROLE, View, data_params, owner_alive, warn
 from .store import project_root
 
 

@@ -8,7 +8,8 @@ from typing import Any, Iterator
 
 from mlflow.entities import Metric, Param
 
-from .publish import View, _text
+from ..context import param_text as _text
+from .publish import View
 from .store import project_root
 
 

@@ -84,6 +84,10 @@ def main(argv: list[str] | None = None) -> int:
         params = load_params(Path(args.params), args.overrides)
         from .context import Context
         ctx = Context.from_environment(params, Path(args.params))
+        if str(ctx.workdir) not in sys.path:  # a user's _target_ lives in the project folder
+            sys.path.insert(0, str(ctx.workdir))
+        if args.verb in MODEL_VERBS:
+            _check_model(ctx, args.verb)
         if args.verb in STAGES and os.environ.get("RANK", "0") == "0":
             from .lock import hold
             hold(ctx.workdir, f"`python -m pipeline {args.verb}`", dvc_too="DVC_STAGE" not in os.environ)
@@ -107,6 +111,16 @@ def main(argv: list[str] | None = None) -> int:
         text = " ".join(str(err).split())[:400]
         print(f"error: {type(err).__name__}: {text} (BATCHLAB_DEBUG=1 shows the traceback)", file=sys.stderr)
         return 1
+
+
+def _check_model(ctx, verb: str) -> None:
+    """A network named by the user is checked before any work (one line if it is wrong)."""
+    from .config import BUILTIN_MODELS
+    p = ctx.params.model
+    if p.target is None and p.name in BUILTIN_MODELS:
+        return  # nothing to import: the fast path stays free of torch
+    from .core.models import check_model
+    check_model(p, ctx.workdir, build=verb in ("prepare", "train"))
 
 
 # One function per verb; each imports only the modules its verb runs (dvc.yaml's deps are
@@ -201,6 +215,7 @@ def _bench(args, ctx) -> None:
 
 
 STAGES = ("prepare", "train", "evaluate", "compare")
+MODEL_VERBS = ("prepare", "train", "evaluate", "find-batch-size", "reproduce")
 VERBS = {"prepare": _prepare, "train": _train, "evaluate": _evaluate, "compare": _compare,
          "find-batch-size": _find_batch_size, "reproduce": _reproduce, "bench": _bench, "sync": _sync, "ui-url": _ui_url}
 

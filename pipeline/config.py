@@ -12,7 +12,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-DATASETS = ("digits", "mnist", "fashion_mnist", "linear")
+DATASETS = ("digits", "mnist", "fashion_mnist", "cifar10", "cifar100", "imagefolder", "linear")
 
 
 class ParamsError(ValueError):
@@ -29,8 +29,13 @@ class _Section(BaseModel):
 
 
 class DataParams(_Section):
-    name: Literal["digits", "mnist", "fashion_mnist", "linear"] = "digits"
+    name: Literal["digits", "mnist", "fashion_mnist", "cifar10", "cifar100", "imagefolder", "linear"] = "digits"
+    # mnist/fashion_mnist: root/MNIST/raw/ (IDX files); cifar10/100: root/cifar-10-batches-py/ (python
+    # batches); imagefolder: root/train/<class>/* and optionally root/test/<class>/*.
     root: str = "data/raw"
+    # torchvision.transforms.v2 names and keyword arguments, e.g. [{Resize: {size: [32, 32]}}]: applied
+    # once at prepare to every split; the normalisation fitted on train comes after them.
+    transforms: tuple[Any, ...] = ()
     val_fraction: float = Field(0.1, gt=0, lt=0.5)
     test_fraction: float = Field(0.2, gt=0, lt=0.5)
     seed: int = Field(0, ge=0)
@@ -42,10 +47,28 @@ class DataParams(_Section):
     linear_samples: int = Field(1000, ge=10)
     linear_noise: float = Field(0.1, ge=0)
 
+    @field_validator("transforms")
+    @classmethod
+    def _specs(cls, v: tuple[Any, ...]) -> tuple[Any, ...]:
+        return _transform_specs(v)
+
+
+BUILTIN_MODELS = ("mlp", "linear")
+DEFAULT_MODEL_CODE = "pipeline/core/nets.py"
+
 
 class ModelParams(_Section):
-    name: Literal["mlp", "linear"] = "mlp"
+    """A built-in (``name: mlp | linear``), a torchvision model (``name: resnet18``) or the user's
+    class or factory (``_target_: pkg.module.Name``); the section's other keys are its keyword
+    arguments (``pipeline.core.models`` checks them against its signature)."""
+    model_config = ConfigDict(extra="allow", frozen=True, populate_by_name=True, serialize_by_alias=True)
+
+    name: str = Field("mlp", min_length=1)
     hidden_sizes: tuple[int, ...] = (64,)
+    target: str | None = Field(None, alias="_target_")
+    # The file that defines the network: a dependency of the train and evaluate stages in
+    # dvc.yaml (editing it retrains), its sha256 recorded on every run.
+    code: str = DEFAULT_MODEL_CODE
 
     @field_validator("hidden_sizes")
     @classmethod
@@ -53,6 +76,32 @@ class ModelParams(_Section):
         if any(h < 1 for h in v):
             raise ValueError("every hidden size must be a positive integer")
         return v
+
+    @field_validator("code")
+    @classmethod
+    def _relative(cls, v: str) -> str:
+        if Path(v).is_absolute() or ".." in Path(v).parts:
+            raise ValueError("must be a path inside the project folder (DVC tracks it)")
+        return Path(v).as_posix()
+
+    @model_validator(mode="after")
+    def _kwargs_need_a_network(self) -> "ModelParams":
+        if self.kwargs and self.target is None and self.name in BUILTIN_MODELS:
+            key = next(iter(self.kwargs))
+            raise ValueError(f"model.{key}={self.kwargs[key]!r}: not a key of model.name={self.name!r} "
+                             f"(allowed: name, hidden_sizes, code; other keys are keyword arguments of a "
+                             f"torchvision model or a _target_)")
+        return self
+
+    @property
+    def kwargs(self) -> dict[str, Any]:
+        """Keyword arguments for a torchvision model or a target: the section's other keys."""
+        return dict(self.model_extra or {})
+
+    @property
+    def label(self) -> str:
+        """A short name for titles: the target's last part, or the name."""
+        return self.target.rsplit(".", 1)[-1] if self.target else self.name
 
 
 class TrainParams(_Section):
@@ -98,6 +147,21 @@ class TrainParams(_Section):
     checkpoint_every_steps: int = Field(0, ge=0)
     resume: bool = True
     stop_on_nonfinite: bool = True
+    # Arithmetic of the forward pass: fp32, or autocast to bf16 / fp16 (fp16 with a gradient scaler).
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    # Convolutional models: NHWC tensors, the layout tensor cores and oneDNN run fastest on.
+    channels_last: bool = False
+    # torch.compile the model: default, or reduce-overhead (CUDA graphs: the step is launched once
+    # instead of kernel by kernel, the lever where a small model leaves a big card idle).
+    compile: Literal["none", "default", "reduce-overhead", "max-autotune"] = "none"
+    # Training batches only, per sample, batch-wise on the device: RandomHorizontalFlip,
+    # RandomVerticalFlip, RandomCrop (v2 names and keywords; pipeline/core/transforms.py).
+    augment: tuple[Any, ...] = ()
+
+    @field_validator("augment")
+    @classmethod
+    def _augment(cls, v: tuple[Any, ...]) -> tuple[Any, ...]:
+        return _transform_specs(v)
 
     @field_validator("batch_sizes", "seeds", mode="before")
     @classmethod
@@ -169,7 +233,7 @@ class Params(_Section):
     @model_validator(mode="after")
     def _consistent(self) -> "Params":
         regression = self.data.name == "linear"
-        if regression and self.model.name != "linear":
+        if regression and (self.model.name != "linear" or self.model.target):
             raise ValueError(f"model.name={self.model.name!r} does not fit data.name='linear' (allowed: linear)")
         if regression and self.train.target_metric != "val_loss":
             raise ValueError("train.target_metric must be 'val_loss' for data.name='linear'")
@@ -197,6 +261,15 @@ class Params(_Section):
         ident = {k: dump[k] for k in ("data", "model", "train")}
         blob = json.dumps({"params": ident, "data": data_hash}, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _transform_specs(v: tuple[Any, ...]) -> tuple[Any, ...]:
+    for spec in v:
+        ok = isinstance(spec, str) or (isinstance(spec, dict) and len(spec) == 1 and
+                                       isinstance(next(iter(spec.values())), (dict, type(None))))
+        if not ok:
+            raise ValueError(f"item {spec!r} is not a transform (allowed: a name, or {{Name: {{keyword: value}}}})")
+    return v
 
 
 def _int_item(text: str, key: str) -> int:

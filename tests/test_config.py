@@ -20,9 +20,11 @@ def test_defaults_are_valid_and_match_params_yaml():
     ({"train": {"batch_sizes": [8, 8]}}, "distinct"),
     ({"train": {"batch_sizes": [8, "x"]}}, "train.batch_sizes"),
     ({"train": {"batch_sizes": []}}, "at least one"),
-    ({"data": {"name": "imagenet"}}, "'digits', 'mnist', 'fashion_mnist' or 'linear'"),
+    ({"data": {"name": "imagenet"}}, "'cifar10', 'cifar100', 'imagefolder' or 'linear'"),
     ({"train": {"optimizer": "lion"}}, "train.optimizer='lion'"),
-    ({"model": {"name": "cnn"}}, "model.name='cnn'"),
+    ({"model": {"width": 3}}, "model.width=3: not a key of model.name='mlp'"),
+    ({"model": {"code": "/abs/nets.py"}}, "model.code='/abs/nets.py'"),
+    ({"data": {"transforms": [["Resize", 3]]}}, "is not a transform"),
     ({"model": {"hidden_sizes": [0]}}, "positive"),
     ({"data": {"name": "linear"}, "model": {"name": "mlp"}}, "does not fit"),
 ])
@@ -109,8 +111,11 @@ def test_any_configuration_parses_or_gives_one_line_error(entries):
 def test_named_configurations_are_valid():
     from conftest import REPO
     names = sorted(p.stem for p in (REPO / "configs").glob("*.yaml"))
-    assert names == ["linear", "mnist"]
+    assert names == ["cifar10", "imagefolder", "linear", "mnist"]
     linear = load_params(REPO / "configs" / "linear.yaml")
     assert (linear.data.name, linear.model.name, linear.train.optimizer, linear.train.lr) == ("linear", "linear", "sgd", 0.01)
     mnist = load_params(REPO / "configs" / "mnist.yaml")
     assert mnist.model.hidden_sizes == (128,) and 64 in mnist.train.batch_sizes
+    from pipeline.core.models import check_model
+    for name in ("cifar10", "imagefolder"):  # the user-model and torchvision examples import and bind
+        check_model(load_params(REPO / "configs" / f"{name}.yaml").model, REPO, build=True)

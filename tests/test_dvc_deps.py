@@ -15,6 +15,9 @@ STAGES = ("prepare", "train", "evaluate", "compare")
 # Code that publishes, locks or parses the command line: it changes no file a stage writes.
 NOT_SHAPING = ("pipeline/tracking/", "pipeline/tools/", "pipeline/__main__.py", "pipeline/lock.py")
 SHAPING_ANYWAY = ("pipeline/tracking/ui.py",)  # the report's colours are the MLflow UI's
+# The network's file is model.code (a built-in's: nets.py), a dep by interpolation, so that a
+# user's _target_ module is one too.
+MODEL_CODE = "pipeline/core/nets.py"
 
 
 def _resolve(module: Path, node: ast.ImportFrom) -> list[Path]:
@@ -67,7 +70,18 @@ def test_each_stage_depends_on_the_code_that_shapes_its_outputs(stage):
     expected = modules_of(stage)
     if stage == "compare":
         expected.add("pipeline/analysis/templates/report.html")
+    if MODEL_CODE in expected:
+        expected.discard(MODEL_CODE)
+        assert "${model.code}" in dvc["stages"][stage]["deps"]
     assert deps == expected
+
+
+def test_model_code_is_a_dep_of_the_stages_that_build_the_network():
+    dvc = yaml.safe_load((REPO / "dvc.yaml").read_text())
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    assert params["model"]["code"] == MODEL_CODE
+    users = {s for s in STAGES if "${model.code}" in dvc["stages"][s]["deps"]}
+    assert users == {"train", "evaluate"}
 
 
 def test_no_stage_depends_on_publishing_or_tools():

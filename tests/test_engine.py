@@ -7,7 +7,7 @@ from pipeline.config import TrainParams
 from pipeline.core.data import Split
 from pipeline.core.engine import (Batches, Checkpoint, Interrupted, NonFiniteLoss, NullSink, StopSignals,
                              fit, lr_at, scaled_lr)
-from pipeline.core.models import MLP
+from pipeline.core.nets import MLP
 
 
 def toy(n=203, d=5, classes=3, seed=0) -> Split:

@@ -391,7 +391,7 @@ def html(ctx: Context, rows, runs, concl, images: list[tuple[Path, str]], manife
         f'{base64.b64encode(img.read_bytes()).decode()}"><figcaption>{html_lib.escape(caption)}</figcaption></figure>'
         for img, caption in images)
     return Template(TEMPLATE.read_text()).substitute(
-        title=html_lib.escape(f"{p.data.name} / {p.model.name} / {p.train.optimizer}"), setup=html_lib.escape(setup),
+        title=html_lib.escape(f"{p.data.name} / {p.model.label} / {p.train.optimizer}"), setup=html_lib.escape(setup),
         conclusions="\n".join(f"<li>{b}</li>" for b in _bullets(ctx, concl, len(rows))),
         claims=checked, critical=critical_story(ctx, rows, concl),
         table_head=head, table_body=body,

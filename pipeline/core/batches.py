@@ -52,8 +52,9 @@ class Batches:
     """
 
     def __init__(self, data: Split, p: TrainParams, batch_size: int, device: torch.device,
-                 dist: Dist = Dist()):
+                 dist: Dist = Dist(), augment=None):
         self.p, self.batch_size, self.device = p, batch_size, device
+        self.augment = augment if augment else None  # core.transforms.BatchAugment, on the device
         self.rank, self.world = dist.rank, dist.world
         self.n = len(data)
         self.per_epoch = batch_bounds(self.n, batch_size, p.drop_last)
@@ -120,6 +121,13 @@ class Batches:
                 yield xs[lo - base:hi - base], ys[lo - base:hi - base]
 
     def epoch(self, epoch: int, start: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        if self.augment is None:
+            yield from self._epoch(epoch, start)
+            return
+        for b, (xb, yb) in enumerate(self._epoch(epoch, start), start=start):
+            yield self.augment(xb, epoch, b), yb
+
+    def _epoch(self, epoch: int, start: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         if self.p.loader == "tensor":
             yield from self._tensor_epoch(epoch, start)
         else:

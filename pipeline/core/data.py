@@ -26,7 +26,7 @@ SPLITS = ("train", "val", "test")
 
 @dataclass(frozen=True)
 class Split:
-    x: torch.Tensor  # float32, normalised, (n, features)
+    x: torch.Tensor  # float32, normalised, (n, *sample_shape): (n, C, H, W) for images
     y: torch.Tensor  # int64 class ids, or float32 (n, 1) targets
 
     def __len__(self) -> int:
@@ -52,6 +52,10 @@ class Prepared:
         return int(self.manifest["n_features"])
 
     @property
+    def sample_shape(self) -> tuple[int, ...]:
+        return tuple(self.manifest.get("sample_shape") or (self.n_features,))
+
+    @property
     def n_outputs(self) -> int:
         return int(self.manifest["n_classes"]) if self.task == "classification" else 1
 
@@ -66,7 +70,7 @@ def _digits() -> tuple[np.ndarray, np.ndarray]:
     from sklearn.datasets import load_digits
 
     bunch = load_digits()
-    return bunch.data.astype(np.float32), bunch.target.astype(np.int64)
+    return bunch.images.astype(np.float32)[:, None], bunch.target.astype(np.int64)  # (n, 1, 8, 8)
 
 
 def _linear(p: DataParams) -> tuple[np.ndarray, np.ndarray]:
@@ -126,7 +130,7 @@ def _torchvision(name: str, p: DataParams) -> dict[str, tuple[np.ndarray, np.nda
     out = {}
     for split in IDX_FILES:
         ds = cls(p.root, train=split == "train", download=False)
-        out[split] = (ds.data.reshape(len(ds.data), -1).numpy(), ds.targets.numpy().astype(np.int64))
+        out[split] = (ds.data[:, None].numpy(), ds.targets.numpy().astype(np.int64))  # (n, 1, 28, 28) uint8
     return out
 
 
@@ -145,18 +149,119 @@ def _download(name: str, p: DataParams) -> None:
                         f"files under {idx_folder(name, p.root)}/") from None
 
 
+def _cifar(name: str, p: DataParams) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """CIFAR-10/100 from their python batches under ``root/<torchvision's folder>``. Read here
+    rather than by torchvision's class, which accepts only the published files' md5 sums; the
+    prepared tensors are what is hashed and checked from then on."""
+    import pickle
+
+    from torchvision import datasets
+
+    cls = datasets.CIFAR10 if name == "cifar10" else datasets.CIFAR100
+    folder = Path(p.root) / cls.base_folder
+    names = [f for f, _ in cls.train_list + cls.test_list]
+    if any(not (folder / f).is_file() for f in names) and p.download:
+        try:
+            cls(p.root, train=True, download=True)
+        except RuntimeError as err:
+            raise DataError(f"data.download: fetching {name} failed ({' '.join(str(err).split())[:300]})") from None
+    missing = [f for f in names if not (folder / f).is_file()]
+    if missing:
+        raise DataError(f"data.name={name!r}: files not found under {folder}/: {', '.join(missing)}. Put the "
+                        f"python batches there (torchvision's layout), or set data.download=true.")
+    out = {}
+    for split, files in (("train", cls.train_list), ("test", cls.test_list)):
+        xs, ys = [], []
+        for fname, _ in files:
+            path = folder / fname
+            try:
+                with path.open("rb") as fh:
+                    entry = pickle.load(fh, encoding="latin1")
+                x = np.asarray(entry["data"], dtype=np.uint8).reshape(-1, 3, 32, 32)
+                y = np.asarray(entry["labels"] if "labels" in entry else entry["fine_labels"], dtype=np.int64)
+            except Exception as err:  # any malformed file: its name and what was wrong, one line
+                raise DataError(f"{path}: not a CIFAR python batch ({type(err).__name__}: "
+                                f"{' '.join(str(err).split())[:200]})") from None
+            if len(x) != len(y):
+                raise DataError(f"{path}: {len(x)} images but {len(y)} labels")
+            xs.append(x)
+            ys.append(y)
+        out[split] = (np.concatenate(xs), np.concatenate(ys))
+    return out
+
+
+def _imagefolder(p: DataParams) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """``root/train/<class>/*`` (and ``root/test/<class>/*`` when present), decoded by
+    torchvision's ImageFolder, through the params' transforms, into one uint8 tensor per split."""
+    from torchvision import datasets
+    from torchvision.transforms import v2
+
+    from .transforms import compose
+
+    root = Path(p.root)
+    if not (root / "train").is_dir():
+        raise DataError(f"data.name='imagefolder': {root / 'train'}/ not found (allowed: a folder root/train/<class>/ "
+                        f"of images, and optionally root/test/<class>/)")
+    prep = v2.Compose([v2.ToImage(), *compose(p.transforms, "data.transforms")])
+    out, classes = {}, None
+    for split in ("train", "test"):
+        if not (root / split).is_dir():
+            continue
+        try:
+            ds = datasets.ImageFolder(str(root / split), transform=prep)
+        except (FileNotFoundError, OSError) as err:
+            raise DataError(f"{root / split}: {' '.join(str(err).split())[:300]}") from None
+        if classes is not None and ds.classes != classes:
+            raise DataError(f"{root / 'test'}: classes {ds.classes} differ from {root / 'train'}'s {classes}")
+        classes = ds.classes
+        xs = []
+        for i, (path, _) in enumerate(ds.samples):  # once, at prepare; training reads the tensor
+            try:
+                img = ds[i][0]
+            except Exception as err:
+                raise DataError(f"{path}: cannot be read as an image ({type(err).__name__}: {err})") from None
+            if xs and img.shape != xs[0].shape:
+                raise DataError(f"{path}: {tuple(img.shape)} after data.transforms, but {ds.samples[0][0]} is "
+                                f"{tuple(xs[0].shape)}; give one size, e.g. data.transforms: "
+                                f"[{{Resize: {{size: [32, 32]}}}}, {{CenterCrop: {{size: 32}}}}]")
+            xs.append(img.as_subclass(torch.Tensor))
+        if not xs:
+            raise DataError(f"{root / split}: no images found")
+        out[split] = (torch.stack(xs).numpy(), np.asarray(ds.targets, dtype=np.int64))
+    return out
+
+
+def _transformed(p: DataParams, raw: dict[str, tuple[np.ndarray, np.ndarray]]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """The params' transforms on whole (n, C, H, W) tensors (image folders apply them per file)."""
+    if not p.transforms or p.name == "imagefolder":
+        return raw
+    from torchvision.transforms import v2
+
+    from .transforms import compose
+    t = v2.Compose(compose(p.transforms, "data.transforms"))
+    return {k: (t(torch.from_numpy(x)).numpy(), y) for k, (x, y) in raw.items()}
+
+
 def build_splits(p: DataParams) -> tuple[str, dict[str, tuple[np.ndarray, np.ndarray]]]:
     """Return the task and raw (unnormalised) train/val/test arrays, split with the data seed."""
     from sklearn.model_selection import train_test_split
 
-    if p.name in _TORCHVISION_CLASS:
-        raw = _torchvision(p.name, p)
+    if p.name in _TORCHVISION_CLASS or p.name in ("cifar10", "cifar100", "imagefolder"):
+        raw = (_torchvision(p.name, p) if p.name in _TORCHVISION_CLASS
+               else _imagefolder(p) if p.name == "imagefolder" else _cifar(p.name, p))
+        raw = _transformed(p, raw)
         x, y = raw["train"]
+        stratify = y if np.bincount(y).min(initial=0) >= 2 else None
+        if "test" not in raw:  # an image folder without test/: carved from train with the data seed
+            x, x_te, y, y_te = train_test_split(x, y, test_size=p.test_fraction, random_state=p.seed, stratify=stratify)
+            raw["test"] = (x_te, y_te)
+            stratify = y if np.bincount(y).min(initial=0) >= 2 else None
         x_tr, x_va, y_tr, y_va = train_test_split(
-            x, y, test_size=p.val_fraction, random_state=p.seed, stratify=y)
+            x, y, test_size=p.val_fraction, random_state=p.seed, stratify=stratify)
         return "classification", {"train": (x_tr, y_tr), "val": (x_va, y_va), "test": raw["test"]}
     if p.name == "digits":
         task, (x, y) = "classification", _digits()
+        x, y = _transformed(p, {"all": (x, y)})["all"]
     else:
         task, (x, y) = "regression", _linear(p)
     stratify = y if task == "classification" else None
@@ -182,10 +287,10 @@ def sha256_file(path: Path) -> str:
 def write_prepared(out_dir: Path, task: str, splits: dict[str, tuple[np.ndarray, np.ndarray]],
                    source: dict[str, Any]) -> dict[str, Any]:
     """Write tensors and manifest into a temporary folder, then swap it in whole."""
-    x_train = splits["train"][0].astype(np.float64)
+    x_train = splits["train"][0]
     if task == "classification":
-        # One scalar mean/std over all pixels, like torchvision's Normalize((0.1307,), (0.3081,)).
-        mean, std = float(x_train.mean()), float(x_train.std()) or 1.0
+        # Per channel, like torchvision's Normalize((0.1307,), (0.3081,)); one channel: one scalar.
+        mean, std = _channel_stats(x_train)
     else:
         # The regression keeps raw inputs so that the fitted w and b are the tutorial's 2 and 1.
         mean, std = 0.0, 1.0
@@ -209,7 +314,8 @@ def write_prepared(out_dir: Path, task: str, splits: dict[str, tuple[np.ndarray,
         n_classes = int(max(int(splits[s][1].max()) for s in SPLITS) + 1) if task == "classification" else 0
         manifest = {
             "task": task,
-            "n_features": int(x_train.shape[1]),
+            "n_features": int(np.prod(x_train.shape[1:])),
+            "sample_shape": [int(d) for d in x_train.shape[1:]],
             "n_classes": n_classes,
             "normalisation": {"mean": mean, "std": std, "fitted_on": "train"},
             "splits": files,
@@ -224,6 +330,32 @@ def write_prepared(out_dir: Path, task: str, splits: dict[str, tuple[np.ndarray,
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return manifest
+
+
+def _channel_stats(x: np.ndarray) -> tuple[float | list[float], float | list[float]]:
+    """Mean and std over the training split, per channel of (n, C, H, W) images; in chunks, so
+    that a large uint8 set is never copied whole as float64."""
+    channels = x.shape[1] if x.ndim == 4 else 1
+    flat = x.reshape(x.shape[0], channels, -1) if x.ndim == 4 else x.reshape(x.shape[0], 1, -1)
+    total, sq = np.zeros(channels), np.zeros(channels)
+    for i in range(0, len(flat), 4096):
+        chunk = flat[i:i + 4096].astype(np.float64)
+        total += chunk.sum(axis=(0, 2))
+        sq += (chunk ** 2).sum(axis=(0, 2))
+    count = flat.shape[0] * flat.shape[2]
+    mean = total / count
+    std = np.sqrt(np.maximum(sq / count - mean ** 2, 0))
+    std[std == 0] = 1.0
+    if channels == 1:
+        return float(mean[0]), float(std[0])
+    return mean.tolist(), std.tolist()
+
+
+def _normalise(x: torch.Tensor, norm: dict[str, Any]) -> torch.Tensor:
+    mean, std = torch.tensor(norm["mean"]), torch.tensor(norm["std"])
+    if mean.ndim:  # per channel of (n, C, H, W)
+        mean, std = mean.view(1, -1, 1, 1), std.view(1, -1, 1, 1)
+    return (x.to(torch.float32) - mean) / std
 
 
 def load_prepared(data_dir: Path, splits: tuple[str, ...] = SPLITS) -> Prepared:
@@ -244,9 +376,9 @@ def load_prepared(data_dir: Path, splits: tuple[str, ...] = SPLITS) -> Prepared:
             raise DataError(f"{path}: sha256 {digest[:12]}… does not match the manifest's "
                             f"{entry['sha256'][:12]}…: the file was altered or truncated; rerun prepare")
         tensors = torch.load(path, weights_only=True)
-        x = (tensors["x"].to(torch.float32) - norm["mean"]) / norm["std"]
+        x = _normalise(tensors["x"], norm)
         y = tensors["y"]
         y = y.to(torch.int64) if manifest["task"] == "classification" else y.to(torch.float32).reshape(-1, 1)
         loaded[name] = Split(x.contiguous(), y.contiguous())
-    empty = Split(torch.empty(0, manifest["n_features"]), torch.empty(0))
+    empty = Split(torch.empty(0, *(manifest.get("sample_shape") or [manifest["n_features"]])), torch.empty(0))
     return Prepared(loaded.get("train", empty), loaded.get("val", empty), loaded.get("test", empty), manifest)

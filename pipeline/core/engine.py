@@ -225,40 +225,82 @@ def check_finite(chunk: StepChunk, batch_size: int) -> None:
                             f"set train.stop_on_nonfinite=false to continue anyway")
 
 
+# ------------------------------------------------------------------ precision
+
+class Precision:
+    """``train.precision``: autocast around forward and loss; fp16 scales the loss so that small
+    gradients survive (torch.amp.GradScaler), bf16 and fp32 need no scaling."""
+
+    def __init__(self, p: TrainParams, device: torch.device):
+        self.dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[p.precision]
+        self.device_type = device.type
+        self.scaler = torch.amp.GradScaler(device.type) if p.precision == "fp16" else None
+
+    def autocast(self):
+        return torch.autocast(self.device_type, dtype=self.dtype, enabled=self.dtype is not None)
+
+    def backward_step(self, loss: torch.Tensor, optimizer: torch.optim.Optimizer) -> None:
+        if self.scaler is None:
+            loss.backward()
+            optimizer.step()
+            return
+        self.scaler.scale(loss).backward()
+        self.scaler.step(optimizer)
+        self.scaler.update()
+
+
+def prepare_model(model: nn.Module, p: TrainParams, device: torch.device) -> nn.Module:
+    """The module the steps call: the model on its device, in channels-last layout and compiled
+    when asked. Its parameters are the model's own (the state dict is unchanged)."""
+    model = model.to(device)
+    if p.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    if p.compile != "none":
+        return torch.compile(model, mode=p.compile)
+    return model
+
+
 # ------------------------------------------------------------------ one optimizer step
 
 StepFn = Callable[[torch.Tensor, torch.Tensor, int, int], tuple[torch.Tensor, torch.Tensor]]
 
 
 def make_step(model: nn.Module, criterion: nn.Module, optimizer: torch.optim.Optimizer,
-              p: TrainParams, task: str, dist: Dist, noise: NoiseScale | None, pending: Pending) -> StepFn:
+              p: TrainParams, task: str, dist: Dist, noise: NoiseScale | None, pending: Pending,
+              precision: Precision | None = None, net: nn.Module | None = None) -> StepFn:
     """The step for this run: ``step(xb, yb, n_b, step_index) -> (outputs, mean loss)``.
 
     Under DDP each rank's loss is its shard's sum over the global batch size, times the world
     size: DDP averages gradients over ranks, so the result is the global batch's mean gradient
     even when the last batch splits unevenly. The noise-scale step computes the gradient from
     two half batches every ``noise_scale_every`` steps (one rank only: under DDP it would need
-    gradients before their all-reduce, not measured).
+    gradients before their all-reduce, not measured). ``net`` is the module to call (compiled,
+    channels-last) when it is not ``model`` itself.
     """
+    precision = precision or Precision(p, torch.device("cpu"))
+    net = net if net is not None else model
     if dist.world > 1:
         from torch.nn.parallel import DistributedDataParallel
-        net = DistributedDataParallel(model)
+        ddp = DistributedDataParallel(net)
         shard_loss = _loss(task, reduction="sum")
 
         def ddp_step(xb, yb, n_b, index):
             optimizer.zero_grad(set_to_none=True)
-            out = net(xb)
-            (shard_loss(out, yb) * (dist.world / n_b)).backward()
-            optimizer.step()
-            return out, shard_loss(out.detach(), yb) / n_b  # this rank's share of the mean
+            with precision.autocast():
+                out = ddp(xb)
+                loss = shard_loss(out, yb) * (dist.world / n_b)
+            precision.backward_step(loss, optimizer)
+            return out, shard_loss(out.detach().float(), yb) / n_b  # this rank's share of the mean
         return ddp_step
 
     def plain_step(xb, yb, n_b, index):
         optimizer.zero_grad(set_to_none=True)
-        out = model(xb)
-        loss = criterion(out, yb)
-        loss.backward()
-        optimizer.step()
+        if p.channels_last and xb.ndim == 4:
+            xb = xb.contiguous(memory_format=torch.channels_last)
+        with precision.autocast():
+            out = net(xb)
+            loss = criterion(out, yb)
+        precision.backward_step(loss, optimizer)
         return out, loss
 
     if noise is None:
@@ -266,9 +308,10 @@ def make_step(model: nn.Module, criterion: nn.Module, optimizer: torch.optim.Opt
     params = [q for q in model.parameters() if q.requires_grad]
 
     def noise_step(xb, yb, n_b, index):
-        if n_b < 2 or index % p.noise_scale_every:
-            return plain_step(xb, yb, n_b, index)
-        out, loss, b_simple = _half_batch_gradients(model, criterion, xb, yb, params, noise)
+        if n_b < 2 or index % p.noise_scale_every or precision.scaler is not None:
+            return plain_step(xb, yb, n_b, index)  # fp16: scaled gradients would need unscaling first
+        with precision.autocast():
+            out, loss, b_simple = _half_batch_gradients(net, criterion, xb, yb, params, noise)
         optimizer.step()
         pending.noise.append((index, b_simple))
         return out, loss
@@ -306,22 +349,27 @@ class Trainer:
 
     def __init__(self, model: nn.Module, train: Split, val: Split, p: TrainParams, batch_size: int,
                  task: str, device: torch.device, sink: StepSink, dist: Dist,
-                 checkpoint: Checkpoint | None, progress):
+                 checkpoint: Checkpoint | None, progress, augment=None):
         self.model, self.p, self.batch_size, self.task = model.to(device).train(), p, batch_size, task
         self.sink, self.dist, self.checkpoint, self.progress = sink, dist, checkpoint, progress
         self.criterion = _loss(task)
-        self.batches = Batches(train, p, batch_size, device, dist)
+        self.precision = Precision(p, device)
+        self.net = prepare_model(self.model, p, device)
+        self.batches = Batches(train, p, batch_size, device, dist, augment)
         self.per_epoch = self.batches.per_epoch
         self.every_eval = eval_interval(p, self.per_epoch)
         self.lr = lr_at(p, batch_size, 0, self.per_epoch)
         self.optimizer = make_optimizer(p, self.model, self.lr)
         self.noise = NoiseScale(p.noise_scale_ema) if p.noise_scale and batch_size >= 2 and dist.world == 1 else None
         self.pending = Pending()
-        self.step = make_step(self.model, self.criterion, self.optimizer, p, task, dist, self.noise, self.pending)
+        self.step = make_step(self.model, self.criterion, self.optimizer, p, task, dist, self.noise, self.pending,
+                              self.precision, self.net)
         self.val = val.to(device)
         self.state = LoopState()
         self.resumed_from = 0
         _warm_up(self.model, p, self.criterion, self.batches)
+        if p.compile != "none":
+            _warm_up_compiled(self.net, self.model, self.criterion, self.batches, self.precision)
 
     def set_lr(self, lr: float) -> float:
         if lr != self.lr:
@@ -378,7 +426,8 @@ class Trainer:
             self.checkpoint.save({
                 "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "loop": self.state.state_dict(), "rng": torch.get_rng_state(),
-                "noise_state": self.noise.state_dict() if self.noise is not None else None})
+                "noise_state": self.noise.state_dict() if self.noise is not None else None,
+                "scaler": self.precision.scaler.state_dict() if self.precision.scaler is not None else None})
 
     def resume(self) -> None:
         saved = self.checkpoint.load() if self.checkpoint and self.p.resume else None
@@ -390,6 +439,8 @@ class Trainer:
             if self.noise is not None and saved.get("noise_state"):
                 self.noise.load_state_dict(saved["noise_state"], self.val.x.device)
             torch.set_rng_state(saved["rng"])
+            if self.precision.scaler is not None and saved.get("scaler"):
+                self.precision.scaler.load_state_dict(saved["scaler"])
             self.resumed_from = self.state.step
             self.sink.resume_from(self.state.history, self.state.step)
         if self.dist.world > 1:
@@ -418,11 +469,11 @@ class Trainer:
 def fit(model: nn.Module, train: Split, val: Split, p: TrainParams, batch_size: int, task: str,
         device: torch.device, sink: StepSink, *, checkpoint: Checkpoint | None = None,
         signals: StopSignals | None = None, progress=None, dist: Dist = Dist(),
-        flush_every: int = 500, max_seconds: float | None = None) -> FitResult:
+        flush_every: int = 500, max_seconds: float | None = None, augment=None) -> FitResult:
     """Train ``model`` for ``p.epochs`` epochs at ``batch_size``; resume from ``checkpoint`` if it
     holds this configuration. ``max_seconds`` stops after that much step time (bench cells)."""
     torch.manual_seed(p.seed)
-    t = Trainer(model, train, val, p, batch_size, task, device, sink, dist, checkpoint, progress)
+    t = Trainer(model, train, val, p, batch_size, task, device, sink, dist, checkpoint, progress, augment)
     t.resume()
     s = t.state
     sink.ready()
@@ -494,6 +545,26 @@ def step_memory(model: nn.Module, criterion: nn.Module, xb: torch.Tensor, yb: to
     for t in (xb, yb, out):
         held[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
     return int(sum(held.values()))
+
+
+def _warm_up_compiled(net: nn.Module, model: nn.Module, criterion: nn.Module, batches: Batches,
+                      precision: Precision) -> None:
+    """Compile before the clock starts: a forward and backward pass through the compiled module
+    at the run's batch size (compiling takes seconds to minutes, and would read as step time).
+    The model's buffers (batch-norm statistics) and gradients are restored: the run trains as if
+    this never happened."""
+    buffers = {k: v.clone() for k, v in model.named_buffers()}
+    full = min(batches.batch_size, batches.n)
+    for n in {full, batches.n % batches.batch_size or full}:  # the last batch may be smaller
+        xb, yb = batches.data.x[:n].to(batches.device), batches.data.y[:n].to(batches.device)
+        with precision.autocast():
+            loss = criterion(net(xb), yb)
+        loss.backward()
+        model.zero_grad(set_to_none=True)
+    with torch.no_grad():
+        for k, v in model.named_buffers():
+            v.copy_(buffers[k])
+    sync(batches.device)
 
 
 def _warm_up(model: nn.Module, p: TrainParams, criterion: nn.Module, batches: Batches) -> None:

@@ -1,33 +1,168 @@
-"""Models: small classes, built from params. nn.Linear handles any batch size."""
+"""Which network a sweep trains, from ``model`` params: a built-in (``name: mlp | linear``), a
+torchvision model by name (``name: resnet18`` and its keyword arguments), or any importable class
+or factory by Hydra's ``_target_`` convention (``_target_: examples.mymodels.nets.SmallCNN`` and
+its keyword arguments). ``num_classes`` and ``in_channels`` follow from the data unless given.
+
+Every way a target can be wrong stops with one line naming the key (``ParamsError``), before any
+work: a module that cannot be imported, a missing name, something not callable, keywords its
+signature rejects, a result that is not an ``nn.Module``.
+"""
 from __future__ import annotations
 
-import torch
+import hashlib
+import importlib
+import inspect
+import math
+from pathlib import Path
+from typing import Any, Callable
+
 from torch import nn
 
-from ..config import ModelParams
+from ..config import BUILTIN_MODELS, ModelParams, ParamsError
 
 
-class MLP(nn.Module):
-    """The tutorial's multilayer perceptron; 784-128-10 for MNIST with hidden_sizes=[128]."""
-
-    def __init__(self, n_in: int, hidden: tuple[int, ...], n_out: int):
-        super().__init__()
-        layers: list[nn.Module] = []
-        width = n_in
-        for h in hidden:
-            layers += [nn.Linear(width, h), nn.ReLU()]
-            width = h
-        layers.append(nn.Linear(width, n_out))
-        self.net = nn.Sequential(*layers)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x.flatten(1))
+def _torchvision_names() -> list[str]:
+    import torchvision.models as tvm
+    return tvm.list_models(module=tvm)  # classification models: they take num_classes
 
 
-def build_model(p: ModelParams, n_in: int, n_out: int) -> nn.Module:
-    if p.name == "linear":
-        return nn.Linear(n_in, n_out)
-    return MLP(n_in, p.hidden_sizes, n_out)
+def resolve_target(target: str) -> Callable[..., Any]:
+    """The object a dotted path names: the longest importable module prefix, then attributes."""
+    parts = target.split(".")
+    if len(parts) < 2 or not all(p.isidentifier() for p in parts):
+        raise ParamsError(f"model._target_={target!r}: not a dotted path (allowed: module.Name, "
+                          f"e.g. examples.mymodels.nets.SmallCNN)")
+    error: BaseException | None = None
+    for cut in range(len(parts) - 1, 0, -1):
+        module_name = ".".join(parts[:cut])
+        try:
+            obj: Any = importlib.import_module(module_name)
+        except ModuleNotFoundError as err:
+            if err.name and not module_name.startswith(err.name) and not err.name.startswith(module_name):
+                raise ParamsError(f"model._target_={target!r}: importing {module_name} failed "
+                                  f"(No module named {err.name!r}, imported by it)") from None
+            error = err
+            continue
+        except Exception as err:
+            raise ParamsError(f"model._target_={target!r}: importing {module_name} raised "
+                              f"{type(err).__name__}: {err}") from None
+        for i, attr in enumerate(parts[cut:], start=cut):
+            if not hasattr(obj, attr):
+                raise ParamsError(f"model._target_={target!r}: {'.'.join(parts[:i])} has no {attr!r}")
+            obj = getattr(obj, attr)
+        if not callable(obj):
+            raise ParamsError(f"model._target_={target!r} is a {type(obj).__name__}, not a class or "
+                              f"function (allowed: something that returns a torch.nn.Module)")
+        return obj
+    raise ParamsError(f"model._target_={target!r}: no module {parts[0]!r} can be imported "
+                      f"({error}); allowed: a module under the project folder or an installed package")
+
+
+def _bind(fn: Callable[..., Any], kwargs: dict[str, Any], what: str) -> None:
+    try:
+        sig = inspect.signature(fn)
+    except (TypeError, ValueError):
+        return  # a builtin without a signature: its call will tell
+    try:
+        sig.bind(**kwargs)
+    except TypeError as err:
+        accepted = [n for n, q in sig.parameters.items()
+                    if q.kind in (q.POSITIONAL_OR_KEYWORD, q.KEYWORD_ONLY)]
+        bad = next((k for k in kwargs if k not in sig.parameters), None)
+        if bad is not None and not any(q.kind == q.VAR_KEYWORD for q in sig.parameters.values()):
+            raise ParamsError(f"model.{bad}={kwargs[bad]!r}: {what} takes no keyword {bad!r} "
+                              f"(allowed: {', '.join(accepted) or 'none'})") from None
+        raise ParamsError(f"model: {what} rejects its arguments ({err}); allowed keywords: "
+                          f"{', '.join(accepted) or 'none'}") from None
+
+
+def _from_data(fn: Callable[..., Any], kwargs: dict[str, Any], shape: tuple[int, ...], n_out: int) -> dict[str, Any]:
+    """``num_classes`` and ``in_channels`` from the data, where the signature names them and the
+    params do not."""
+    try:
+        names = inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return kwargs
+    extra: dict[str, Any] = {}
+    if "num_classes" in names and "num_classes" not in kwargs:
+        extra["num_classes"] = n_out
+    if len(shape) == 3 and "in_channels" in names and "in_channels" not in kwargs:
+        extra["in_channels"] = shape[0]
+    return extra | kwargs
+
+
+def check_model(p: ModelParams, root: Path | str = ".", build: bool = False) -> None:
+    """What can be checked without the data: the target imports, is callable, takes the keywords,
+    and lives in ``model.code``; a torchvision name exists. ``build``: a target is also called
+    (on a stand-in sample shape) to see that it returns a Module, as the first stage does, so
+    that no stage runs for a network that cannot train. Raises ParamsError."""
+    if p.target is None:
+        if p.name not in BUILTIN_MODELS and p.name not in _torchvision_names():
+            raise ParamsError(f"model.name={p.name!r}: not a built-in or torchvision model (allowed: "
+                              f"{', '.join(BUILTIN_MODELS)}, a name torchvision.models.list_models() gives, "
+                              f"or model._target_)")
+        return
+    fn = resolve_target(p.target)
+    _bind(fn, _from_data(fn, p.kwargs, (1, 1, 1), 2), p.target)
+    source = defined_in(fn, root)
+    if source is not None and source != p.code:
+        raise ParamsError(f"model.code={p.code!r}: model._target_ {p.target} is defined in {source} "
+                          f"(allowed: {source}, so that DVC retrains when it changes)")
+    if build:
+        build_model(p, (1, 8, 8), 2)
+
+
+def defined_in(fn: Callable[..., Any], root: Path | str = ".") -> str | None:
+    """The project-relative file that defines ``fn``, or None outside the project (an installed
+    package: its version is what requirements pin)."""
+    try:
+        source = Path(inspect.getsourcefile(fn) or "").resolve()
+    except TypeError:
+        return None
+    try:
+        return source.relative_to(Path(root).resolve()).as_posix()
+    except ValueError:
+        return None
+
+
+def build_model(p: ModelParams, shape: int | tuple[int, ...] | list[int], n_out: int) -> nn.Module:
+    """The network for samples of ``shape`` (one sample's, e.g. (1, 28, 28)) and ``n_out``
+    outputs (classes, or 1 for the regression)."""
+    shape = (shape,) if isinstance(shape, int) else tuple(shape)
+    n_in = math.prod(shape)
+    if p.target is None and p.name == "mlp":
+        from .nets import MLP
+        return MLP(n_in, p.hidden_sizes, n_out)
+    if p.target is None and p.name == "linear":
+        from .nets import Linear
+        return Linear(n_in, n_out)
+    if p.target is None:
+        import torchvision.models as tvm
+        if p.name not in _torchvision_names():
+            check_model(p)
+        fn, what = tvm.get_model_builder(p.name), f"torchvision.models.{p.name}"
+        kwargs = {"num_classes": n_out} | p.kwargs
+    else:
+        fn, what = resolve_target(p.target), p.target
+        kwargs = _from_data(fn, p.kwargs, shape, n_out)
+        _bind(fn, kwargs, what)
+    try:
+        model = fn(**kwargs)
+    except TypeError as err:
+        if "argument" not in str(err):
+            raise
+        raise ParamsError(f"model: {what}({', '.join(f'{k}={v!r}' for k, v in kwargs.items())}) "
+                          f"rejects its arguments ({err})") from None
+    if not isinstance(model, nn.Module):
+        raise ParamsError(f"model._target_={what!r} returned a {type(model).__name__}, not a torch.nn.Module "
+                          f"(allowed: a class or factory that returns one)")
+    return model
+
+
+def code_sha256(p: ModelParams, root: Path | str = ".") -> str:
+    """The content hash of ``model.code`` (recorded on each run; reproduce compares it)."""
+    path = Path(root) / p.code
+    return hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else "missing"
 
 
 def loss_fn(task: str, reduction: str = "mean") -> nn.Module:

@@ -21,11 +21,11 @@ def predict(model, x, batch_size: int):
             if len(x) else torch.empty(0)
 
 
-def load_trained(ctx: Context, batch_size: int, seed: int, n_in: int, n_out: int):
+def load_trained(ctx: Context, batch_size: int, seed: int, shape, n_out: int):
     path = ctx.train_dir(batch_size, seed) / "model.pt"
     if not path.is_file():
         raise DataError(f"{path} not found: train batch size {batch_size} first (dvc repro train@{batch_size})")
-    model = build_model(ctx.params.model, n_in, n_out)
+    model = build_model(ctx.params.model, shape, n_out)
     model.load_state_dict(torch.load(path, weights_only=True))
     return model
 
@@ -43,7 +43,7 @@ def run(ctx: Context, batch_size: int) -> list[dict[str, Any]]:
 
 def run_one(ctx: Context, data, batch_size: int, seed: int) -> dict[str, Any]:
     """The seed's test loss and figures (and a linear model's weights); its figure files written."""
-    model = load_trained(ctx, batch_size, seed, data.n_features, data.n_outputs)
+    model = load_trained(ctx, batch_size, seed, data.sample_shape, data.n_outputs)
     test = data.test
     out = predict(model, test.x, ctx.params.evaluate.batch_size)
     record = ctx.train_dir(batch_size, seed) / "run.json"

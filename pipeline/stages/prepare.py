@@ -14,6 +14,10 @@ def run(ctx: Context) -> dict[str, Any]:
               "val_fraction": p.data.val_fraction, "test_fraction": p.data.test_fraction}
     if p.data.name == "linear":
         source |= {"samples": p.data.linear_samples, "noise": p.data.linear_noise}
+    elif p.data.name != "digits":
+        source["root"] = p.data.root
+    if p.data.transforms:
+        source["transforms"] = list(p.data.transforms)
     ctx.check_params_unchanged("prepare")
     manifest = write_prepared(ctx.data_dir, task, splits, source)
     from ..tracking.sweep import publish_sweep

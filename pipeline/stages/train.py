@@ -21,7 +21,8 @@ from ..context import Context, param_text, swap_dir, write_atomic, write_json
 from ..core.data import Prepared, load_prepared
 from ..core.engine import Checkpoint, FitResult, NullSink, eval_interval, fit, scaled_lr
 from ..core.batches import batch_bounds
-from ..core.models import build_model
+from ..core.models import build_model, code_sha256
+from ..core.transforms import BatchAugment
 from ..core.signals import Busy, Interrupted, StopSignals
 from ..core.system import PeakMemory, device_name, pick_device, set_flush_denormal, set_threads, threads
 
@@ -79,7 +80,7 @@ def prepare_jobs(ctx: Context, batch_size: int, seeds: tuple[int, ...]) -> list[
         if device.type == "cuda":
             device = torch.device("cuda", d.local_rank)
             torch.cuda.set_device(device)
-    n_params = sum(q.numel() for q in build_model(ctx.params.model, data.n_features, data.n_outputs).parameters())
+    n_params = sum(q.numel() for q in build_model(ctx.params.model, data.sample_shape, data.n_outputs).parameters())
     set_threads(ctx.params.train.threads, work=-(-batch_size // d.world) * n_params, device=device.type)
     key = ctx.params.sweep_key(data.data_hash)
     return [Job(ctx, batch_size, seed, data, device, d, key,
@@ -140,6 +141,7 @@ def _record(job: Job, meta: dict[str, Any]) -> dict[str, Any]:
     return {"record": meta.get("record") or uuid.uuid4().hex, "created": meta.get("created") or _now(),
             "name": job.name, "sweep_key": job.sweep_key, "batch_size": job.batch_size, "seed": job.seed,
             "window": window, "n_in": job.data.n_features, "n_out": job.data.n_outputs,
+            "sample_shape": list(job.data.sample_shape),
             "tags": job.ctx.run_tags(), "params": {k: param_text(v) for k, v in _run_params(job, window).items()}}
 
 
@@ -175,14 +177,15 @@ def trainer_lock(job: Job):
 def _train(job: Job, record: dict[str, Any], sink, signals: StopSignals) -> tuple[dict[str, Any], torch.nn.Module]:
     p = job.ctx.params
     torch.manual_seed(job.seed)
-    model = build_model(p.model, job.data.n_features, job.data.n_outputs)
+    model = build_model(p.model, job.data.sample_shape, job.data.n_outputs)
+    augment = BatchAugment(p.train.augment, job.seed) if p.train.augment else None
     meta = {k: record[k] for k in ("record", "created", "window")}
     checkpoint = Checkpoint(job.checkpoint.path, job.checkpoint.key, meta)
     with PeakMemory(job.device) as mem, tqdm(total=job.total_steps, desc=f"train {job.name}",
                                              unit="step", disable=None, leave=False) as bar:
         result = fit(model, job.data.train, job.data.val, job.train, job.batch_size, job.data.task,
                      job.device, sink, checkpoint=checkpoint, signals=signals,
-                     progress=bar if job.dist.main else None, dist=job.dist)
+                     progress=bar if job.dist.main else None, dist=job.dist, augment=augment)
     summary = _summary(job, model, result, mem.peak_bytes)
     if job.dist.main:
         job.ctx.check_params_unchanged(f"train@{job.batch_size}")
@@ -201,7 +204,7 @@ def _run_params(job: Job, window: int) -> dict[str, Any]:
         "lr_effective": scaled_lr(t, job.batch_size), "steps_per_epoch": job.per_epoch,
         "total_steps": job.total_steps, "eval_every_steps_effective": eval_interval(t, job.per_epoch),
         "log_window_steps": window, "device": device_name(job.device), "threads": threads(),
-        "world_size": job.dist.world}
+        "world_size": job.dist.world, "model.code_sha256": code_sha256(job.ctx.params.model, job.ctx.workdir)}
 
 
 def _summary(job: Job, model: torch.nn.Module, result: FitResult, peak_bytes: int) -> dict[str, Any]:

@@ -34,7 +34,7 @@ from torch import nn
 from ..config import TrackingParams, TrainParams
 from ..core.data import Split
 from ..core.engine import NullSink, fit, make_optimizer
-from ..core.models import MLP
+from ..core.nets import MLP
 from ..tracking.live import SEND_SECONDS
 from ..tracking.points import window_for
 from ..core.system import (PeakMemory, cpu_count, pick_device, processor, set_flush_denormal, set_threads, sync,

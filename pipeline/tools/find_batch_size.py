@@ -48,8 +48,9 @@ def step_peak(p: Params, n_in: int, n_out: int, task: str, batch_size: int, devi
     stage reports as step_memory_bytes (``engine.step_memory``)."""
     torch.manual_seed(0)
     model = build_model(p.model, n_in, n_out).to(device)
+    shape = (n_in,) if isinstance(n_in, int) else tuple(n_in)  # one sample's shape
     try:
-        x = torch.randn(batch_size, n_in, device=device)
+        x = torch.randn(batch_size, *shape, device=device)
         y = (torch.randint(0, n_out, (batch_size,), device=device) if task == "classification"
              else torch.randn(batch_size, 1, device=device))
         return step_memory(model, loss_fn(task), x, y)
@@ -145,7 +146,8 @@ def run(ctx, start: int, limit: int, budget_mb: float | None) -> Found:
     from ..tracking.toolrun import tool_run
     with tool_run(ctx, "find-batch-size", p.flat() | {"start": start, "max": limit, "memory_budget_mb": budget_mb,
                                                       "device": str(device)}) as rec:
-        found = find(p, manifest["n_features"], n_out, task, device, start, limit, budget)
+        found = find(p, tuple(manifest.get("sample_shape") or [manifest["n_features"]]), n_out, task, device,
+                     start, limit, budget)
         for t in found.trials:
             if t.peak_bytes:
                 rec.log_metrics({"trial/peak_bytes": t.peak_bytes}, step=t.batch_size)

@@ -20,7 +20,7 @@ import sys
 from pathlib import Path
 
 from ..__main__ import main as cli
-from ..config import ParamsError, load_params
+from ..config import BUILTIN_MODELS, ParamsError, load_params
 
 STAGE_ENTRIES = ("main", "prepare", "train", "evaluate", "compare")
 
@@ -42,8 +42,12 @@ def _hydra_value(value) -> str:
     """A params value in the override grammar `dvc exp run -S` reads."""
     if isinstance(value, bool):
         return str(value).lower()
+    if value is None:
+        return "null"
     if isinstance(value, (list, tuple)):
         return "[" + ",".join(_hydra_value(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ",".join(f"{k}:{_hydra_value(v)}" for k, v in value.items()) + "}"
     if isinstance(value, str):
         return json.dumps(value) if any(c in value for c in " ,[]{}=:'\"") or not value else value
     return str(value)
@@ -58,6 +62,11 @@ def dvc_command(entry: str, params_file: str, batch_size: int | None, sets: list
         named = load_params(params_file).flat()
         overrides = [f"{k}={json.dumps(v)}" for k, v in named.items() if base.flat().get(k) != v] + overrides
     params = load_params("params.yaml", overrides)
+    if params.model.target is not None or params.model.name not in BUILTIN_MODELS:
+        if str(Path.cwd()) not in sys.path:
+            sys.path.insert(0, str(Path.cwd()))
+        from ..core.models import check_model
+        check_model(params.model, Path.cwd(), build=True)
     flat, changed = params.flat(), dict.fromkeys(o.split("=", 1)[0] for o in overrides)
     sets = [f"{k}={_hydra_value(flat[k])}" for k in changed if flat[k] != base.flat()[k]]
     target = {"main": [], "prepare": ["prepare"], "compare": ["compare"]}.get(entry)

@@ -16,7 +16,8 @@ from ..config import parse_params
 from ..context import Context
 from ..core.data import load_prepared, read_manifest
 from ..core.engine import NullSink, fit
-from ..core.models import build_model
+from ..core.models import build_model, code_sha256
+from ..core.transforms import BatchAugment
 from ..core.system import code_state, pick_device, set_flush_denormal, set_threads
 
 
@@ -46,7 +47,7 @@ def run(ctx: Context, run_id: str, log=print) -> bool:
     params = parse_params(json.loads(read_artifact(client, run_id, "params.json")))
     batch_size, seed = int(recorded.data.params["batch_size"]), int(recorded.data.params["seed"])
 
-    _check_workspace(ctx, recorded)
+    _check_workspace(ctx, recorded, params)
 
     # Before any parallel work: OpenMP's threads take the setting from the thread that starts them.
     set_flush_denormal(params.train.flush_denormal)
@@ -54,13 +55,15 @@ def run(ctx: Context, run_id: str, log=print) -> bool:
     device = pick_device(params.train.device)
     set_threads(int(recorded.data.params.get("threads", 0)) or params.train.threads)
     torch.manual_seed(seed)
-    model = build_model(params.model, data.n_features, data.n_outputs)
+    model = build_model(params.model, data.sample_shape, data.n_outputs)
+    augment = BatchAugment(params.train.augment, seed) if params.train.augment else None
     log(f"re-running {run_id}: batch size {batch_size}, seed {seed}, {recorded.data.params.get('total_steps')} steps")
-    result = fit(model, data.train, data.val, params.train.for_seed(seed), batch_size, data.task, device, NullSink())
+    result = fit(model, data.train, data.val, params.train.for_seed(seed), batch_size, data.task, device, NullSink(),
+                 augment=augment)
     return _compare(_recorded_steps(client, run_id), result.history, log)
 
 
-def _check_workspace(ctx: Context, recorded) -> None:
+def _check_workspace(ctx: Context, recorded, params) -> None:
     """Refuse unless the workspace's code and prepared data are the run's."""
     code = code_state(ctx.workdir)
     want = recorded.data.tags.get("batchlab.code_hash", "none")
@@ -69,6 +72,10 @@ def _check_workspace(ctx: Context, recorded) -> None:
         raise Refused(f"code differs: the run's pipeline/ is {want[:12]} (commit {commit[:12]}), the workspace's "
                       f"is {code.tree[:12]}{' with uncommitted changes' if code.dirty else ''}; "
                       f"check out {commit[:12]} first")
+    want_model = recorded.data.params.get("model.code_sha256")
+    if want_model and want_model != code_sha256(params.model, ctx.workdir):
+        raise Refused(f"model code differs: {params.model.code} has sha256 {code_sha256(params.model, ctx.workdir)[:12]}…, "
+                      f"the run recorded {want_model[:12]}…; restore the file the run trained with")
     manifest = read_manifest(ctx.data_dir)
     if manifest["data_hash"] != recorded.data.params.get("data.hash"):
         raise Refused(f"data differ: the run used data hash {recorded.data.params.get('data.hash', '?')[:12]}…, "

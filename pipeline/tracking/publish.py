@@ -350,7 +350,7 @@ def load_model(folder: Path, record: dict[str, Any]):
     from ..config import parse_params
     from ..core.models import build_model
     params = parse_params(read_json(folder / "params.json"))
-    model = build_model(params.model, record["n_in"], record["n_out"])
+    model = build_model(params.model, record.get("sample_shape") or record["n_in"], record["n_out"])
     model.load_state_dict(torch.load(folder / "model.pt", weights_only=True))
     return model
 

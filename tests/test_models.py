@@ -1,0 +1,163 @@
+"""Your model and your data: torchvision models by name, the user's own class by ``_target_``,
+data in its real on-disk formats, transforms and augmentation, precision and layout settings."""
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import REPO, SMALL, env_for, make_project, merge, runs_of
+from pipeline.config import ParamsError, parse_params
+from pipeline.core.data import build_splits, load_prepared
+from pipeline.core.models import build_model, check_model
+from pipeline.core.transforms import BatchAugment
+from pipeline.tools.samplefiles import write_cifar, write_imagefolder
+
+
+def test_torchvision_model_by_name_takes_its_classes_from_the_data_and_its_keywords_from_params():
+    p = parse_params({"model": {"name": "resnet18", "zero_init_residual": True}}).model
+    check_model(p)
+    model = build_model(p, (3, 16, 16), 7)
+    assert model(torch.randn(2, 3, 16, 16)).shape == (2, 7)
+    assert float(model.layer1[0].bn2.weight.detach().abs().sum()) == 0  # zero_init_residual reached the model
+    with pytest.raises(ParamsError, match="model.name='resnet1': not a built-in or torchvision model"):
+        check_model(parse_params({"model": {"name": "resnet1"}}).model)
+
+
+def test_user_target_gets_in_channels_and_classes_from_the_data_unless_given():
+    target = {"_target_": "examples.mymodels.nets.SmallCNN", "code": "examples/mymodels/nets.py", "width": 4}
+    p = parse_params({"model": target}).model
+    check_model(p, REPO)
+    model = build_model(p, (3, 8, 8), 5)
+    assert model.features[0].in_channels == 3 and model.head.out_features == 5
+    given = build_model(parse_params({"model": target | {"num_classes": 9}}).model, (3, 8, 8), 5)
+    assert given.head.out_features == 9
+
+
+BAD_TARGETS = {
+    "missing module": ({"_target_": "nosuch.nets.Net"}, "model._target_='nosuch.nets.Net': no module 'nosuch'"),
+    "missing name": ({"_target_": "mine.nets.Nope", "code": "mine/nets.py"}, "mine.nets has no 'Nope'"),
+    "not callable": ({"_target_": "mine.nets.WIDTH", "code": "mine/nets.py"}, "is a int, not a class or function"),
+    "bad keyword": ({"_target_": "mine.nets.Net", "code": "mine/nets.py", "widht": 3},
+                    "model.widht=3: mine.nets.Net takes no keyword 'widht' (allowed: num_classes, width)"),
+    "not a Module": ({"_target_": "mine.nets.make_dict", "code": "mine/nets.py"},
+                     "returned a dict, not a torch.nn.Module"),
+}
+USER_MODULE = '''from torch import nn
+WIDTH = 3
+class Net(nn.Module):
+    def __init__(self, num_classes=10, width=8):
+        super().__init__()
+        self.fc = nn.Linear(64, num_classes)
+    def forward(self, x):
+        return self.fc(x.flatten(1))
+def make_dict(num_classes=10):
+    return {"not": "a module"}
+'''
+
+
+@pytest.mark.slow
+def test_five_bad_targets_stop_with_one_line_exit_2_and_no_mlflow_run(tmp_path):
+    """Each through the first stage a sweep runs (prepare: the parent run would be made there) and
+    through train, the first to build the network on the real data."""
+    proj = make_project(tmp_path / "p", SMALL, git=False)
+    (proj / "mine").mkdir()
+    (proj / "mine" / "nets.py").write_text(USER_MODULE)
+    script = ("import json, sys; from pipeline.__main__ import main\n"
+              "cases = json.loads(sys.argv[1]); out = {}\n"
+              "for name, model in cases.items():\n"
+              "    sets = [a for k, v in model.items() for a in ('--set', f'model.{k}={json.dumps(v)}')]\n"
+              "    out[name] = [main([verb, *extra, *sets]) for verb, extra in (('prepare', []), ('train', ['--batch-size', '16']))]\n"
+              "print(json.dumps(out))\n")
+    cases = {name: model for name, (model, _) in BAD_TARGETS.items()}
+    proc = subprocess.run([sys.executable, "-c", script, json.dumps(cases)], cwd=proj, env=env_for(proj),
+                          capture_output=True, text=True, timeout=300)
+    codes = json.loads(proc.stdout.strip().splitlines()[-1])
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert codes == {name: [2, 2] for name in BAD_TARGETS}, proc.stderr
+    assert len(lines) == 2 * len(BAD_TARGETS), lines  # one line each, no traceback
+    for (name, (_, needle)), pair in zip(BAD_TARGETS.items(), zip(lines[::2], lines[1::2])):
+        assert all(needle in line for line in pair), (name, pair)
+    assert not (proj / "data" / "prepared").exists()
+    assert runs_of(f"sqlite:///{proj / 'mlflow.db'}", "test")[1] == [] if (proj / "mlflow.db").exists() else True
+
+
+def test_imagefolder_of_pngs_becomes_image_tensors_with_a_test_split_carved_when_absent(tmp_path):
+    write_imagefolder(tmp_path / "with", per_class=6, size=8, test_per_class=2)
+    write_imagefolder(tmp_path / "without", per_class=10, size=8)
+    task, splits = build_splits(parse_params({"data": {"name": "imagefolder", "root": str(tmp_path / "with")}}).data)
+    assert task == "classification"
+    assert splits["train"][0].shape[1:] == (3, 8, 8) and splits["train"][0].dtype == np.uint8
+    assert len(splits["test"][0]) == 8 and len(splits["train"][0]) + len(splits["val"][0]) == 24
+    _, carved = build_splits(parse_params({"data": {"name": "imagefolder", "root": str(tmp_path / "without"),
+                                                    "test_fraction": 0.25}}).data)
+    assert len(carved["test"][0]) == 10 and sum(len(s[0]) for s in carved.values()) == 40
+    resized = parse_params({"data": {"name": "imagefolder", "root": str(tmp_path / "with"),
+                                     "transforms": [{"Resize": {"size": [4, 4]}}, "Grayscale"]}}).data
+    assert build_splits(resized)[1]["train"][0].shape[1:] == (1, 4, 4)
+
+
+def test_bad_image_files_and_transforms_are_named_in_one_line(tmp_path):
+    from pipeline.config import DataError
+    root = write_imagefolder(tmp_path / "tree", per_class=3, size=8)
+    from PIL import Image
+    Image.new("RGB", (5, 5)).save(root / "train" / "rings" / "odd.png")
+    with pytest.raises(DataError, match=r"odd.png: \(3, 5, 5\) after data.transforms.*Resize"):
+        build_splits(parse_params({"data": {"name": "imagefolder", "root": str(root)}}).data)
+    (root / "train" / "rings" / "odd.png").write_bytes(b"not a png")
+    with pytest.raises(DataError, match="odd.png: cannot be read as an image"):
+        build_splits(parse_params({"data": {"name": "imagefolder", "root": str(root),
+                                            "transforms": [{"Resize": {"size": [8, 8]}}]}}).data)
+    with pytest.raises(ParamsError, match=r"data.transforms\[0\]='Blur': not a torchvision.transforms.v2"):
+        build_splits(parse_params({"data": {"name": "imagefolder", "root": str(root), "transforms": ["Blur"]}}).data)
+
+
+def test_cifar_python_batches_are_read_and_a_malformed_one_is_named(tmp_path):
+    write_cifar(tmp_path, n_train=50, n_test=20)
+    task, splits = build_splits(parse_params({"data": {"name": "cifar10", "root": str(tmp_path)}}).data)
+    assert splits["train"][0].shape[1:] == (3, 32, 32) and len(splits["test"][0]) == 20
+    assert len(splits["train"][0]) + len(splits["val"][0]) == 50
+    (tmp_path / "cifar-10-batches-py" / "data_batch_3").write_bytes(b"garbage")
+    from pipeline.config import DataError
+    with pytest.raises(DataError, match="data_batch_3: not a CIFAR python batch"):
+        build_splits(parse_params({"data": {"name": "cifar10", "root": str(tmp_path)}}).data)
+
+
+def test_image_data_is_normalised_per_channel_on_train(ctx_factory, tmp_path):
+    write_imagefolder(tmp_path / "tree", per_class=8, size=8)
+    ctx = ctx_factory({"data": {"name": "imagefolder", "root": str(tmp_path / "tree")}})
+    from pipeline.stages import prepare
+    manifest = prepare.run(ctx)
+    assert manifest["sample_shape"] == [3, 8, 8] and len(manifest["normalisation"]["mean"]) == 3
+    x = load_prepared(ctx.data_dir).train.x
+    assert torch.allclose(x.mean((0, 2, 3)), torch.zeros(3), atol=1e-4)
+    assert torch.allclose(x.std((0, 2, 3)), torch.ones(3), atol=1e-2)
+
+
+def test_batch_augmentation_draws_per_sample_and_repeats_for_the_same_batch():
+    x = torch.arange(2 * 1 * 4 * 4, dtype=torch.float32).reshape(2, 1, 4, 4).repeat(32, 1, 1, 1)
+    aug = BatchAugment([{"RandomHorizontalFlip": {"p": 0.5}}, {"RandomCrop": {"size": 4, "padding": 1}}], seed=0)
+    a, b = aug(x, epoch=0, batch=3), aug(x, epoch=0, batch=3)
+    assert torch.equal(a, b)  # a resumed run augments a batch as the uninterrupted one did
+    assert not torch.equal(a, aug(x, epoch=1, batch=3))
+    flips = BatchAugment(["RandomHorizontalFlip"], seed=0)(x, 0, 0)
+    flipped = (flips == x.flip(3)).flatten(1).all(1)
+    assert 0 < int(flipped.sum()) < len(x)  # some samples flipped, not all: per sample, not per batch
+    with pytest.raises(ParamsError, match=r"train.augment\[0\]='ColorJitter': not a batch-wise augmentation"):
+        BatchAugment(["ColorJitter"], seed=0)
+
+
+@pytest.mark.parametrize("settings", [{"precision": "bf16"}, {"precision": "fp16"}, {"channels_last": True}])
+def test_precision_and_layout_settings_train_a_cnn_on_cpu(ctx_factory, settings):
+    from pipeline.stages import prepare, train
+    ctx = ctx_factory({"model": {"_target_": "examples.mymodels.nets.SmallCNN", "code": "examples/mymodels/nets.py",
+                                 "width": 4}, "train": {"batch_sizes": [64], "epochs": 1} | settings})
+    ctx.workdir.joinpath("examples").symlink_to(REPO / "examples")
+    prepare.run(ctx)
+    summary = train.run(ctx, 64, log_to_mlflow=False)[0]
+    assert summary["steps"] == 20 and np.isfinite(summary["final_train_loss"])
+    params = json.loads((ctx.train_dir(64, 0) / "run.json").read_text())["params"]
+    for key, value in settings.items():
+        assert params[f"train.{key}"] == str(value)

@@ -60,6 +60,8 @@ def _parser() -> argparse.ArgumentParser:
     sp.add_argument("--no-tracking", dest="tracking", action="store_false",
                     help="log nothing to MLflow (a machine without the store); the pipeline row then logs "
                          "nothing, and the logging and stage lines are left out")
+    sp.add_argument("--no-images", dest="images", action="store_false",
+                    help="skip the ImageFolder lines (tensor path vs DataLoader workers on PNG files)")
     sp.add_argument("--no-stages", dest="stages", action="store_false",
                     help="skip the stage-level lines (fixed cost per stage, MNIST-sized train stage)")
     return ap
@@ -215,7 +217,7 @@ def _bench(args, ctx) -> None:
 
 
 STAGES = ("prepare", "train", "evaluate", "compare")
-MODEL_VERBS = ("prepare", "train", "evaluate", "find-batch-size", "reproduce")
+MODEL_VERBS = ("prepare", "train", "evaluate", "find-batch-size")
 VERBS = {"prepare": _prepare, "train": _train, "evaluate": _evaluate, "compare": _compare,
          "find-batch-size": _find_batch_size, "reproduce": _reproduce, "bench": _bench, "sync": _sync, "ui-url": _ui_url}
 

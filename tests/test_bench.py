@@ -97,3 +97,16 @@ def test_bench_without_tracking_runs_where_mlflow_is_not_installed(tmp_path):
     assert result["logging_overhead"] is None and "fixed_cost" not in result
     assert {r["loader"] for r in result["rows"] if r["batch_size"] == 64} >= set(bench.LOADERS)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["b.json", "params.yaml"]
+
+
+def test_image_rows_measure_the_tensor_path_and_each_worker_count(monkeypatch):
+    from pipeline.tools import imagebench
+    monkeypatch.setattr(imagebench, "N_PER_CLASS", 12)
+    monkeypatch.setattr(imagebench, "SIZE", 8)
+    result = imagebench.image_rows([8], seconds=0.1, repeats=1, device=torch.device("cpu"))
+    assert result["images"] == 48
+    (row,) = result["rows"]
+    assert set(row) == {"batch_size", "tensor", "loader0", "loader1", "loader2"}
+    assert all(v > 0 for v in row.values())
+    text = "\n".join(imagebench.lines(result))
+    assert "loader w=2" in text and "ImageFolder of 48 PNGs" in text

@@ -161,3 +161,71 @@ def test_precision_and_layout_settings_train_a_cnn_on_cpu(ctx_factory, settings)
     params = json.loads((ctx.train_dir(64, 0) / "run.json").read_text())["params"]
     for key, value in settings.items():
         assert params[f"train.{key}"] == str(value)
+
+
+TINY = '''"""A user's network, in a folder of its own."""
+from torch import nn
+
+
+class TinyCNN(nn.Module):
+    def __init__(self, in_channels=1, num_classes=10, width=4):
+        super().__init__()
+        self.conv = nn.Conv2d(in_channels, width, 3, padding=1)
+        self.head = nn.Linear(width, num_classes)
+
+    def forward(self, x):
+        return self.head(self.conv(x).relu().mean((2, 3)))
+'''
+
+
+@pytest.mark.slow
+def test_user_model_on_a_png_tree_through_mlflow_run_and_dvc_repro(tmp_path):
+    """Both doors, a user's module and an ImageFolder of PNGs; editing the module retrains, editing
+    anything else of the user's does not; every run reaches the store once."""
+    from conftest import check_published, sh
+    proj = make_project(tmp_path / "p", merge(SMALL, {"train": {"epochs": 1}}), git=False)
+    (proj / "mymodels").mkdir()
+    (proj / "mymodels" / "tiny.py").write_text(TINY)
+    (proj / "mymodels" / "notes.py").write_text("# not the model\n")
+    write_imagefolder(proj / "data" / "raw" / "tree", per_class=10, size=8, test_per_class=3)
+    user = merge(SMALL, {"data": {"name": "imagefolder", "root": "data/raw/tree",
+                                  "transforms": [{"Resize": {"size": [8, 8]}}]},
+                         "model": {"_target_": "mymodels.tiny.TinyCNN", "code": "mymodels/tiny.py", "width": 6},
+                         "train": {"batch_sizes": [8, 32], "epochs": 2, "target_value": 0.3,
+                                   "augment": [{"RandomCrop": {"size": 8, "padding": 1}}]}})
+    import yaml
+    (proj / "user.yaml").write_text(yaml.safe_dump(user))
+    for cmd in (["git", "init", "-q"], ["dvc", "init", "-q"], ["git", "add", "-A"],
+                ["git", "-c", "user.name=t", "-c", "user.email=t@localhost", "commit", "-qm", "init"]):
+        sh(cmd, proj)
+    uri = f"sqlite:///{proj / 'mlflow.db'}"
+
+    out = sh([sys.executable.replace("python", "mlflow"), "run", ".", "--env-manager", "local", "--experiment-name",
+              "test", "-P", "params_file=user.yaml"], proj, timeout=600)
+    assert "-S model._target_=mymodels.tiny.TinyCNN" in out.stderr
+    assert "Data and pipelines are up to date" in sh(["dvc", "status"], proj).stdout
+    assert check_published(uri, proj)["runs"] == 2
+    _, runs = runs_of(uri, "test")
+    train_runs = [r for r in runs if r.data.tags.get("batchlab.role") == "train"]
+    assert {r.data.params["model._target_"] for r in train_runs} == {"mymodels.tiny.TinyCNN"}
+    assert {r.data.params["data.name"] for r in train_runs} == {"imagefolder"}
+    recorded_hash = train_runs[0].data.params["model.code_sha256"]
+    summary = json.loads((proj / "outputs" / "train" / "bs8" / "seed0" / "summary.json").read_text())
+    assert summary["steps"] == 2 * 5  # 36 of the 40 training images (10 % to val): ceil(36 / 8) an epoch
+
+    (proj / "mymodels" / "notes.py").write_text("# edited, still not the model\n")
+    assert "up to date" in sh(["dvc", "status"], proj).stdout
+    (proj / "mymodels" / "tiny.py").write_text(TINY + "# a comment changes the file\n")
+    status = sh(["dvc", "status"], proj).stdout
+    assert "train@8" in status and "train@32" in status and "mymodels/tiny.py" in status
+
+    sh(["dvc", "repro"], proj, timeout=600)
+    assert "Data and pipelines are up to date" in sh(["dvc", "status"], proj).stdout
+    published = check_published(uri, proj)
+    assert published["runs"] == 2
+    _, runs = runs_of(uri, "test")
+    latest = {r.data.params["model.code_sha256"] for r in runs if r.data.tags.get("batchlab.role") == "train"
+              and r.data.tags.get("batchlab.record") in {json.loads(f.read_text())["record"]
+                                                         for f in (proj / "outputs" / "train").glob("bs*/seed*/run.json")}}
+    assert len(latest) == 1 and latest != {recorded_hash}
+    assert (proj / "outputs" / "compare" / "report.html").is_file()

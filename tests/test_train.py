@@ -207,6 +207,22 @@ def test_reproduce_matches_step_by_step_and_refuses_other_data(ctx_factory, caps
         reproduce(other, run_id)
 
 
+def test_reproduce_refuses_when_the_user_model_file_changed(ctx_factory, monkeypatch, tmp_path):
+    from pipeline.tools.reproduce import Refused, run as reproduce
+    code = "from torch import nn\ndef net(num_classes=10):\n    return nn.Sequential(nn.Flatten(), nn.Linear(64, num_classes))\n"
+    ctx = ctx_factory({"model": {"_target_": "mine_repro.net", "code": "mine_repro.py"},
+                       "train": {"batch_sizes": [32], "epochs": 1}})
+    (ctx.workdir / "mine_repro.py").write_text(code)
+    monkeypatch.syspath_prepend(str(ctx.workdir))
+    prepare.run(ctx)
+    train.run(ctx, 32)
+    run_id = _run_id(ctx, 32)
+    assert reproduce(ctx, run_id, log=lambda m: None) is True
+    (ctx.workdir / "mine_repro.py").write_text(code + "# edited\n")
+    with pytest.raises(Refused, match="model code differs: mine_repro.py has sha256"):
+        reproduce(ctx, run_id)
+
+
 def test_reproduce_reports_a_mismatch(ctx_factory, monkeypatch):
     from pipeline.tools import reproduce as rep
     ctx = ctx_factory({"train": {"batch_sizes": [64], "epochs": 1}})

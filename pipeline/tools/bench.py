@@ -266,7 +266,9 @@ def table(result: dict[str, Any]) -> str:
     ns = result["noise_scale_overhead"]
     lines.append(f"gradient-noise-scale estimate (every {ns['every_steps']} steps) costs {ns['fraction']:+.1%} "
                  f"at batch size {ns['batch_size']}; the rows above run without it")
+    from .imagebench import lines as image_lines
     from .stagebench import lines as stage_lines
+    lines += image_lines(result.get("images"))
     lines += stage_lines(result.get("fixed_cost"), result.get("mnist_sized", []))
     return "\n".join(lines)
 
@@ -307,6 +309,10 @@ def measure(ctx, args, sizes: list[int], device: torch.device, cell_sink) -> dic
         print(f"  data-parallel: 1 process vs {args.ranks} ranks (torchrun, gloo) at batch sizes {big}",
               file=sys.stderr)
         result["data_parallel"] = ddp_rows(big, ranks=args.ranks)
+    if args.images:
+        from .imagebench import image_rows
+        print("  images: an ImageFolder of PNGs, tensor path vs DataLoader with 0, 1, 2 workers", file=sys.stderr)
+        result["images"] = image_rows([32, 256], args.seconds, args.repeats, device)
     if args.stages and cell_sink is not None:
         from . import stagebench
         print("  stages: fixed cost (train, evaluate on digits), MNIST-sized train stage", file=sys.stderr)
@@ -331,6 +337,9 @@ def _log_bench(rec, sizes, args, result: dict[str, Any], text: str) -> None:
             rec.log_metrics({"pipeline/peak_memory_bytes": r["peak_memory_bytes"]}, step=r["batch_size"])
     if result["logging_overhead"] is not None:
         rec.log_metrics({"logging_overhead_bs8": result["logging_overhead"]["fraction"]})
+    for r in (result.get("images") or {}).get("rows", []):
+        rec.log_metrics({f"images/{k}/samples_per_s": v for k, v in r.items() if k != "batch_size"},
+                        step=r["batch_size"])
     if result.get("fixed_cost"):
         fc = result["fixed_cost"]
         rec.log_metrics({"fixed_cost/train_seconds": fc["train_fixed_seconds"],

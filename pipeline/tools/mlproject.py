@@ -53,6 +53,12 @@ def _hydra_value(value) -> str:
     return str(value)
 
 
+def _keys_in(path: Path) -> set[str]:
+    import yaml
+    raw = yaml.safe_load(path.read_text()) or {}
+    return {f"{s}.{k}" for s, keys in raw.items() if isinstance(keys, dict) for k in keys}
+
+
 def dvc_command(entry: str, params_file: str, batch_size: int | None, sets: list[str]) -> list[str]:
     """The DVC command for an entry point. Values are validated first (one-line errors before
     DVC starts) and passed on as validated, in DVC's override grammar."""
@@ -68,7 +74,10 @@ def dvc_command(entry: str, params_file: str, batch_size: int | None, sets: list
         from ..core.models import check_model
         check_model(params.model, Path.cwd(), build=True)
     flat, changed = params.flat(), dict.fromkeys(o.split("=", 1)[0] for o in overrides)
-    sets = [f"{k}={_hydra_value(flat[k])}" for k in changed if flat[k] != base.flat()[k]]
+    in_file = _keys_in(Path("params.yaml"))
+    # Hydra's grammar: a key params.yaml does not hold yet (a target's keyword) is added with "+".
+    sets = [f"{'' if k in in_file else '+'}{k}={_hydra_value(flat[k])}"
+            for k in changed if flat[k] != base.flat().get(k)]
     target = {"main": [], "prepare": ["prepare"], "compare": ["compare"]}.get(entry)
     if target is None:
         if batch_size not in params.train.batch_sizes:

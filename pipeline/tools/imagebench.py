@@ -1,0 +1,108 @@
+"""bench's image rows: training samples/s on an ImageFolder of PNGs, the pipeline's tensor path
+(decoded once at prepare, batches cut from memory) against torch's DataLoader decoding the files
+per sample with 0, 1 and 2 worker processes (pinned memory on a GPU, persistent workers): what a
+data set that does not fit in memory would cost, where the tutorial's advice (workers, pinning)
+is measured rather than assumed."""
+from __future__ import annotations
+
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..config import TrainParams
+from ..core.data import Split
+from ..core.engine import NullSink, fit, make_optimizer
+from ..core.system import sync
+
+WORKERS = (0, 1, 2)
+N_PER_CLASS, SIZE = 250, 32
+PARAMS = TrainParams(epochs=1000, lr=1e-3, optimizer="adam", noise_scale=False)
+
+
+def _cnn() -> nn.Module:
+    """Two 3x3 convolutions and a linear head: small enough that reading the data can matter."""
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+                         nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+                         nn.Flatten(), nn.Linear(32, 4))
+
+
+def _loader_rate(loader, device, seconds: float, warmup: int = 3) -> float:
+    model = _cnn().to(device)
+    opt = make_optimizer(PARAMS, model, PARAMS.lr)
+    crit = nn.CrossEntropyLoss()
+    samples, t0 = 0, None
+    while True:
+        for i, (xb, yb) in enumerate(loader):
+            xb, yb = xb.to(device, non_blocking=True), yb.to(device, non_blocking=True)
+            opt.zero_grad(set_to_none=True)
+            crit(model(xb), yb).backward()
+            opt.step()
+            if t0 is None and i + 1 >= warmup:
+                sync(device)
+                t0 = time.perf_counter()
+                continue
+            if t0 is not None:
+                samples += xb.shape[0]
+                if time.perf_counter() - t0 >= seconds:
+                    sync(device)
+                    return samples / (time.perf_counter() - t0)
+
+
+def image_rows(batch_sizes: list[int], seconds: float, repeats: int, device: torch.device) -> dict[str, Any]:
+    from torchvision import datasets
+    from torchvision.transforms import v2
+
+    from ..config import DataParams
+    from ..core.data import build_splits
+    from .samplefiles import write_imagefolder
+
+    with tempfile.TemporaryDirectory() as tmp:
+        root = write_imagefolder(Path(tmp) / "tree", per_class=N_PER_CLASS, size=SIZE)
+        t0 = time.perf_counter()
+        _, splits = build_splits(DataParams(name="imagefolder", root=str(root), val_fraction=0.01,
+                                            test_fraction=0.01))
+        decode_seconds = time.perf_counter() - t0
+        x_raw, y = splits["train"]
+        x = torch.from_numpy(x_raw).float()
+        mean, std = x.mean((0, 2, 3)).tolist(), x.std((0, 2, 3)).tolist()
+        x = (x - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
+        train = Split(x, torch.from_numpy(y))
+        folder = datasets.ImageFolder(str(root / "train"), transform=v2.Compose(
+            [v2.ToImage(), v2.ToDtype(torch.float32), v2.Normalize(mean, std)]))
+        per = seconds / repeats
+        rates: dict[tuple[str, int], list[float]] = {}
+        for _ in range(repeats):
+            for bs in batch_sizes:
+                result = fit(_cnn(), train, Split(x[:64], train.y[:64]), PARAMS, bs, "classification", device,
+                             NullSink(), max_seconds=per)
+                rates.setdefault(("tensor", bs), []).append(result.samples / result.train_seconds)
+                for w in WORKERS:
+                    loader = torch.utils.data.DataLoader(
+                        folder, batch_size=bs, shuffle=True, num_workers=w, pin_memory=device.type == "cuda",
+                        persistent_workers=w > 0)
+                    rates.setdefault((f"loader{w}", bs), []).append(_loader_rate(loader, device, per))
+                    del loader
+    rows = [{"batch_size": bs, **{name: statistics.median(rates[(name, bs)])
+                                  for name in ("tensor", *(f"loader{w}" for w in WORKERS))}}
+            for bs in batch_sizes]
+    return {"images": len(folder), "size": SIZE, "decode_seconds": decode_seconds, "rows": rows,
+            "seconds_per_cell": per}
+
+
+def lines(result: dict[str, Any] | None) -> list[str]:
+    if not result:
+        return []
+    out = [f"ImageFolder of {result['images']:,} PNGs ({result['size']}x{result['size']} RGB), a small CNN: "
+           f"training samples/s, tensor path (decoded once at prepare: {result['decode_seconds']:.1f} s) vs "
+           f"DataLoader decoding each file, cells of {result['seconds_per_cell']:.1f} s",
+           f"{'batch':>6} {'tensor':>9} " + " ".join(f"{f'loader w={w}':>12}" for w in WORKERS)]
+    for r in result["rows"]:
+        out.append(f"{r['batch_size']:>6} {r['tensor']:>9,.0f} " +
+                   " ".join(f"{r[f'loader{w}']:>12,.0f}" for w in WORKERS))
+    return out

@@ -116,8 +116,11 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _check_model(ctx, verb: str) -> None:
-    """A network named by the user is checked before any work (one line if it is wrong)."""
+    """A network or data set named by the user is checked before any work (one line if wrong)."""
     from .config import BUILTIN_MODELS
+    if verb == "prepare" and ctx.params.data.target is not None:
+        from .core.sources import check_data
+        check_data(ctx.params.data, ctx.workdir)
     p = ctx.params.model
     if p.target is None and p.name in BUILTIN_MODELS:
         return  # nothing to import: the fast path stays free of torch

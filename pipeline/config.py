@@ -29,6 +29,11 @@ class _Section(BaseModel):
 
 
 class DataParams(_Section):
+    """A built-in data set (``name``) or the user's own Dataset class (``_target_``, its other keys
+    are its keyword arguments)."""
+    model_config = ConfigDict(extra="allow", frozen=True, populate_by_name=True, serialize_by_alias=True,
+                              allow_inf_nan=False)
+
     name: Literal["digits", "mnist", "fashion_mnist", "cifar10", "cifar100", "imagefolder", "linear"] = "digits"
     # mnist/fashion_mnist: root/MNIST/raw/ (IDX files); cifar10/100: root/cifar-10-batches-py/ (python
     # batches); imagefolder: root/train/<class>/* and optionally root/test/<class>/*.
@@ -36,6 +41,9 @@ class DataParams(_Section):
     # torchvision.transforms.v2 names and keyword arguments, e.g. [{Resize: {size: [32, 32]}}]: applied
     # once at prepare to every split; the normalisation fitted on train comes after them.
     transforms: tuple[Any, ...] = ()
+    target: str | None = Field(None, alias="_target_")
+    # The file that defines the data: a dep of the prepare stage (editing it prepares again).
+    code: str = "pipeline/core/datasets.py"
     val_fraction: float = Field(0.1, gt=0, lt=0.5)
     test_fraction: float = Field(0.2, gt=0, lt=0.5)
     seed: int = Field(0, ge=0)
@@ -51,6 +59,24 @@ class DataParams(_Section):
     @classmethod
     def _specs(cls, v: tuple[Any, ...]) -> tuple[Any, ...]:
         return _transform_specs(v)
+
+    @field_validator("code")
+    @classmethod
+    def _relative(cls, v: str) -> str:
+        return _project_path(v)
+
+    @model_validator(mode="after")
+    def _kwargs_need_a_target(self) -> "DataParams":
+        if self.kwargs and self.target is None:
+            key = next(iter(self.kwargs))
+            raise ValueError(f"data.{key}={self.kwargs[key]!r}: unknown key (allowed: "
+                             f"{', '.join(type(self).model_fields)}; other keys are keyword arguments of a "
+                             f"data._target_)")
+        return self
+
+    @property
+    def kwargs(self) -> dict[str, Any]:
+        return dict(self.model_extra or {})
 
 
 BUILTIN_MODELS = ("mlp", "linear")
@@ -80,9 +106,7 @@ class ModelParams(_Section):
     @field_validator("code")
     @classmethod
     def _relative(cls, v: str) -> str:
-        if Path(v).is_absolute() or ".." in Path(v).parts:
-            raise ValueError("must be a path inside the project folder (DVC tracks it)")
-        return Path(v).as_posix()
+        return _project_path(v)
 
     @model_validator(mode="after")
     def _kwargs_need_a_network(self) -> "ModelParams":
@@ -129,6 +153,9 @@ class TrainParams(_Section):
     # "dataloader" goes through torch.utils.data.DataLoader (same batches, slower).
     loader: Literal["tensor", "dataloader"] = "tensor"
     num_workers: int = Field(0, ge=0)
+    # A training split larger than this (as float32) is not loaded whole: it streams from its file
+    # through DataLoader workers (num_workers, pin_memory, persistent_workers), the same batches.
+    memory_budget_mb: float = Field(4096, gt=0)
     pin_memory: bool = False
     persistent_workers: bool = False
     # Learning-rate scaling with batch size (Goyal et al. 2017) and warm-up.
@@ -261,6 +288,12 @@ class Params(_Section):
         ident = {k: dump[k] for k in ("data", "model", "train")}
         blob = json.dumps({"params": ident, "data": data_hash}, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _project_path(v: str) -> str:
+    if Path(v).is_absolute() or ".." in Path(v).parts:
+        raise ValueError("must be a path inside the project folder (DVC tracks it)")
+    return Path(v).as_posix()
 
 
 def _transform_specs(v: tuple[Any, ...]) -> tuple[Any, ...]:

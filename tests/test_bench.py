@@ -99,6 +99,7 @@ def test_bench_without_tracking_runs_where_mlflow_is_not_installed(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["b.json", "params.yaml"]
 
 
+@pytest.mark.slow
 def test_image_rows_measure_the_tensor_path_and_each_worker_count(monkeypatch):
     from pipeline.tools import imagebench
     monkeypatch.setattr(imagebench, "N_PER_CLASS", 12)

@@ -7,7 +7,8 @@ import torch
 from conftest import write_idx
 from pipeline.stages import prepare
 from pipeline.config import DataParams
-from pipeline.core.data import DataError, build_splits, load_prepared, write_prepared
+from pipeline.core.data import DataError, load_prepared, write_prepared
+from pipeline.core.sources import build_splits
 
 
 def test_digits_prepare_writes_tensors_manifest_and_hashes(ctx_factory):

@@ -18,6 +18,7 @@ SHAPING_ANYWAY = ("pipeline/tracking/ui.py",)  # the report's colours are the ML
 # The network's file is model.code (a built-in's: nets.py), a dep by interpolation, so that a
 # user's _target_ module is one too.
 MODEL_CODE = "pipeline/core/nets.py"
+DATA_CODE = "pipeline/core/datasets.py"  # the same for the data: data.code
 
 
 def _resolve(module: Path, node: ast.ImportFrom) -> list[Path]:
@@ -70,9 +71,10 @@ def test_each_stage_depends_on_the_code_that_shapes_its_outputs(stage):
     expected = modules_of(stage)
     if stage == "compare":
         expected.add("pipeline/analysis/templates/report.html")
-    if MODEL_CODE in expected:
-        expected.discard(MODEL_CODE)
-        assert "${model.code}" in dvc["stages"][stage]["deps"]
+    for code, key in ((MODEL_CODE, "${model.code}"), (DATA_CODE, "${data.code}")):
+        if code in expected:
+            expected.discard(code)
+            assert key in dvc["stages"][stage]["deps"]
     assert deps == expected
 
 
@@ -82,6 +84,8 @@ def test_model_code_is_a_dep_of_the_stages_that_build_the_network():
     assert params["model"]["code"] == MODEL_CODE
     users = {s for s in STAGES if "${model.code}" in dvc["stages"][s]["deps"]}
     assert users == {"train", "evaluate"}
+    assert params["data"]["code"] == DATA_CODE
+    assert {s for s in STAGES if "${data.code}" in dvc["stages"][s]["deps"]} == {"prepare"}
 
 
 def test_no_stage_depends_on_publishing_or_tools():

@@ -52,7 +52,19 @@ def test_queued_experiments_run_in_parallel_and_land_in_the_project_store(tmp_pa
     project = make_project(tmp_path / "q", merge(SMALL, {"train": {"epochs": 1}}))
     sh(["dvc", "exp", "run", "--queue", "-S", "train.batch_sizes=[16]", "-S", "train.lr=0.002", "--name", "q-a"], project)
     sh(["dvc", "exp", "run", "--queue", "-S", "train.batch_sizes=[64]", "-S", "train.lr=0.003", "--name", "q-b"], project)
-    sh(["dvc", "exp", "run", "--run-all", "--jobs", "2"], project, timeout=900)
+    # The README's way: workers started in the background, then waited for. (`dvc exp run
+    # --run-all` waits for its workers to exit, and a DVC worker sometimes stays up after its
+    # queue emptied: a wait with no end that is DVC's, not this project's.)
+    import time
+    sh(["dvc", "queue", "start", "-j", "2"], project)
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline:
+        status = sh(["dvc", "queue", "status"], project).stdout
+        if status.count("Success") == 2 or "Failed" in status:
+            break
+        time.sleep(2)
+    sh(["dvc", "queue", "stop", "--kill"], project, check=False)
+    assert status.count("Success") == 2, status
     shown = sh(["dvc", "exp", "show", "--csv"], project).stdout
     assert "q-a" in shown and "q-b" in shown
     # The stages ran in copies under .dvc/tmp/exps; the runs are in the user's store all the same.

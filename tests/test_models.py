@@ -10,7 +10,8 @@ import torch
 
 from conftest import REPO, SMALL, env_for, make_project, merge, runs_of
 from pipeline.config import ParamsError, parse_params
-from pipeline.core.data import build_splits, load_prepared
+from pipeline.core.data import load_prepared
+from pipeline.core.sources import build_splits
 from pipeline.core.models import build_model, check_model
 from pipeline.core.transforms import BatchAugment
 from pipeline.tools.samplefiles import write_cifar, write_imagefolder
@@ -229,3 +230,62 @@ def test_user_model_on_a_png_tree_through_mlflow_run_and_dvc_repro(tmp_path):
                                                          for f in (proj / "outputs" / "train").glob("bs*/seed*/run.json")}}
     assert len(latest) == 1 and latest != {recorded_hash}
     assert (proj / "outputs" / "compare" / "report.html").is_file()
+
+
+@pytest.mark.parametrize("workers", [0, pytest.param(2, marks=pytest.mark.slow)])
+def test_a_split_over_the_memory_budget_streams_through_workers_with_the_same_batches(ctx_factory, workers):
+    """Streamed (memory-mapped file, DataLoader workers, normalised per batch) or loaded whole:
+    the same losses at every step, so resume and reproduce hold either way."""
+    from pipeline.stages import prepare, train
+    losses = {}
+    for budget in (4096, 0.01):
+        ctx = ctx_factory({"train": {"batch_sizes": [32], "epochs": 2, "memory_budget_mb": budget,
+                                     "num_workers": workers, "persistent_workers": workers > 0,
+                                     "augment": [{"RandomCrop": {"size": 8, "padding": 1}}]}},
+                          folder=f"b{budget}")
+        prepare.run(ctx)
+        train.run(ctx, 32, log_to_mlflow=False)
+        run = json.loads((ctx.train_dir(32, 0) / "run.json").read_text())
+        assert run["params"]["data_path"] == ("tensor" if budget > 1 else "stream")
+        steps = (ctx.train_dir(32, 0) / "steps.csv").read_text().splitlines()
+        column = steps[0].split(",").index("loss")
+        losses[budget] = [row.split(",")[column] for row in steps[1:]]
+    assert len(losses[4096]) == 2 * 40 and losses[4096] == losses[0.01]
+
+
+USER_DATASET = '''import torch
+from PIL import Image
+
+
+class Squares(torch.utils.data.Dataset):
+    """Items (PIL image, class id): a bright square top-left (class 0) or bottom-right (class 1)."""
+
+    def __init__(self, root, train=True, n=40):
+        self.n, self.offset = n, 0 if train else 1000
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, i):
+        label = (i + self.offset) % 2
+        img = Image.new("L", (6, 6))
+        img.paste(255, (0, 0, 3, 3) if label == 0 else (3, 3, 6, 6))
+        return img, label
+'''
+
+
+def test_a_user_dataset_class_by_target_is_read_once_with_its_own_test_split(tmp_path, monkeypatch):
+    (tmp_path / "mydata.py").write_text(USER_DATASET)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    from pipeline.core.sources import check_data
+    p = parse_params({"data": {"_target_": "mydata.Squares", "code": "mydata.py", "n": 30}}).data
+    check_data(p, tmp_path)
+    task, splits = build_splits(p)
+    assert task == "classification" and splits["train"][0].shape[1:] == (1, 6, 6)
+    assert len(splits["test"][0]) == 30 and len(splits["train"][0]) + len(splits["val"][0]) == 30
+    with pytest.raises(ParamsError, match="data.nn=30: mydata.Squares takes no keyword 'nn'"):
+        build_splits(parse_params({"data": {"_target_": "mydata.Squares", "code": "mydata.py", "nn": 30}}).data)
+    with pytest.raises(ParamsError, match="data.code='pipeline/core/datasets.py': data._target_ mydata.Squares is defined in mydata.py"):
+        check_data(parse_params({"data": {"_target_": "mydata.Squares"}}).data, tmp_path)
+    with pytest.raises(ParamsError, match=r"data.n=3: unknown key"):
+        parse_params({"data": {"n": 3}})

@@ -156,17 +156,6 @@ def test_mlflow_run_goes_through_dvc_and_its_run_is_the_parent(clone):
     assert len(_store(clone)[2]) == 2 and _up_to_date(clone)
 
 
-def test_named_params_file_through_mlflow_run_is_a_recorded_experiment(clone):
-    shutil.copytree(REPO / "configs", clone / "configs")
-    _commit(clone, "configs")
-    sh([str(BIN / "mlflow"), "run", ".", "--env-manager", "local", "--experiment-name", "test",
-        "-P", "params_file=configs/linear.yaml"], clone, timeout=900)
-    assert _up_to_date(clone)
-    assert yaml.safe_load((clone / "params.yaml").read_text())["data"]["name"] == "linear"
-    _, parents, children = _store(clone)
-    assert len(parents) == 1 and {c.data.params["data.name"] for c in children} == {"linear"}
-
-
 def test_params_file_changed_while_a_stage_runs_fails_the_stage(ctx_factory, tmp_path):
     """dvc.lock must never record params a model was not trained with."""
     from pipeline.stages import prepare, train

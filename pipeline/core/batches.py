@@ -42,6 +42,43 @@ class EpochSampler(torch.utils.data.Sampler[int]):
         return self.n
 
 
+class EpochBatchSampler(torch.utils.data.Sampler[list[int]]):
+    """The global batches of one epoch, as index lists, from batch ``start`` on: the same order as
+    the tensor path, so a streamed run trains on the same batches (and resumes mid-epoch
+    without reading the batches before its checkpoint)."""
+
+    def __init__(self, n: int, seed: int, batch_size: int, drop_last: bool):
+        self.n, self.seed, self.batch_size = n, seed, batch_size
+        self.per_epoch = batch_bounds(n, batch_size, drop_last)
+        self.epoch, self.start = 0, 0
+
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        self.epoch, self.start = epoch, start
+
+    def __iter__(self) -> Iterator[list[int]]:
+        order = epoch_permutation(self.seed, self.epoch, self.n, torch.device("cpu"))
+        for b in range(self.start, self.per_epoch):
+            yield order[b * self.batch_size:(b + 1) * self.batch_size].tolist()
+
+    def __len__(self) -> int:
+        return self.per_epoch - self.start
+
+
+class StreamedRows(torch.utils.data.Dataset):
+    """A batch of a streamed split per item: one gather from the memory-mapped file, normalised in
+    the worker; under torchrun each rank keeps every world-th row of the global batch, as the
+    tensor path does."""
+
+    def __init__(self, data: Split, rank: int = 0, world: int = 1):
+        self.data, self.rank, self.world = data, rank, world
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, index: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.data.rows(torch.tensor(index[self.rank::self.world]))
+
+
 class Batches:
     """Yields (x, y) batches for one epoch, from ``start`` batch on.
 
@@ -61,7 +98,17 @@ class Batches:
         if self.per_epoch == 0:
             raise ValueError(f"train.batch_size={batch_size} with train.drop_last=true leaves no batch "
                              f"from {self.n} training samples (allowed: batch size <= {self.n})")
-        if p.loader == "tensor":
+        self.streamed = data.norm is not None
+        if self.streamed:
+            # Larger than train.memory_budget_mb: batches are read from the file by DataLoader
+            # workers (train.num_workers), pinned for the copy to a GPU, workers kept across epochs.
+            self.data = data
+            self.sampler = EpochBatchSampler(self.n, p.seed, batch_size, p.drop_last)
+            self.loader = torch.utils.data.DataLoader(
+                StreamedRows(data, dist.rank, dist.world), batch_size=None, sampler=self.sampler,
+                num_workers=p.num_workers, pin_memory=p.pin_memory and device.type == "cuda",
+                persistent_workers=p.persistent_workers and p.num_workers > 0)
+        elif p.loader == "tensor":
             self.data = data.to(device)
             self._plan()
         else:
@@ -128,7 +175,11 @@ class Batches:
             yield self.augment(xb, epoch, b), yb
 
     def _epoch(self, epoch: int, start: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        if self.p.loader == "tensor":
+        if self.streamed:
+            self.sampler.set_epoch(epoch, start)
+            for xb, yb in self.loader:
+                yield xb.to(self.device, non_blocking=True), yb.to(self.device, non_blocking=True)
+        elif self.p.loader == "tensor":
             yield from self._tensor_epoch(epoch, start)
         else:
             self.sampler.set_epoch(epoch)
@@ -136,6 +187,11 @@ class Batches:
                 if b < start:
                     continue
                 yield (xb.to(self.device, non_blocking=True), yb.to(self.device, non_blocking=True))
+
+    def head(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The first ``n`` training rows, normalised, on the device (warm-up and memory probes)."""
+        x, y = self.data.rows(slice(0, n))
+        return x.to(self.device), y.to(self.device)
 
     def samples_in(self, b: int, xb: torch.Tensor) -> int:
         """Samples of the global batch ``b`` (all ranks together)."""

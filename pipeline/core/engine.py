@@ -455,9 +455,9 @@ class Trainer:
 
     def step_bytes(self) -> int:
         """``step_memory`` of a full batch of this run's data."""
-        n, data, device = min(self.batch_size, self.batches.n), self.batches.data, self.val.x.device
+        x, y = self.batches.head(min(self.batch_size, self.batches.n))
         # Copies: a slice would share (and be counted as) the whole data set's storage.
-        return step_memory(self.model, self.criterion, data.x[:n].to(device).clone(), data.y[:n].to(device).clone())
+        return step_memory(self.model, self.criterion, x.clone(), y.clone())
 
     def result(self) -> FitResult:
         s = self.state
@@ -556,7 +556,7 @@ def _warm_up_compiled(net: nn.Module, model: nn.Module, criterion: nn.Module, ba
     buffers = {k: v.clone() for k, v in model.named_buffers()}
     full = min(batches.batch_size, batches.n)
     for n in {full, batches.n % batches.batch_size or full}:  # the last batch may be smaller
-        xb, yb = batches.data.x[:n].to(batches.device), batches.data.y[:n].to(batches.device)
+        xb, yb = batches.head(n)
         with precision.autocast():
             loss = criterion(net(xb), yb)
         loss.backward()
@@ -572,7 +572,7 @@ def _warm_up(model: nn.Module, p: TrainParams, criterion: nn.Module, batches: Ba
     code (seconds on CPU) that would otherwise be counted in the first steps' time."""
     clone = copy.deepcopy(model)
     opt = make_optimizer(p, clone, 1e-9)
-    xb, yb = batches.data.x[:2], batches.data.y[:2]
+    xb, yb = batches.head(2)
     opt.zero_grad()
     criterion(clone(xb.to(batches.device)), yb.to(batches.device)).backward()
     opt.step()

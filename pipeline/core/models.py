@@ -10,7 +10,6 @@ signature rejects, a result that is not an ``nn.Module``.
 from __future__ import annotations
 
 import hashlib
-import importlib
 import inspect
 import math
 from pathlib import Path
@@ -19,61 +18,12 @@ from typing import Any, Callable
 from torch import nn
 
 from ..config import BUILTIN_MODELS, ModelParams, ParamsError
+from .targets import bind, check_code, resolve_target
 
 
 def _torchvision_names() -> list[str]:
     import torchvision.models as tvm
     return tvm.list_models(module=tvm)  # classification models: they take num_classes
-
-
-def resolve_target(target: str) -> Callable[..., Any]:
-    """The object a dotted path names: the longest importable module prefix, then attributes."""
-    parts = target.split(".")
-    if len(parts) < 2 or not all(p.isidentifier() for p in parts):
-        raise ParamsError(f"model._target_={target!r}: not a dotted path (allowed: module.Name, "
-                          f"e.g. examples.mymodels.nets.SmallCNN)")
-    error: BaseException | None = None
-    for cut in range(len(parts) - 1, 0, -1):
-        module_name = ".".join(parts[:cut])
-        try:
-            obj: Any = importlib.import_module(module_name)
-        except ModuleNotFoundError as err:
-            if err.name and not module_name.startswith(err.name) and not err.name.startswith(module_name):
-                raise ParamsError(f"model._target_={target!r}: importing {module_name} failed "
-                                  f"(No module named {err.name!r}, imported by it)") from None
-            error = err
-            continue
-        except Exception as err:
-            raise ParamsError(f"model._target_={target!r}: importing {module_name} raised "
-                              f"{type(err).__name__}: {err}") from None
-        for i, attr in enumerate(parts[cut:], start=cut):
-            if not hasattr(obj, attr):
-                raise ParamsError(f"model._target_={target!r}: {'.'.join(parts[:i])} has no {attr!r}")
-            obj = getattr(obj, attr)
-        if not callable(obj):
-            raise ParamsError(f"model._target_={target!r} is a {type(obj).__name__}, not a class or "
-                              f"function (allowed: something that returns a torch.nn.Module)")
-        return obj
-    raise ParamsError(f"model._target_={target!r}: no module {parts[0]!r} can be imported "
-                      f"({error}); allowed: a module under the project folder or an installed package")
-
-
-def _bind(fn: Callable[..., Any], kwargs: dict[str, Any], what: str) -> None:
-    try:
-        sig = inspect.signature(fn)
-    except (TypeError, ValueError):
-        return  # a builtin without a signature: its call will tell
-    try:
-        sig.bind(**kwargs)
-    except TypeError as err:
-        accepted = [n for n, q in sig.parameters.items()
-                    if q.kind in (q.POSITIONAL_OR_KEYWORD, q.KEYWORD_ONLY)]
-        bad = next((k for k in kwargs if k not in sig.parameters), None)
-        if bad is not None and not any(q.kind == q.VAR_KEYWORD for q in sig.parameters.values()):
-            raise ParamsError(f"model.{bad}={kwargs[bad]!r}: {what} takes no keyword {bad!r} "
-                              f"(allowed: {', '.join(accepted) or 'none'})") from None
-        raise ParamsError(f"model: {what} rejects its arguments ({err}); allowed keywords: "
-                          f"{', '.join(accepted) or 'none'}") from None
 
 
 def _from_data(fn: Callable[..., Any], kwargs: dict[str, Any], shape: tuple[int, ...], n_out: int) -> dict[str, Any]:
@@ -103,26 +53,10 @@ def check_model(p: ModelParams, root: Path | str = ".", build: bool = False) -> 
                               f"or model._target_)")
         return
     fn = resolve_target(p.target)
-    _bind(fn, _from_data(fn, p.kwargs, (1, 1, 1), 2), p.target)
-    source = defined_in(fn, root)
-    if source is not None and source != p.code:
-        raise ParamsError(f"model.code={p.code!r}: model._target_ {p.target} is defined in {source} "
-                          f"(allowed: {source}, so that DVC retrains when it changes)")
+    bind(fn, _from_data(fn, p.kwargs, (1, 1, 1), 2), p.target)
+    check_code(fn, p.target, p.code, "model", root)
     if build:
         build_model(p, (1, 8, 8), 2)
-
-
-def defined_in(fn: Callable[..., Any], root: Path | str = ".") -> str | None:
-    """The project-relative file that defines ``fn``, or None outside the project (an installed
-    package: its version is what requirements pin)."""
-    try:
-        source = Path(inspect.getsourcefile(fn) or "").resolve()
-    except TypeError:
-        return None
-    try:
-        return source.relative_to(Path(root).resolve()).as_posix()
-    except ValueError:
-        return None
 
 
 def build_model(p: ModelParams, shape: int | tuple[int, ...] | list[int], n_out: int) -> nn.Module:
@@ -145,7 +79,7 @@ def build_model(p: ModelParams, shape: int | tuple[int, ...] | list[int], n_out:
     else:
         fn, what = resolve_target(p.target), p.target
         kwargs = _from_data(fn, p.kwargs, shape, n_out)
-        _bind(fn, kwargs, what)
+        bind(fn, kwargs, what)
     try:
         model = fn(**kwargs)
     except TypeError as err:

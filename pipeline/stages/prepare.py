@@ -4,7 +4,8 @@ from __future__ import annotations
 from typing import Any
 
 from ..context import Context
-from ..core.data import build_splits, write_prepared
+from ..core.data import write_prepared
+from ..core.sources import build_splits
 
 
 def run(ctx: Context) -> dict[str, Any]:
@@ -14,6 +15,9 @@ def run(ctx: Context) -> dict[str, Any]:
               "val_fraction": p.data.val_fraction, "test_fraction": p.data.test_fraction}
     if p.data.name == "linear":
         source |= {"samples": p.data.linear_samples, "noise": p.data.linear_noise}
+    elif p.data.target is not None:
+        source = {"name": p.data.target, "seed": p.data.seed, "val_fraction": p.data.val_fraction,
+                  "test_fraction": p.data.test_fraction, "kwargs": p.data.kwargs}
     elif p.data.name != "digits":
         source["root"] = p.data.root
     if p.data.transforms:

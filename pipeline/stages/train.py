@@ -65,11 +65,17 @@ def check_batch_size(ctx: Context, batch_size: int, n_train: int) -> None:
                           f"(allowed: at most {n_train}, the training split's size)")
 
 
+def streams(ctx: Context) -> bool:
+    """Whether the training split is larger than train.memory_budget_mb and so streams."""
+    from ..core.data import read_manifest, split_bytes
+    return split_bytes(read_manifest(ctx.data_dir)) > ctx.params.train.memory_budget_mb * 2**20
+
+
 def prepare_jobs(ctx: Context, batch_size: int, seeds: tuple[int, ...]) -> list[Job]:
     """Everything checked and placed before any run is created: one job per seed."""
     # Before any parallel work: OpenMP's threads take the setting from the thread that starts them.
     set_flush_denormal(ctx.params.train.flush_denormal)
-    data = load_prepared(ctx.data_dir, ("train", "val"))
+    data = load_prepared(ctx.data_dir, ("train", "val"), stream_train=streams(ctx))
     check_batch_size(ctx, batch_size, len(data.train))
     device = pick_device(ctx.params.train.device)
     d = dist.init(device.type)
@@ -204,7 +210,8 @@ def _run_params(job: Job, window: int) -> dict[str, Any]:
         "lr_effective": scaled_lr(t, job.batch_size), "steps_per_epoch": job.per_epoch,
         "total_steps": job.total_steps, "eval_every_steps_effective": eval_interval(t, job.per_epoch),
         "log_window_steps": window, "device": device_name(job.device), "threads": threads(),
-        "world_size": job.dist.world, "model.code_sha256": code_sha256(job.ctx.params.model, job.ctx.workdir)}
+        "world_size": job.dist.world,
+        "data_path": "stream" if job.data.train.norm is not None else t.loader, "model.code_sha256": code_sha256(job.ctx.params.model, job.ctx.workdir)}
 
 
 def _summary(job: Job, model: torch.nn.Module, result: FitResult, peak_bytes: int) -> dict[str, Any]:

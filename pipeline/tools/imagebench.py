@@ -59,7 +59,7 @@ def image_rows(batch_sizes: list[int], seconds: float, repeats: int, device: tor
     from torchvision.transforms import v2
 
     from ..config import DataParams
-    from ..core.data import build_splits
+    from ..core.sources import build_splits
     from .samplefiles import write_imagefolder
 
     with tempfile.TemporaryDirectory() as tmp:

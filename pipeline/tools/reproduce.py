@@ -51,7 +51,9 @@ def run(ctx: Context, run_id: str, log=print) -> bool:
 
     # Before any parallel work: OpenMP's threads take the setting from the thread that starts them.
     set_flush_denormal(params.train.flush_denormal)
-    data = load_prepared(ctx.data_dir, ("train", "val"))
+    from ..core.data import split_bytes
+    stream = split_bytes(read_manifest(ctx.data_dir)) > params.train.memory_budget_mb * 2**20
+    data = load_prepared(ctx.data_dir, ("train", "val"), stream_train=stream)
     device = pick_device(params.train.device)
     set_threads(int(recorded.data.params.get("threads", 0)) or params.train.threads)
     torch.manual_seed(seed)

@@ -31,12 +31,12 @@ run: setup
 	@echo "          $$($(PY) -m pipeline ui-url --base http://127.0.0.1:$(PORT) 2>/dev/null)"
 
 test: setup
-	$(PY) -m pytest -q --durations=15 tests
+	$(PY) -m pytest -q -n auto --dist loadfile --durations=15 tests
 
 # The edit-test loop: everything but the end-to-end tests marked slow (real dvc / mlflow run /
 # servers / subprocess training).
 test-fast: setup
-	$(PY) -m pytest -q -m "not slow" tests
+	$(PY) -m pytest -q -n auto --dist loadfile -m "not slow" tests
 
 bench: setup
 	$(PY) -m pipeline bench

@@ -31,3 +31,15 @@ def test_no_size_fits_is_an_answer_not_a_crash():
 def test_cpu_needs_a_budget():
     with pytest.raises(ParamsError, match="memory-budget-mb"):
         find(parse_params({}), 64, 10, "classification", torch.device("cpu"), 1, 8, None)
+
+
+def test_a_batch_norm_model_is_searched_from_batch_size_2():
+    """Batch norm cannot train on one sample: that is said, and the search goes on from 2."""
+    import torch
+    from pipeline.config import parse_params
+    from pipeline.tools.find_batch_size import find
+    p = parse_params({"model": {"name": "resnet18"}})
+    lines = []
+    found = find(p, (3, 8, 8), 4, "classification", torch.device("cpu"), 1, 8, 512 * 2**20, log=lines.append)
+    assert found.trials[0].batch_size == 1 and "cannot train on one sample" in found.trials[0].note
+    assert found.largest == 8 and [t.batch_size for t in found.trials[1:]] == [2, 4, 8]

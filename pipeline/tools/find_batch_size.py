@@ -96,6 +96,14 @@ def find(p: Params, n_in: int, n_out: int, task: str, device: torch.device, star
         return fits
 
     step_peak(p, n_in, n_out, task, 2, device)  # the first step loads library code: not a measurement
+    if start == 1 and limit > 1:
+        try:
+            step_peak(p, n_in, n_out, task, 1, device)
+        except ValueError as err:  # batch norm: "Expected more than 1 value per channel when training"
+            note = f"the model cannot train on one sample ({' '.join(str(err).split())[:120]})"
+            found.trials.append(Trial(1, False, 0, note))
+            log(f"  batch size 1: {note}; the search starts at 2")
+            start = 2
     return _search(attempt, found, start, limit)
 
 

@@ -28,11 +28,26 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, strict=False, allow_inf_nan=False)
 
 
-class DataParams(_Section):
-    """A built-in data set (``name``) or the user's own Dataset class (``_target_``, its other keys
-    are its keyword arguments)."""
+class _TargetSection(_Section):
+    """A section that may name the user's code (Hydra's ``_target_``): its other keys are keyword
+    arguments, and ``code`` is the file DVC tracks for it."""
     model_config = ConfigDict(extra="allow", frozen=True, populate_by_name=True, serialize_by_alias=True,
                               allow_inf_nan=False)
+
+    @field_validator("code", check_fields=False)
+    @classmethod
+    def _relative(cls, v: str) -> str:
+        return _project_path(v)
+
+    @property
+    def kwargs(self) -> dict[str, Any]:
+        """Keyword arguments for a target (or a torchvision model): the section's other keys."""
+        return dict(self.model_extra or {})
+
+
+class DataParams(_TargetSection):
+    """A built-in data set (``name``) or the user's own Dataset class (``_target_``, its other keys
+    are its keyword arguments)."""
 
     name: Literal["digits", "mnist", "fashion_mnist", "cifar10", "cifar100", "imagefolder", "linear"] = "digits"
     # mnist/fashion_mnist: root/MNIST/raw/ (IDX files); cifar10/100: root/cifar-10-batches-py/ (python
@@ -60,11 +75,6 @@ class DataParams(_Section):
     def _specs(cls, v: tuple[Any, ...]) -> tuple[Any, ...]:
         return _transform_specs(v)
 
-    @field_validator("code")
-    @classmethod
-    def _relative(cls, v: str) -> str:
-        return _project_path(v)
-
     @model_validator(mode="after")
     def _kwargs_need_a_target(self) -> "DataParams":
         if self.kwargs and self.target is None:
@@ -74,20 +84,15 @@ class DataParams(_Section):
                              f"data._target_)")
         return self
 
-    @property
-    def kwargs(self) -> dict[str, Any]:
-        return dict(self.model_extra or {})
-
 
 BUILTIN_MODELS = ("mlp", "linear")
 DEFAULT_MODEL_CODE = "pipeline/core/nets.py"
 
 
-class ModelParams(_Section):
+class ModelParams(_TargetSection):
     """A built-in (``name: mlp | linear``), a torchvision model (``name: resnet18``) or the user's
     class or factory (``_target_: pkg.module.Name``); the section's other keys are its keyword
     arguments (``pipeline.core.models`` checks them against its signature)."""
-    model_config = ConfigDict(extra="allow", frozen=True, populate_by_name=True, serialize_by_alias=True)
 
     name: str = Field("mlp", min_length=1)
     hidden_sizes: tuple[int, ...] = (64,)
@@ -103,11 +108,6 @@ class ModelParams(_Section):
             raise ValueError("every hidden size must be a positive integer")
         return v
 
-    @field_validator("code")
-    @classmethod
-    def _relative(cls, v: str) -> str:
-        return _project_path(v)
-
     @model_validator(mode="after")
     def _kwargs_need_a_network(self) -> "ModelParams":
         if self.kwargs and self.target is None and self.name in BUILTIN_MODELS:
@@ -116,11 +116,6 @@ class ModelParams(_Section):
                              f"(allowed: name, hidden_sizes, code; other keys are keyword arguments of a "
                              f"torchvision model or a _target_)")
         return self
-
-    @property
-    def kwargs(self) -> dict[str, Any]:
-        """Keyword arguments for a torchvision model or a target: the section's other keys."""
-        return dict(self.model_extra or {})
 
     @property
     def label(self) -> str:

@@ -85,8 +85,10 @@ def _model(device) -> tuple[nn.Module, torch.optim.Optimizer]:
     return model, make_optimizer(PARAMS, model, PARAMS.lr)
 
 
-def _loader_rate(loader, device, seconds: float, warmup: int = 3) -> float:
-    model, opt = _model(device)
+def _loader_rate(loader, device, seconds: float, warmup: int = 3, make=None) -> float:
+    """Samples/s of optimizer steps on the loader's batches, after ``warmup`` steps; ``make``
+    gives (model, optimizer) for the device (default: the MNIST MLP)."""
+    model, opt = (make or _model)(device)
     crit = nn.CrossEntropyLoss()
     samples, t0 = 0, None
     while True:

@@ -17,7 +17,7 @@ from torch import nn
 from ..config import TrainParams
 from ..core.data import Split
 from ..core.engine import NullSink, fit, make_optimizer
-from ..core.system import sync
+from .bench import _loader_rate
 
 WORKERS = (0, 1, 2)
 N_PER_CLASS, SIZE = 250, 32
@@ -32,26 +32,9 @@ def _cnn() -> nn.Module:
                          nn.Flatten(), nn.Linear(32, 4))
 
 
-def _loader_rate(loader, device, seconds: float, warmup: int = 3) -> float:
+def _cnn_and_optimizer(device) -> tuple[nn.Module, torch.optim.Optimizer]:
     model = _cnn().to(device)
-    opt = make_optimizer(PARAMS, model, PARAMS.lr)
-    crit = nn.CrossEntropyLoss()
-    samples, t0 = 0, None
-    while True:
-        for i, (xb, yb) in enumerate(loader):
-            xb, yb = xb.to(device, non_blocking=True), yb.to(device, non_blocking=True)
-            opt.zero_grad(set_to_none=True)
-            crit(model(xb), yb).backward()
-            opt.step()
-            if t0 is None and i + 1 >= warmup:
-                sync(device)
-                t0 = time.perf_counter()
-                continue
-            if t0 is not None:
-                samples += xb.shape[0]
-                if time.perf_counter() - t0 >= seconds:
-                    sync(device)
-                    return samples / (time.perf_counter() - t0)
+    return model, make_optimizer(PARAMS, model, PARAMS.lr)
 
 
 def image_rows(batch_sizes: list[int], seconds: float, repeats: int, device: torch.device) -> dict[str, Any]:
@@ -86,7 +69,8 @@ def image_rows(batch_sizes: list[int], seconds: float, repeats: int, device: tor
                     loader = torch.utils.data.DataLoader(
                         folder, batch_size=bs, shuffle=True, num_workers=w, pin_memory=device.type == "cuda",
                         persistent_workers=w > 0)
-                    rates.setdefault((f"loader{w}", bs), []).append(_loader_rate(loader, device, per))
+                    rates.setdefault((f"loader{w}", bs), []).append(
+                        _loader_rate(loader, device, per, make=_cnn_and_optimizer))
                     del loader
     rows = [{"batch_size": bs, **{name: statistics.median(rates[(name, bs)])
                                   for name in ("tensor", *(f"loader{w}" for w in WORKERS))}}

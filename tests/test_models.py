@@ -150,7 +150,8 @@ def test_batch_augmentation_draws_per_sample_and_repeats_for_the_same_batch():
         BatchAugment(["ColorJitter"], seed=0)
 
 
-@pytest.mark.parametrize("settings", [{"precision": "bf16"}, {"precision": "fp16"}, {"channels_last": True}])
+@pytest.mark.parametrize("settings", [{"precision": "bf16"}, {"precision": "fp16"}, {"channels_last": True},
+                                      pytest.param({"compile": "default"}, marks=pytest.mark.slow)])
 def test_precision_and_layout_settings_train_a_cnn_on_cpu(ctx_factory, settings):
     from pipeline.stages import prepare, train
     ctx = ctx_factory({"model": {"_target_": "examples.mymodels.nets.SmallCNN", "code": "examples/mymodels/nets.py",

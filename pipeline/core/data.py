@@ -157,9 +157,11 @@ def normalise(x: torch.Tensor, norm: dict[str, Any]) -> torch.Tensor:
     return (x.to(torch.float32) - mean) / std
 
 
-def split_bytes(manifest: dict[str, Any], split: str = "train") -> int:
-    """Bytes of a split as the float32 tensor training reads."""
-    return int(manifest["splits"][split]["n"]) * int(manifest["n_features"]) * 4
+def streams(data_dir: Path, budget_mb: float) -> bool:
+    """Whether the training split, as the float32 tensor training reads, is larger than
+    ``budget_mb`` (train.memory_budget_mb) and so streams from its file."""
+    manifest = read_manifest(data_dir)
+    return int(manifest["splits"]["train"]["n"]) * int(manifest["n_features"]) * 4 > budget_mb * 2**20
 
 
 def load_prepared(data_dir: Path, splits: tuple[str, ...] = SPLITS, stream_train: bool = False) -> Prepared:

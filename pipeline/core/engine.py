@@ -574,6 +574,6 @@ def _warm_up(model: nn.Module, p: TrainParams, criterion: nn.Module, batches: Ba
     opt = make_optimizer(p, clone, 1e-9)
     xb, yb = batches.head(2)
     opt.zero_grad()
-    criterion(clone(xb.to(batches.device)), yb.to(batches.device)).backward()
+    criterion(clone(xb), yb).backward()
     opt.step()
     sync(batches.device)  # its kernels are not the first steps' time

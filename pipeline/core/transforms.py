@@ -18,7 +18,7 @@ from ..config import ParamsError
 AUGMENTS = ("RandomHorizontalFlip", "RandomVerticalFlip", "RandomCrop")
 
 
-def _parse(spec: Any, key: str) -> tuple[str, dict[str, Any]]:
+def _parse(spec: Any) -> tuple[str, dict[str, Any]]:
     if isinstance(spec, str):
         return spec, {}
     name, kwargs = next(iter(spec.items()))
@@ -31,7 +31,7 @@ def compose(specs, key: str) -> list:
 
     steps = []
     for i, spec in enumerate(specs):
-        name, kwargs = _parse(spec, key)
+        name, kwargs = _parse(spec)
         cls = getattr(v2, name, None)
         if not (isinstance(cls, type) and issubclass(cls, v2.Transform)):
             raise ParamsError(f"{key}[{i}]={name!r}: not a torchvision.transforms.v2 transform "
@@ -51,7 +51,7 @@ class BatchAugment:
         self.steps: list[tuple[str, dict[str, Any]]] = []
         self.seed = seed
         for i, spec in enumerate(specs):
-            name, kwargs = _parse(spec, "train.augment")
+            name, kwargs = _parse(spec)
             if name not in AUGMENTS:
                 raise ParamsError(f"train.augment[{i}]={name!r}: not a batch-wise augmentation (allowed: "
                                   f"{', '.join(AUGMENTS)}; deterministic transforms go in data.transforms)")

@@ -18,7 +18,7 @@ from tqdm import tqdm
 from ..core import dist
 from ..config import ParamsError
 from ..context import Context, param_text, swap_dir, write_atomic, write_json
-from ..core.data import Prepared, load_prepared
+from ..core.data import Prepared, load_prepared, streams
 from ..core.engine import Checkpoint, FitResult, NullSink, eval_interval, fit, scaled_lr
 from ..core.batches import batch_bounds
 from ..core.models import build_model, code_sha256
@@ -65,17 +65,12 @@ def check_batch_size(ctx: Context, batch_size: int, n_train: int) -> None:
                           f"(allowed: at most {n_train}, the training split's size)")
 
 
-def streams(ctx: Context) -> bool:
-    """Whether the training split is larger than train.memory_budget_mb and so streams."""
-    from ..core.data import read_manifest, split_bytes
-    return split_bytes(read_manifest(ctx.data_dir)) > ctx.params.train.memory_budget_mb * 2**20
-
-
 def prepare_jobs(ctx: Context, batch_size: int, seeds: tuple[int, ...]) -> list[Job]:
     """Everything checked and placed before any run is created: one job per seed."""
     # Before any parallel work: OpenMP's threads take the setting from the thread that starts them.
     set_flush_denormal(ctx.params.train.flush_denormal)
-    data = load_prepared(ctx.data_dir, ("train", "val"), stream_train=streams(ctx))
+    data = load_prepared(ctx.data_dir, ("train", "val"),
+                         stream_train=streams(ctx.data_dir, ctx.params.train.memory_budget_mb))
     check_batch_size(ctx, batch_size, len(data.train))
     device = pick_device(ctx.params.train.device)
     d = dist.init(device.type)

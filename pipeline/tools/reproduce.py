@@ -14,7 +14,7 @@ import torch
 
 from ..config import parse_params
 from ..context import Context
-from ..core.data import load_prepared, read_manifest
+from ..core.data import load_prepared, read_manifest, streams
 from ..core.engine import NullSink, fit
 from ..core.models import build_model, code_sha256
 from ..core.transforms import BatchAugment
@@ -51,9 +51,8 @@ def run(ctx: Context, run_id: str, log=print) -> bool:
 
     # Before any parallel work: OpenMP's threads take the setting from the thread that starts them.
     set_flush_denormal(params.train.flush_denormal)
-    from ..core.data import split_bytes
-    stream = split_bytes(read_manifest(ctx.data_dir)) > params.train.memory_budget_mb * 2**20
-    data = load_prepared(ctx.data_dir, ("train", "val"), stream_train=stream)
+    data = load_prepared(ctx.data_dir, ("train", "val"),
+                         stream_train=streams(ctx.data_dir, params.train.memory_budget_mb))
     device = pick_device(params.train.device)
     set_threads(int(recorded.data.params.get("threads", 0)) or params.train.threads)
     torch.manual_seed(seed)

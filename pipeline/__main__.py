@@ -170,8 +170,14 @@ def _find_batch_size(args, ctx) -> int:
         print(f"no batch size from {args.start} fits: batch size {args.start} already needs "
               f"{first.peak_bytes / 2**20:,.1f} MiB ({first.note or 'over budget'})", file=sys.stderr)
         return 3
-    print(f"largest batch size that fits: {found.largest} (peak {found.peak_bytes / 2**20:,.1f} MiB, "
+    whole = " (the whole training split: a larger batch is never needed)" if found.largest == found.capped_at else ""
+    print(f"largest batch size that fits: {found.largest}{whole} (peak {find_batch_size.mib(found.peak_bytes)}, "
           f"{len(found.trials)} trials)")
+    knee = found.knee()
+    if knee is not None:
+        best = max(t.samples_per_s for t in found.trials if t.fits and t.samples_per_s)
+        print(f"throughput stops rising at batch size {knee}: within 10 % of the best measured "
+              f"({best:,.0f} samples/s); larger batches buy memory use, not speed")
     return 0
 
 

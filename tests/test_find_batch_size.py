@@ -43,3 +43,17 @@ def test_a_batch_norm_model_is_searched_from_batch_size_2():
     found = find(p, (3, 8, 8), 4, "classification", torch.device("cpu"), 1, 8, 512 * 2**20, log=lines.append)
     assert found.trials[0].batch_size == 1 and "cannot train on one sample" in found.trials[0].note
     assert found.largest == 8 and [t.batch_size for t in found.trials[1:]] == [2, 4, 8]
+
+
+def test_the_search_stops_at_the_training_split_and_reports_where_throughput_stops_rising():
+    """A batch larger than the training split is never needed: the search ends there, whatever the
+    memory allows; each size that fits also runs real steps, and the knee is one of those sizes."""
+    p = parse_params({})
+    lines = []
+    found = find(p, 64, 10, "classification", torch.device("cpu"), 1, 1 << 24, 1024 * 2**20, log=lines.append,
+                 n_train=100)
+    assert found.largest == 100 and found.capped_at == 100
+    assert [t.batch_size for t in found.trials] == [1, 2, 4, 8, 16, 32, 64, 100]
+    assert all(t.samples_per_s and t.samples_per_s > 0 for t in found.trials)
+    assert found.knee() in [t.batch_size for t in found.trials]
+    assert all("samples/s" in line for line in lines)

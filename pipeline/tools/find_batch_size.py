@@ -1,11 +1,14 @@
-"""find-batch-size: the largest batch size whose training step fits in memory.
+"""find-batch-size: the largest batch size whose training step fits in memory, never above the
+training split's size, and where samples per second stop rising.
 
 Doubles the batch size from a start value until a step runs out of memory, then bisects between
 the last success and the failure (as Lightning's batch-size finder does). On a GPU, out of memory
 is CUDA's own error (the cache is freed after it), or a step whose peak allocated bytes exceed a
 budget; on a CPU it is a step whose tensors (batch, saved activations, outputs: the measure the
 train stage reports) exceed the budget given as a parameter — or a size the last measurement
-predicts over it, which is then not tried, so the machine itself never runs out.
+predicts over it, which is then not tried, so the machine itself never runs out. Each size that
+fits also runs a few real optimizer steps (random inputs of the data's shape): their samples per
+second show where a bigger batch stops buying speed, often long before memory runs out.
 """
 from __future__ import annotations
 
@@ -26,6 +29,7 @@ class Trial:
     fits: bool
     peak_bytes: int
     note: str = ""
+    samples_per_s: float | None = None
 
 
 @dataclass
@@ -33,6 +37,20 @@ class Found:
     largest: int | None
     peak_bytes: int | None
     trials: list[Trial] = field(default_factory=list)
+    capped_at: int | None = None   # the training split's size, when the search reached it
+
+    def knee(self, within: float = 0.1) -> int | None:
+        """The smallest size whose samples/s is within ``within`` of the best measured: where
+        throughput stops rising."""
+        rated = [t for t in self.trials if t.fits and t.samples_per_s]
+        if not rated:
+            return None
+        best = max(t.samples_per_s for t in rated)
+        return min(t.batch_size for t in rated if t.samples_per_s >= (1 - within) * best)
+
+
+def mib(n: float) -> str:
+    return f"{n / 2**20:,.1f} MiB" if n >= 2**20 else f"{n / 2**10:,.1f} KiB"
 
 
 def _release() -> None:
@@ -61,10 +79,47 @@ def step_peak(p: Params, n_in: int, n_out: int, task: str, batch_size: int, devi
             torch.cuda.empty_cache()
 
 
+def step_rate(p: Params, n_in, n_out: int, task: str, batch_size: int, device: torch.device,
+              min_seconds: float = 0.2, max_steps: int = 20) -> float:
+    """Samples per second of real optimizer steps at ``batch_size`` (after two warm-up steps)."""
+    import time
+    from ..core.engine import make_optimizer
+    from ..core.system import sync
+    torch.manual_seed(0)
+    model = build_model(p.model, n_in, n_out).to(device)
+    shape = (n_in,) if isinstance(n_in, int) else tuple(n_in)
+    opt, criterion = make_optimizer(p.train, model, p.train.lr), loss_fn(task)
+    try:
+        x = torch.randn(batch_size, *shape, device=device)
+        y = (torch.randint(0, n_out, (batch_size,), device=device) if task == "classification"
+             else torch.randn(batch_size, 1, device=device))
+
+        def step():
+            opt.zero_grad(set_to_none=True)
+            criterion(model(x), y).backward()
+            opt.step()
+        for _ in range(2):
+            step()
+        sync(device)
+        t0, steps = time.perf_counter(), 0
+        while steps < 3 or (steps < max_steps and time.perf_counter() - t0 < min_seconds):
+            step()
+            steps += 1
+        sync(device)
+        return batch_size * steps / (time.perf_counter() - t0)
+    finally:
+        del model, opt
+        _release()
+
+
 def find(p: Params, n_in: int, n_out: int, task: str, device: torch.device, start: int, limit: int,
-         budget_bytes: int | None, log=print) -> Found:
+         budget_bytes: int | None, log=print, n_train: int | None = None, rate: bool = True) -> Found:
+    """``n_train``: the training split's size, above which a batch is never needed (the search
+    stops there); ``rate``: measure samples/s at each size that fits."""
     check_arguments(device, start, limit, budget_bytes)
     found = Found(None, None)
+    if n_train is not None and limit > n_train:
+        limit, found.capped_at = max(n_train, start), n_train
     per_sample: float | None = None
 
     def attempt(bs: int) -> bool:
@@ -89,8 +144,15 @@ def find(p: Params, n_in: int, n_out: int, task: str, device: torch.device, star
         if found.largest is None or bs > found.largest:
             per_sample = peak / bs  # the largest measured step predicts best
         fits = budget_bytes is None or peak <= budget_bytes
-        found.trials.append(Trial(bs, fits, peak))
-        log(f"  batch size {bs}: peak {peak / 2**20:,.1f} MiB {'fits' if fits else 'over budget'}")
+        speed = None
+        if fits and rate:
+            try:
+                speed = step_rate(p, n_in, n_out, task, bs, device)
+            except torch.cuda.OutOfMemoryError:  # the optimizer's state on top of the step: no rate
+                torch.cuda.empty_cache()
+        found.trials.append(Trial(bs, fits, peak, samples_per_s=speed))
+        log(f"  batch size {bs}: peak {mib(peak)} {'fits' if fits else 'over budget'}"
+            + (f", {speed:,.0f} samples/s" if speed else ""))
         if fits and (found.largest is None or bs > found.largest):
             found.largest, found.peak_bytes = bs, peak
         return fits
@@ -155,12 +217,15 @@ def run(ctx, start: int, limit: int, budget_mb: float | None) -> Found:
     with tool_run(ctx, "find-batch-size", p.flat() | {"start": start, "max": limit, "memory_budget_mb": budget_mb,
                                                       "device": str(device)}) as rec:
         found = find(p, tuple(manifest.get("sample_shape") or [manifest["n_features"]]), n_out, task, device,
-                     start, limit, budget)
+                     start, limit, budget, n_train=manifest["splits"]["train"]["n"])
         for t in found.trials:
             if t.peak_bytes:
                 rec.log_metrics({"trial/peak_bytes": t.peak_bytes}, step=t.batch_size)
+            if t.samples_per_s:
+                rec.log_metrics({"trial/samples_per_s": t.samples_per_s}, step=t.batch_size)
         if found.largest is not None:
             rec.log_metrics({"largest_batch_size": found.largest, "largest_peak_bytes": found.peak_bytes})
         rec.log_dict({"trials": [t.__dict__ for t in found.trials],
-                      "largest": found.largest, "peak_bytes": found.peak_bytes}, "find_batch_size.json")
+                      "largest": found.largest, "peak_bytes": found.peak_bytes, "knee": found.knee(),
+                      "capped_at": found.capped_at}, "find_batch_size.json")
     return found

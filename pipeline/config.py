@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from pathlib import Path
 from typing import Any, Literal
 
@@ -128,6 +129,10 @@ class TrainParams(_Section):
     epochs: int = Field(10, ge=1)
     optimizer: Literal["sgd", "adam"] = "adam"
     lr: float = Field(1e-3, gt=0)
+    # Learning rates tried at every batch size, each with every seed: each batch size is then
+    # judged at its own best (chosen on validation), as Shallue et al. (2018) compare batch sizes.
+    # Empty: every run trains at ``lr``. lr_scaling, when set, scales each of them.
+    lr_grid: tuple[float, ...] = ()
     momentum: float = Field(0.0, ge=0, lt=1)
     weight_decay: float = Field(0.0, ge=0)
     # Repeats: every batch size trains once per seed (model initialisation and batch order);
@@ -136,6 +141,9 @@ class TrainParams(_Section):
     # The seed of one run, set from ``seeds`` for each (never in params.yaml; not dumped).
     seed: int = Field(0, ge=0, exclude=True)
     drop_last: bool = False
+    # Each epoch a seeded permutation of the training split; false reads it in its stored order
+    # every epoch: the control that measures what shuffling does (compare two sweeps' reports).
+    shuffle: bool = True
     device: Literal["auto", "cpu", "cuda"] = "auto"
     # torch intra-op threads; 0: one for small steps, all cores from batch x parameters >= 16M, one on a GPU
     # (system.set_threads).
@@ -212,9 +220,29 @@ class TrainParams(_Section):
             raise ValueError("needs distinct non-negative integers, at least one")
         return v
 
-    def for_seed(self, seed: int) -> "TrainParams":
-        """The params of one run of the sweep."""
-        return self.model_copy(update={"seed": seed})
+    @field_validator("lr_grid", mode="before")
+    @classmethod
+    def _lr_list(cls, v: Any) -> Any:
+        if isinstance(v, (int, float)) and not isinstance(v, bool):
+            return (v,)
+        if isinstance(v, str):
+            return tuple(s.strip() for s in v.strip("[]").split(",") if s.strip())
+        return v
+
+    @field_validator("lr_grid")
+    @classmethod
+    def _lr_grid(cls, v: tuple[float, ...]) -> tuple[float, ...]:
+        if any(not (lr > 0 and math.isfinite(lr)) for lr in v) or len(set(v)) != len(v):
+            raise ValueError("needs distinct positive learning rates (or [] for train.lr alone)")
+        return tuple(sorted(v))
+
+    def trials(self, seeds: tuple[int, ...] | None = None) -> list[tuple[float | None, int]]:
+        """Every (learning rate, seed) a batch size trains, the learning rate None without a grid."""
+        return [(lr, s) for lr in (self.lr_grid or (None,)) for s in (seeds or self.seeds)]
+
+    def for_run(self, seed: int, lr: float | None = None) -> "TrainParams":
+        """The params of one run of the sweep: its seed, and its learning rate from the grid."""
+        return self.model_copy(update={"seed": seed} | ({} if lr is None else {"lr": lr}))
 
 
 class TrackingParams(_Section):
@@ -231,8 +259,9 @@ class EvaluateParams(_Section):
 
 
 class CompareParams(_Section):
-    # Steps-to-target leaves perfect scaling when measured > (1 + margin) x ideal.
-    scaling_margin: float = Field(0.5, gt=0)
+    # The memory a training step may hold: the recommendation names the largest batch that fits
+    # it, from the step memory measured across the sweep.
+    memory_mb: float = Field(4096, gt=0)
 
 
 class Params(_Section):

@@ -50,21 +50,28 @@ class Context:
     def data_dir(self) -> Path:
         return self.workdir / DATA_DIR
 
-    def train_dir(self, batch_size: int, seed: int | None = None) -> Path:
-        """A train stage's folder, or with ``seed`` the folder of one of its runs."""
-        folder = self.workdir / OUT_DIR / "train" / f"bs{batch_size}"
-        return folder if seed is None else folder / f"seed{seed}"
+    def train_dir(self, batch_size: int, seed: int | None = None, lr: float | None = None) -> Path:
+        """A train stage's folder, or with ``seed`` the folder of one of its runs:
+        ``bs<B>/seed<S>``, or ``bs<B>/lr<lr>/seed<S>`` in a sweep with a learning-rate grid."""
+        return self._run_dir("train", batch_size, seed, lr)
 
-    def eval_dir(self, batch_size: int, seed: int | None = None) -> Path:
-        folder = self.workdir / OUT_DIR / "evaluate" / f"bs{batch_size}"
-        return folder if seed is None else folder / f"seed{seed}"
+    def eval_dir(self, batch_size: int, seed: int | None = None, lr: float | None = None) -> Path:
+        return self._run_dir("evaluate", batch_size, seed, lr)
+
+    def _run_dir(self, stage: str, batch_size: int, seed: int | None, lr: float | None) -> Path:
+        folder = self.workdir / OUT_DIR / stage / f"bs{batch_size}"
+        if seed is None:
+            return folder
+        if lr is not None and self.params.train.lr_grid:
+            folder = folder / f"lr{lr:g}"
+        return folder / f"seed{seed}"
 
     @property
     def compare_dir(self) -> Path:
         return self.workdir / OUT_DIR / "compare"
 
-    def checkpoint(self, batch_size: int, seed: int) -> Path:
-        return self.workdir / CHECKPOINT_DIR / f"bs{batch_size}-s{seed}.pt"
+    def checkpoint(self, batch_size: int, seed: int, lr: float | None = None) -> Path:
+        return self.workdir / CHECKPOINT_DIR / f"{run_name(batch_size, seed, lr)}.pt"
 
     def run_tags(self) -> dict[str, str]:
         """What a run needs to be reproduced, besides its params. ``git_dirty`` and the code hash
@@ -85,6 +92,11 @@ class Context:
         if self.env.get("DVC_EXP_NAME"):
             tags["dvc.exp_name"] = self.env["DVC_EXP_NAME"]
         return tags
+
+
+def run_name(batch_size: int, seed: int, lr: float | None = None) -> str:
+    """A run's name: ``bs64-s0``, or ``bs64-lr0.002-s0`` in a sweep with a learning-rate grid."""
+    return f"bs{batch_size}-s{seed}" if lr is None else f"bs{batch_size}-lr{lr:g}-s{seed}"
 
 
 def _command() -> str:

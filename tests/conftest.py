@@ -210,7 +210,7 @@ def check_published(uri: str, proj: Path, experiment: str = "test") -> dict[str,
         if r.data.tags.get("batchlab.role") == "train":
             assert r.data.tags["batchlab.record"] not in by_record, "a record published twice"
             by_record[r.data.tags["batchlab.record"]] = r
-    folders = sorted((proj / "outputs" / "train").glob("bs*/seed*"))
+    folders = sorted(f.parent for f in (proj / "outputs" / "train").rglob("run.json"))  # bs*/seed*, bs*/lr*/seed*
     points = 0
     for folder in folders:
         record = json.loads((folder / "run.json").read_text())

@@ -114,8 +114,8 @@ def test_make_run_then_the_documented_commands_keep_dvc_and_mlflow_agreeing(clon
                clone, env=env).stdout.splitlines()
     assert max(len(line) for line in shown) <= 120 and "…" not in "\n".join(shown)
     header = next(line for line in shown if "Experiment" in line)
-    assert "train.batch_sizes" in header and ("cbs_noise" in header or "best_acc" in header)
-    assert "best_acc" in sh(["dvc", "metrics", "show", "--json"], clone).stdout
+    assert "train.batch_sizes" in header and "rec_bs" in header
+    assert "rec_acc" in sh(["dvc", "metrics", "show", "--json"], clone).stdout
     sh(["dvc", "plots", "show"], clone)
     assert (clone / "dvc_plots" / "index.html").is_file()
 

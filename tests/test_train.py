@@ -325,3 +325,48 @@ def test_subnormals_are_flushed_on_every_thread_of_a_training_process(tmp_path, 
     out = subprocess.run([sys.executable, "-c", PROBE], cwd=proj, env=env_for(proj), check=True,
                          capture_output=True, text=True).stdout
     assert int(out.split()[-1]) == (0 if flush else 1 << 22)
+
+
+def test_a_learning_rate_grid_trains_every_rate_and_compares_each_batch_size_at_its_best(ctx_factory):
+    """train.lr_grid adds an axis: every (batch size, lr, seed) is a run of its own, in its own
+    folder and MLflow run, once; compare picks each batch size's rate on validation alone and
+    reports the sweep at those rates."""
+    import csv
+    import statistics
+    from conftest import check_published
+
+    grid = [0.001, 0.01]
+    ctx = ctx_factory({"train": {"lr_grid": grid, "seeds": [0, 1], "batch_sizes": [64]}})
+    prepare.run(ctx)
+    for bs in ctx.params.train.batch_sizes:
+        summaries = train.run(ctx, bs)
+        assert [(s["lr"], s["seed"]) for s in summaries] == [(lr, s) for lr in grid for s in (0, 1)]
+        evaluate.run(ctx, bs)
+    compare.run(ctx)
+
+    assert (ctx.workdir / "outputs/train/bs64/lr0.01/seed1/model.pt").is_file()
+    assert check_published(_uri(ctx), ctx.workdir)["train_runs"] == 4
+    _, runs = runs_of(_uri(ctx))
+    children = [r for r in runs if r.data.tags.get("batchlab.role") == "train"]
+    assert sorted(r.info.run_name for r in children) == sorted(
+        f"bs64-lr{lr:g}-s{s}" for lr in grid for s in (0, 1))
+    assert {(r.data.params["lr"], r.data.tags["batchlab.lr"]) for r in children} == {("0.001", "0.001"), ("0.01", "0.01")}
+
+    # The choice, recomputed from the validation figures alone.
+    want = {}
+    for bs in (64,):
+        val = {lr: statistics.fmean(read_json(ctx.train_dir(bs, s, lr) / "summary.json")["final_val_acc"]
+                                    for s in (0, 1)) for lr in grid}
+        want[bs] = max(grid, key=lambda lr: val[lr])
+    metrics = read_json(ctx.compare_dir / "metrics.json")
+    assert metrics["best_lr"] == {str(bs): lr for bs, lr in want.items()}
+    with (ctx.compare_dir / "sweep.csv").open() as fh:
+        assert {int(r["batch_size"]): float(r["lr"]) for r in csv.DictReader(fh)} == want
+    with (ctx.compare_dir / "runs.csv").open() as fh:
+        assert len(list(csv.DictReader(fh))) == 4
+    parent = next(r for r in runs if r.data.tags.get("batchlab.role") == "sweep")
+    assert {k: v for k, v in parent.data.metrics.items() if k.startswith("sweep/best_lr_bs")} == {
+        f"sweep/best_lr_bs{bs}": lr for bs, lr in want.items()}
+    report = (ctx.compare_dir / "report.html").read_text()
+    assert "chosen on the validation split" in report and "<th>lr 0.01</th>" in report
+    assert report.index("Use batch size") < report.index("Conclusions")

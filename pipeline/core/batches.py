@@ -12,11 +12,14 @@ from .data import Split
 from .dist import Dist
 
 
-def epoch_permutation(seed: int, epoch: int, n: int, device: torch.device) -> torch.Tensor:
+def epoch_permutation(seed: int, epoch: int, n: int, device: torch.device, shuffle: bool = True) -> torch.Tensor:
     """The order of epoch ``epoch``: a function of (seed, epoch) alone, so a resumed run
-    continues the same order without replaying earlier epochs."""
-    gen = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-    order = torch.randperm(n, generator=gen)
+    continues the same order without replaying earlier epochs. Without ``shuffle`` (the
+    control that measures what shuffling does) every epoch reads the split in its stored order."""
+    if shuffle:
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
+    else:
+        order = torch.arange(n)
     if device.type == "cuda":  # a copy from pinned memory does not wait for the queued steps
         return order.pin_memory().to(device, non_blocking=True)
     return order.to(device)
@@ -29,14 +32,14 @@ def batch_bounds(n: int, batch_size: int, drop_last: bool) -> int:
 class EpochSampler(torch.utils.data.Sampler[int]):
     """DataLoader sampler yielding the same order as the tensor path (``set_epoch`` per epoch)."""
 
-    def __init__(self, n: int, seed: int):
-        self.n, self.seed, self.epoch = n, seed, 0
+    def __init__(self, n: int, seed: int, shuffle: bool = True):
+        self.n, self.seed, self.epoch, self.shuffle = n, seed, 0, shuffle
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
     def __iter__(self) -> Iterator[int]:
-        return iter(epoch_permutation(self.seed, self.epoch, self.n, torch.device("cpu")).tolist())
+        return iter(epoch_permutation(self.seed, self.epoch, self.n, torch.device("cpu"), self.shuffle).tolist())
 
     def __len__(self) -> int:
         return self.n
@@ -47,8 +50,8 @@ class EpochBatchSampler(torch.utils.data.Sampler[list[int]]):
     the tensor path, so a streamed run trains on the same batches (and resumes mid-epoch
     without reading the batches before its checkpoint)."""
 
-    def __init__(self, n: int, seed: int, batch_size: int, drop_last: bool):
-        self.n, self.seed, self.batch_size = n, seed, batch_size
+    def __init__(self, n: int, seed: int, batch_size: int, drop_last: bool, shuffle: bool = True):
+        self.n, self.seed, self.batch_size, self.shuffle = n, seed, batch_size, shuffle
         self.per_epoch = batch_bounds(n, batch_size, drop_last)
         self.epoch, self.start = 0, 0
 
@@ -56,7 +59,7 @@ class EpochBatchSampler(torch.utils.data.Sampler[list[int]]):
         self.epoch, self.start = epoch, start
 
     def __iter__(self) -> Iterator[list[int]]:
-        order = epoch_permutation(self.seed, self.epoch, self.n, torch.device("cpu"))
+        order = epoch_permutation(self.seed, self.epoch, self.n, torch.device("cpu"), self.shuffle)
         for b in range(self.start, self.per_epoch):
             yield order[b * self.batch_size:(b + 1) * self.batch_size].tolist()
 
@@ -103,7 +106,7 @@ class Batches:
             # Larger than train.memory_budget_mb: batches are read from the file by DataLoader
             # workers (train.num_workers), pinned for the copy to a GPU, workers kept across epochs.
             self.data = data
-            self.sampler = EpochBatchSampler(self.n, p.seed, batch_size, p.drop_last)
+            self.sampler = EpochBatchSampler(self.n, p.seed, batch_size, p.drop_last, p.shuffle)
             self.loader = torch.utils.data.DataLoader(
                 StreamedRows(data, dist.rank, dist.world), batch_size=None, sampler=self.sampler,
                 num_workers=p.num_workers, pin_memory=p.pin_memory and device.type == "cuda",
@@ -113,7 +116,7 @@ class Batches:
             self._plan()
         else:
             self.data = data
-            self.sampler = EpochSampler(self.n, p.seed)
+            self.sampler = EpochSampler(self.n, p.seed, p.shuffle)
             self.loader = torch.utils.data.DataLoader(
                 torch.utils.data.TensorDataset(data.x, data.y), batch_size=batch_size,
                 sampler=self.sampler, drop_last=p.drop_last, num_workers=p.num_workers,
@@ -157,7 +160,7 @@ class Batches:
         A step is done with its batch before it asks for the next, so a chunk is refilled only
         when all of its batches are done. Chunks start at the same batches whatever ``start``,
         so a resumed epoch sees each batch at the same place as an uninterrupted one."""
-        rows = epoch_permutation(self.p.seed, epoch, self.n, self.device)[self._take]
+        rows = epoch_permutation(self.p.seed, epoch, self.n, self.device, self.p.shuffle)[self._take]
         k = self._per_chunk
         for first in range(start - start % k, self.per_epoch, k):
             chunk = self._bounds[first:first + k]

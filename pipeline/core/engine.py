@@ -188,17 +188,17 @@ class Pending:
         self.loss: list[torch.Tensor] = []
         self.correct: list[torch.Tensor] = []
         self.noise: list[tuple[int, torch.Tensor]] = []  # (0-based index of the step, B_simple)
-        self.host: list[tuple[int, int, int, float, float]] = []  # step, samples, batch, lr, time
+        self.host: list[tuple[int, int, int, float, float, float]] = []  # step, samples, batch, lr, time, seconds
 
     def __len__(self) -> int:
         return len(self.host)
 
-    def add(self, step: int, samples: int, batch: int, lr: float, t: float,
+    def add(self, step: int, samples: int, batch: int, lr: float, t: float, seconds: float,
             loss: torch.Tensor, correct: torch.Tensor | None) -> None:
         self.loss.append(loss.detach())
         if correct is not None:
             self.correct.append(correct)
-        self.host.append((step, samples, batch, lr, t))
+        self.host.append((step, samples, batch, lr, t, seconds))
 
     def drain(self, world: int) -> tuple[StepChunk, list[tuple[int, float]]]:
         """The pending steps as a chunk, and the noise-scale values at the samples seen after
@@ -208,8 +208,8 @@ class Pending:
             stacked = torch.cat([stacked, torch.stack(self.correct).to(torch.float64)])
         values = all_sum(stacked, world).tolist()  # per-rank shares -> global figures
         n, m = len(self.loss), len(self.correct)
-        step, samples, batch, lr, t = (list(col) for col in zip(*self.host))
-        chunk = StepChunk(step, samples, values[:n], [int(round(c)) for c in values[n:n + m]], batch, lr, t)
+        step, samples, batch, lr, t, seconds = (list(col) for col in zip(*self.host))
+        chunk = StepChunk(step, samples, values[:n], [int(round(c)) for c in values[n:n + m]], batch, lr, t, seconds)
         # Noise values are one rank's (never all-reduced): read in one more transfer, not one each.
         ratios = torch.stack([v for _, v in self.noise]).double().tolist() if self.noise else []
         noise = [(samples[index + 1 - step[0]], v) for (index, _), v in zip(self.noise, ratios)]
@@ -383,7 +383,7 @@ class Trainer:
         s.step, s.samples, s.seconds = s.step + 1, s.samples + n_b, s.seconds + seconds
         s.epoch, s.batch = (s.epoch + 1, 0) if b + 1 == self.per_epoch else (s.epoch, b + 1)
         correct = (out.argmax(1) == yb).sum() if self.task == "classification" else None
-        self.pending.add(s.step, s.samples, n_b, self.lr, t, loss, correct)
+        self.pending.add(s.step, s.samples, n_b, self.lr, t, seconds, loss, correct)
 
     def flush(self) -> None:
         if not len(self.pending):

@@ -2,6 +2,7 @@
 the loop, its checkpoints and the MLflow sink alike."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, fields
 from typing import Any
 
@@ -16,6 +17,9 @@ class StepChunk:
     batch: list[int]         # samples in the batch
     lr: list[float]
     time: list[float]        # wall clock (time.time()) at the end of the step
+    # The step's own seconds (validation and checkpoints excluded): its median is the steady
+    # rate, which a short run's total (start-up included) is not.
+    seconds: list[float] = field(default_factory=list)
 
 
 STEP_FIELDS = tuple(f.name for f in fields(StepChunk))
@@ -30,6 +34,7 @@ class History:
     batch: list[int] = field(default_factory=list)
     lr: list[float] = field(default_factory=list)
     time: list[float] = field(default_factory=list)
+    seconds: list[float] = field(default_factory=list)
     evals: list[dict] = field(default_factory=list)
     noise: list[tuple[int, float]] = field(default_factory=list)  # (samples, B_simple)
 
@@ -47,5 +52,6 @@ class History:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         for name in (*STEP_FIELDS, "evals"):
-            setattr(self, name, list(state[name]))
+            # A checkpoint written before step seconds were recorded: unknown (nan) for its steps.
+            setattr(self, name, list(state.get(name, [math.nan] * len(state["step"]))))
         self.noise = [tuple(x) for x in state["noise"]]

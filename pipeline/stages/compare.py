@@ -5,7 +5,7 @@ from pathlib import Path
 from typing import Any
 
 from ..analysis import report
-from ..analysis.stats import FIGURES, aggregate, conclusions, dvc_metrics, summary_metrics
+from ..analysis.stats import FIGURES, aggregate, choose_lr, conclusions, dvc_metrics, summary_metrics
 from ..config import DataError
 from ..context import Context, read_json, read_manifest, write_atomic, write_json
 
@@ -17,25 +17,38 @@ def _need(path: Path, stage: str) -> Path:
 
 
 def collect(ctx: Context, sweep_key: str | None = None) -> list[dict[str, Any]]:
-    """One row per run (batch size, seed) of the sweep. With ``sweep_key``, every training output
-    must belong to that sweep: a report never mixes runs of two sweeps."""
+    """One row per run (batch size, learning rate, seed) of the sweep. With ``sweep_key``, every
+    training output must belong to that sweep: a report never mixes runs of two sweeps."""
     runs = []
     for bs in ctx.params.train.batch_sizes:
-        for seed in ctx.params.train.seeds:
-            summary = read_json(_need(ctx.train_dir(bs, seed) / "summary.json", f"train@{bs}"))
-            metrics = read_json(_need(ctx.eval_dir(bs, seed) / "metrics.json", f"evaluate@{bs}"))
-            info = ctx.train_dir(bs, seed) / "run.json"
+        for lr, seed in ctx.params.train.trials():
+            folder = ctx.train_dir(bs, seed, lr)
+            summary = read_json(_need(folder / "summary.json", f"train@{bs}"))
+            metrics = read_json(_need(ctx.eval_dir(bs, seed, lr) / "metrics.json", f"evaluate@{bs}"))
+            info = folder / "run.json"
             if sweep_key and info.is_file() and read_json(info).get("sweep_key") != sweep_key:
-                raise DataError(f"{ctx.train_dir(bs, seed)} was trained for another sweep than params.yaml "
+                raise DataError(f"{folder} was trained for another sweep than params.yaml "
                                 f"describes; rerun train@{bs} (dvc repro)")
-            runs.append({**summary, **{k: v for k, v in metrics.items() if k not in ("batch_size", "seed")},
-                         "batch_size": bs, "seed": seed})
+            runs.append({**summary, **{k: v for k, v in metrics.items() if k not in ("batch_size", "seed", "lr")},
+                         "batch_size": bs, "seed": seed, "lr": summary.get("lr", ctx.params.train.lr),
+                         "noise_at_target": noise_at_target(folder / "noise.csv", summary.get("samples_to_target"))})
     return runs
 
 
-RUN_COLUMNS = ("batch_size", "seed", "test_acc", "test_mse", "test_loss", "throughput", "train_seconds",
+def noise_at_target(path: Path, samples: int | None) -> float | None:
+    """The run's gradient noise scale where it reached the target: its last positive estimate at
+    or before that many samples (an estimate <= 0 is not measurable)."""
+    if samples is None or not path.is_file():
+        return None
+    from ..analysis.stats import read_csv
+    cols = read_csv(path)
+    values = [v for n, v in zip(cols.get("samples", []), cols.get("b_simple", [])) if n <= samples and v > 0]
+    return values[-1] if values else None
+
+
+RUN_COLUMNS = ("batch_size", "lr", "seed", "final_val_acc", "final_val_loss", "test_acc", "test_mse", "test_loss", "throughput", "train_seconds",
                "time_to_target_s", "steps_to_target", "step_memory_bytes", "peak_memory_bytes", "noise_scale",
-               "loss_noise", "weight", "bias")
+               "noise_at_target", "loss_noise", "weight", "bias")
 
 
 def _csv(rows: list[dict[str, Any]], columns: list[str]) -> str:
@@ -47,24 +60,30 @@ def run(ctx: Context) -> dict[str, Any]:
     p = ctx.params
     manifest = read_manifest(ctx.data_dir)
     key = p.sweep_key(manifest["data_hash"])
-    runs = collect(ctx, key)
-    rows = aggregate(runs)
+    every = collect(ctx, key)
     task = manifest["task"]
+    # Each batch size at its own best learning rate (validation only); without a grid, its one rate.
+    chosen = choose_lr(every, p.train.target_metric)
+    runs = [r for r in every if r["lr"] == chosen[r["batch_size"]]["lr"]]
+    rows = aggregate(runs)
+    lrs = {bs: c["lr"] for bs, c in chosen.items()} if p.train.lr_grid else None
     out = ctx.compare_dir
-    concl = conclusions(rows, task, p.compare.scaling_margin)
+    concl = conclusions(rows, runs, task, n_train=manifest["splits"]["train"]["n"],
+                        budget_bytes=p.compare.memory_mb * 2**20)
+    concl["lr_choice"] = chosen if p.train.lr_grid else None
     ctx.check_params_unchanged("compare")
-    images = report.make_plots(ctx, rows, runs, task)
+    images = report.make_plots(ctx, rows, runs, task, concl)
     present = [k for k in FIGURES if any(k in r for r in rows)]
-    write_atomic(out / "sweep.csv", _csv(rows, ["batch_size", "n", "reached"] +
+    write_atomic(out / "sweep.csv", _csv(rows, ["batch_size", "lr", "n", "reached"] +
                                          [c for k in present for c in (k, f"{k}_ci")]))
-    write_atomic(out / "runs.csv", _csv(runs, [c for c in RUN_COLUMNS if any(c in r for r in runs)]))
-    write_json(out / "metrics.json", dvc_metrics(concl))
+    write_atomic(out / "runs.csv", _csv(every, [c for c in RUN_COLUMNS if any(c in r for r in every)]))
+    write_json(out / "metrics.json", dvc_metrics(concl, lrs))
     write_atomic(out / "report.html", report.html(ctx, rows, runs, concl, images, manifest))
     files = ["sweep.csv", "runs.csv", "metrics.json", "report.html", *[img.name for img, _ in images]]
     # What the sweep's parent run shows, as a record of its own (pipeline.tracking publishes it).
     write_json(out / "summary.json", {
-        "sweep_key": key, "metrics": summary_metrics(concl), "rows": rows, "figures": list(FIGURES), "files": files,
-        "tags": {"batchlab.compare.scaling_margin": p.compare.scaling_margin,
+        "sweep_key": key, "metrics": summary_metrics(concl, lrs), "rows": rows, "figures": list(FIGURES), "files": files,
+        "tags": {"batchlab.recommendation": report.recommendation_text(ctx, concl, task),
                  "batchlab.batch_sizes": list(p.train.batch_sizes), "batchlab.seeds": list(p.train.seeds)}})
     from ..tracking.sweep import publish_sweep
     publish_sweep(ctx)

@@ -21,8 +21,8 @@ def predict(model, x, batch_size: int):
             if len(x) else torch.empty(0)
 
 
-def load_trained(ctx: Context, batch_size: int, seed: int, shape, n_out: int):
-    path = ctx.train_dir(batch_size, seed) / "model.pt"
+def load_trained(ctx: Context, batch_size: int, seed: int, shape, n_out: int, lr: float | None = None):
+    path = ctx.train_dir(batch_size, seed, lr) / "model.pt"
     if not path.is_file():
         raise DataError(f"{path} not found: train batch size {batch_size} first (dvc repro train@{batch_size})")
     model = build_model(ctx.params.model, shape, n_out)
@@ -32,25 +32,25 @@ def load_trained(ctx: Context, batch_size: int, seed: int, shape, n_out: int):
 
 def run(ctx: Context, batch_size: int) -> list[dict[str, Any]]:
     data = load_prepared(ctx.data_dir, ("test",))
-    results = [run_one(ctx, data, batch_size, seed) for seed in ctx.params.train.seeds]
+    results = [run_one(ctx, data, batch_size, seed, lr) for lr, seed in ctx.params.train.trials()]
     ctx.check_params_unchanged(f"evaluate@{batch_size}")  # the stage fails: dvc.lock records nothing
     for metrics in results:
-        write_json(ctx.eval_dir(batch_size, metrics["seed"]) / "metrics.json", metrics)
+        write_json(ctx.eval_dir(batch_size, metrics["seed"], metrics.get("lr")) / "metrics.json", metrics)
     from ..tracking.sweep import publish_sweep
     publish_sweep(ctx)
     return results
 
 
-def run_one(ctx: Context, data, batch_size: int, seed: int) -> dict[str, Any]:
-    """The seed's test loss and figures (and a linear model's weights); its figure files written."""
-    model = load_trained(ctx, batch_size, seed, data.sample_shape, data.n_outputs)
+def run_one(ctx: Context, data, batch_size: int, seed: int, lr: float | None = None) -> dict[str, Any]:
+    """The run's test loss and figures (and a linear model's weights); its figure files written."""
+    model = load_trained(ctx, batch_size, seed, data.sample_shape, data.n_outputs, lr)
     test = data.test
     out = predict(model, test.x, ctx.params.evaluate.batch_size)
-    record = ctx.train_dir(batch_size, seed) / "run.json"
-    metrics: dict[str, Any] = {"batch_size": batch_size, "seed": seed,
+    record = ctx.train_dir(batch_size, seed, lr) / "run.json"
+    metrics: dict[str, Any] = {"batch_size": batch_size, "seed": seed, **({} if lr is None else {"lr": lr}),
                                "test_loss": float(loss_fn(data.task)(out, test.y)),
                                "train_record": read_json(record)["record"] if record.is_file() else None}
-    folder = ctx.eval_dir(batch_size, seed)
+    folder = ctx.eval_dir(batch_size, seed, lr)
     folder.mkdir(parents=True, exist_ok=True)
     if data.task == "classification":
         metrics |= score(data.task, test.y.numpy(), out.argmax(1).numpy(), folder)[0]

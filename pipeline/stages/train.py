@@ -17,7 +17,7 @@ from tqdm import tqdm
 
 from ..core import dist
 from ..config import ParamsError
-from ..context import Context, param_text, swap_dir, write_atomic, write_json
+from ..context import Context, param_text, run_name, swap_dir, write_atomic, write_json
 from ..core.data import Prepared, load_prepared, streams
 from ..core.engine import Checkpoint, FitResult, NullSink, eval_interval, fit, scaled_lr
 from ..core.batches import batch_bounds
@@ -38,15 +38,20 @@ class Job:
     dist: dist.Dist
     sweep_key: str
     checkpoint: Checkpoint
+    lr: float | None = None  # the grid's learning rate of this run; None: train.lr (no grid)
 
     @property
     def train(self):
-        """The train params of this run (its seed set)."""
-        return self.ctx.params.train.for_seed(self.seed)
+        """The train params of this run (its seed and learning rate set)."""
+        return self.ctx.params.train.for_run(self.seed, self.lr)
 
     @property
     def name(self) -> str:
-        return f"bs{self.batch_size}-s{self.seed}"
+        return run_name(self.batch_size, self.seed, self.lr)
+
+    @property
+    def out(self) -> Path:
+        return self.ctx.train_dir(self.batch_size, self.seed, self.lr)
 
     @property
     def per_epoch(self) -> int:
@@ -65,8 +70,8 @@ def check_batch_size(ctx: Context, batch_size: int, n_train: int) -> None:
                           f"(allowed: at most {n_train}, the training split's size)")
 
 
-def prepare_jobs(ctx: Context, batch_size: int, seeds: tuple[int, ...]) -> list[Job]:
-    """Everything checked and placed before any run is created: one job per seed."""
+def prepare_jobs(ctx: Context, batch_size: int, seeds: tuple[int, ...] | None = None) -> list[Job]:
+    """Everything checked and placed before any run is created: one job per (learning rate, seed)."""
     # Before any parallel work: OpenMP's threads take the setting from the thread that starts them.
     set_flush_denormal(ctx.params.train.flush_denormal)
     data = load_prepared(ctx.data_dir, ("train", "val"),
@@ -85,15 +90,16 @@ def prepare_jobs(ctx: Context, batch_size: int, seeds: tuple[int, ...]) -> list[
     set_threads(ctx.params.train.threads, work=-(-batch_size // d.world) * n_params, device=device.type)
     key = ctx.params.sweep_key(data.data_hash)
     return [Job(ctx, batch_size, seed, data, device, d, key,
-                Checkpoint(ctx.checkpoint(batch_size, seed),
-                           {"sweep": key, "batch_size": batch_size, "seed": seed, "world": d.world}))
-            for seed in seeds]
+                Checkpoint(ctx.checkpoint(batch_size, seed, lr),
+                           {"sweep": key, "batch_size": batch_size, "seed": seed, "world": d.world}
+                           | ({} if lr is None else {"lr": lr})), lr)
+            for lr, seed in ctx.params.train.trials(seeds)]
 
 
 def run(ctx: Context, batch_size: int, *, log_to_mlflow: bool = True,
         seeds: tuple[int, ...] | None = None) -> list[dict[str, Any]]:
-    """Every seed of the sweep at ``batch_size`` (or ``seeds``); the summaries, in that order."""
-    jobs = prepare_jobs(ctx, batch_size, seeds or ctx.params.train.seeds)
+    """Every (learning rate, seed) of the sweep at ``batch_size`` (or of ``seeds``); the summaries, in that order."""
+    jobs = prepare_jobs(ctx, batch_size, seeds)
     view = None
     if log_to_mlflow and jobs[0].dist.main:  # only rank 0 talks to MLflow and writes outputs
         from ..tracking.sweep import open_view
@@ -122,7 +128,7 @@ def run_one(job: Job, view=None) -> dict[str, Any]:
                 _ended(live, signals, "FAILED", f"{type(exc).__name__}: {exc}")
                 raise
         if live is not None and job.dist.main:
-            live.publish(job.ctx.train_dir(job.batch_size, job.seed), model)
+            live.publish(job.out, model)
         return summary
 
 
@@ -141,7 +147,7 @@ def _record(job: Job, meta: dict[str, Any]) -> dict[str, Any]:
     window = meta.get("window") or window_for(job.total_steps, t.max_points, t.full_history)
     return {"record": meta.get("record") or uuid.uuid4().hex, "created": meta.get("created") or _now(),
             "name": job.name, "sweep_key": job.sweep_key, "batch_size": job.batch_size, "seed": job.seed,
-            "window": window, "n_in": job.data.n_features, "n_out": job.data.n_outputs,
+            "lr": job.lr, "window": window, "n_in": job.data.n_features, "n_out": job.data.n_outputs,
             "sample_shape": list(job.data.sample_shape),
             "tags": job.ctx.run_tags(), "params": {k: param_text(v) for k, v in _run_params(job, window).items()}}
 
@@ -201,7 +207,7 @@ def _run_params(job: Job, window: int) -> dict[str, Any]:
     t = job.train
     shaping = {k: v for k, v in job.ctx.params.flat().items() if k.split(".")[0] in ("data", "model", "train")}
     return shaping | {
-        "batch_size": job.batch_size, "seed": job.seed, "data.hash": job.data.data_hash,
+        "batch_size": job.batch_size, "seed": job.seed, "lr": t.lr, "data.hash": job.data.data_hash,
         "lr_effective": scaled_lr(t, job.batch_size), "steps_per_epoch": job.per_epoch,
         "total_steps": job.total_steps, "eval_every_steps_effective": eval_interval(t, job.per_epoch),
         "log_window_steps": window, "device": device_name(job.device), "threads": threads(),
@@ -212,14 +218,22 @@ def _run_params(job: Job, window: int) -> dict[str, Any]:
 def _summary(job: Job, model: torch.nn.Module, result: FitResult, peak_bytes: int) -> dict[str, Any]:
     hist, t, target = result.history, job.train, result.target
     last = hist.evals[-1] if hist.evals else {}
+    full = [sec for sec, n in zip(hist.seconds, hist.batch) if n == job.batch_size and sec == sec]
+    step_s = float(np.median(full)) if full else None
     summary: dict[str, Any] = {
         "batch_size": job.batch_size,
         "seed": job.seed,
+        "lr": t.lr,
         "steps": result.steps,
         "samples": result.samples,
         "epochs": t.epochs,
         "train_seconds": result.train_seconds,
-        "throughput": result.samples / max(result.train_seconds, 1e-9),
+        # Samples per second of a steady step: the batch over the median step's seconds. The
+        # total (samples over train_seconds) counts start-up too and, for a run of a few dozen
+        # steps, varies more between seeds than between batch sizes.
+        "step_seconds": step_s,
+        "throughput": job.batch_size / step_s if step_s else result.samples / max(result.train_seconds, 1e-9),
+        "overall_throughput": result.samples / max(result.train_seconds, 1e-9),
         "peak_memory_bytes": peak_bytes,
         "step_memory_bytes": result.step_memory_bytes,
         "bytes_per_sample": result.step_memory_bytes / job.batch_size,
@@ -256,7 +270,7 @@ def _write_outputs(job: Job, model, result: FitResult, summary, record: dict[str
     import shutil
     import tempfile
 
-    out = job.ctx.train_dir(job.batch_size, job.seed)
+    out = job.out
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
@@ -280,7 +294,7 @@ def _write_files(out: Path, model, result: FitResult, summary, task) -> float:
     write_atomic(out / "model.pt", buf.getvalue())
     t0 = hist.time[0] - 1e-9 if hist.time else 0.0
     cols = {"step": hist.step, "samples": hist.samples, "batch": hist.batch, "loss": hist.loss, "lr": hist.lr,
-            "wall_s": [x - t0 for x in hist.time]}
+            "wall_s": [x - t0 for x in hist.time], "step_s": hist.seconds}
     if task == "classification":
         cols["batch_acc"] = [c / b for c, b in zip(hist.correct, hist.batch)]
     write_atomic(out / "steps.csv", _csv(cols))

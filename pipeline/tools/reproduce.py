@@ -46,6 +46,7 @@ def run(ctx: Context, run_id: str, log=print) -> bool:
         raise Refused(f"run {run_id} is not a training run (tag batchlab.role={recorded.data.tags.get('batchlab.role')!r})")
     params = parse_params(json.loads(read_artifact(client, run_id, "params.json")))
     batch_size, seed = int(recorded.data.params["batch_size"]), int(recorded.data.params["seed"])
+    lr = float(recorded.data.params["lr"]) if params.train.lr_grid else None
 
     _check_workspace(ctx, recorded, params)
 
@@ -58,8 +59,8 @@ def run(ctx: Context, run_id: str, log=print) -> bool:
     torch.manual_seed(seed)
     model = build_model(params.model, data.sample_shape, data.n_outputs)
     augment = BatchAugment(params.train.augment, seed) if params.train.augment else None
-    log(f"re-running {run_id}: batch size {batch_size}, seed {seed}, {recorded.data.params.get('total_steps')} steps")
-    result = fit(model, data.train, data.val, params.train.for_seed(seed), batch_size, data.task, device, NullSink(),
+    log(f"re-running {run_id}: batch size {batch_size}, seed {seed}{'' if lr is None else f', lr {lr:g}'}, {recorded.data.params.get('total_steps')} steps")
+    result = fit(model, data.train, data.val, params.train.for_run(seed, lr), batch_size, data.task, device, NullSink(),
                  augment=augment)
     return _compare(_recorded_steps(client, run_id), result.history, log)
 

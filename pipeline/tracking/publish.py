@@ -46,6 +46,7 @@ for _name in ("mlflow", "alembic"):
 
 TAG_ROLE, TAG_SWEEP, TAG_RECORD = "batchlab.role", "batchlab.sweep_key", "batchlab.record"
 TAG_BATCH, TAG_SEED, TAG_END = "batchlab.batch_size", "batchlab.seed", "batchlab.end_reason"
+TAG_LR = "batchlab.lr"  # a run of a learning-rate grid: its rate
 TAG_OWNER, PUBLISHED = "batchlab.owner", "batchlab.published."
 MAX_BATCH = 1000
 
@@ -185,7 +186,8 @@ class Store:
         mlflow.set_tracking_uri(self.uri)
         # The fluent run ends the run when left: the caller sets the final status after this.
         with mlflow.start_run(run_id=run_id):
-            mlflow.pytorch.log_model(model, name=record["name"], serialization_format="pt2",
+            # A logged model's name may not hold '.', which a grid run's learning rate does.
+            mlflow.pytorch.log_model(model, name=record["name"].replace(".", "_"), serialization_format="pt2",
                                      signature=infer_signature(example.numpy(), output.numpy()),
                                      input_example=example.numpy(),
                                      pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"])
@@ -297,7 +299,8 @@ class View(Store):
         size, seed): the older one goes to MLflow's trash, never counted side by side."""
         for run in self.client.search_runs([self.experiment_id], max_results=100, filter_string=(
                 f"tags.`{TAG_SWEEP}` = '{record['sweep_key']}' and tags.`{TAG_BATCH}` = '{record['batch_size']}' "
-                f"and tags.`{TAG_SEED}` = '{record['seed']}' and tags.`{TAG_ROLE}` = 'train'")):
+                f"and tags.`{TAG_SEED}` = '{record['seed']}' and tags.`{TAG_ROLE}` = 'train'"
+                + (f" and tags.`{TAG_LR}` = '{record['lr']!r}'" if record.get("lr") is not None else ""))):
             if run.info.run_id != keep and run.info.status != "RUNNING":
                 self.client.set_tag(run.info.run_id, "batchlab.superseded_by", keep)
                 self.client.delete_run(run.info.run_id)
@@ -308,7 +311,7 @@ class View(Store):
         if run.data.tags.get(PUBLISHED + "evaluate") == stamp:
             return
         named = {f"test/{k[5:]}" if k.startswith("test_") else f"model/{k}": v
-                 for k, v in metrics.items() if k not in ("batch_size", "seed", "train_record")}
+                 for k, v in metrics.items() if k not in ("batch_size", "seed", "lr", "train_record")}
         self._metrics(run, scalar_points(named, 0, int(os.path.getmtime(folder / "metrics.json") * 1000)))
         self._artifacts(run.info.run_id, [folder / n for n in EVAL_FILES], "evaluate")
         self.client.set_tag(run.info.run_id, PUBLISHED + "evaluate", stamp)
@@ -336,7 +339,7 @@ class View(Store):
 TRAIN_FILES = ("steps.csv", "evals.csv", "noise.csv", "summary.json", "model.pt")
 EVAL_FILES = ("metrics.json", "report.json", "predictions.csv", "evaluation.png")
 # Summary keys that are settings or bookkeeping, not results: params and tags hold them.
-_NOT_METRICS = ("batch_size", "seed", "epochs", "lr_effective", "world_size", "resumed_from_step")
+_NOT_METRICS = ("batch_size", "seed", "lr", "epochs", "lr_effective", "world_size", "resumed_from_step")
 
 
 def final_metrics(summary: dict[str, Any]) -> dict[str, float]:
@@ -358,7 +361,8 @@ def load_model(folder: Path, record: dict[str, Any]):
 def _train_tags(record: dict[str, Any], parent: str) -> dict[str, str]:
     return record["tags"] | {"mlflow.parentRunId": parent, TAG_RECORD: record["record"], TAG_ROLE: "train",
                              TAG_SWEEP: record["sweep_key"], TAG_BATCH: str(record["batch_size"]),
-                             TAG_SEED: str(record["seed"]), "mlflow.runColor": ui.batch_size_colour(record["batch_size"])}
+                             TAG_SEED: str(record["seed"]), "mlflow.runColor": ui.batch_size_colour(record["batch_size"])} \
+        | ({} if record.get("lr") is None else {TAG_LR: repr(record["lr"])})
 
 
 def owner_tags() -> dict[str, str]:

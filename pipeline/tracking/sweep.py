@@ -99,8 +99,8 @@ def _publish(view: View, ctx, manifest: dict[str, Any]) -> dict[str, int]:
     runs = {r.data.tags.get(TAG_RECORD): r for r in view.sweep_runs(key) if r.data.tags.get(TAG_ROLE) == "train"}
     counts, published = {"runs": 0, "evaluated": 0, "closed": 0}, set()
     for bs in ctx.params.train.batch_sizes:
-        for seed in ctx.params.train.seeds:
-            folder = ctx.train_dir(bs, seed)
+        for lr, seed in ctx.params.train.trials():
+            folder = ctx.train_dir(bs, seed, lr)
             if not (folder / "run.json").is_file():
                 continue
             record = read_json(folder / "run.json")
@@ -109,7 +109,7 @@ def _publish(view: View, ctx, manifest: dict[str, Any]) -> dict[str, int]:
             run_id = view.publish_train(folder, parent, runs.get(record["record"]))
             counts["runs"] += 1
             published.add(record["record"])
-            metrics = ctx.eval_dir(bs, seed) / "metrics.json"
+            metrics = ctx.eval_dir(bs, seed, lr) / "metrics.json"
             if metrics.is_file() and read_json(metrics).get("train_record") == record["record"]:
                 view.publish_eval(metrics.parent, view.client.get_run(run_id))
                 counts["evaluated"] += 1

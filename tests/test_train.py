@@ -369,4 +369,5 @@ def test_a_learning_rate_grid_trains_every_rate_and_compares_each_batch_size_at_
         f"sweep/best_lr_bs{bs}": lr for bs, lr in want.items()}
     report = (ctx.compare_dir / "report.html").read_text()
     assert "chosen on the validation split" in report and "<th>lr 0.01</th>" in report
+    assert "widen train.lr_grid" in report  # two rates: the chosen one is always at an edge
     assert report.index("Use batch size") < report.index("Conclusions")

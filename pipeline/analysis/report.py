@@ -301,6 +301,9 @@ def recommendation_text(ctx: Context, concl: dict[str, Any], task: str, markup: 
                f"({human(fit['bytes'], 'x_bytes')} a step" + (", extrapolated from the sizes measured)"
                                                                 if fit["batch_size"] > fit["measured_up_to"] else ")"))
     lr = f" at lr {row['lr']:g}" if ctx.params.train.lr_grid and row.get("lr") else ""
+    edge = next((side for side, (_, sizes) in grid_edges(ctx, concl).items() if rec["batch_size"] in sizes), None)
+    if edge:
+        lr += f" (the grid's {edge} rate: a wider train.lr_grid may change this answer)"
     return f"Use batch size {b(rec['batch_size'])}{lr}: {why} ({cost}){big}."
 
 
@@ -541,9 +544,27 @@ def _lr_section(ctx: Context, concl) -> str:
             f"<td{' class=chosen' if x['lr'] == c['lr'] else ''}>"
             f"{with_ci({'v': x['val'], 'v_ci': x['val_ci']}, 'v')} ({x['reached']}/{x['n']})</td>" for x in c["by_lr"])
         body.append(f"<tr><td>{bs}</td>{cells}<td>{c['lr']:g}</td></tr>")
+    edges = grid_edges(ctx, concl)
+    warn = "".join(f"<p class=missed>The best rate of batch size {_sizes(sizes)} is the grid's {side} "
+                   f"({rate:g}): a {side} rate may be better still; widen train.lr_grid before trusting the "
+                   f"comparison there.</p>" for side, (rate, sizes) in edges.items())
     return (f"<p>Each batch size at its own best learning rate, chosen on the validation split ({metric}, mean "
             f"over seeds; in brackets: seeds that reached the target). The test split only judges the choice.</p>"
-            f"<div class=table-wrap><table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table></div>")
+            f"<div class=table-wrap><table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table></div>"
+            + warn)
+
+
+def grid_edges(ctx: Context, concl) -> dict[str, tuple[float, list[int]]]:
+    """Batch sizes whose chosen rate is the grid's lowest or highest: the optimum may lie outside."""
+    choice, grid = concl.get("lr_choice"), ctx.params.train.lr_grid
+    if not choice or len(grid) < 2:
+        return {}
+    out = {}
+    for side, rate in (("lowest", min(grid)), ("highest", max(grid))):
+        sizes = [bs for bs, c in choice.items() if c["lr"] == rate]
+        if sizes:
+            out[side] = (rate, sizes)
+    return out
 
 
 def html(ctx: Context, rows, runs, concl, images: list[tuple[Path, str]], manifest) -> str:

@@ -9,7 +9,8 @@ from pipeline.tools.find_batch_size import find
 def test_doubles_then_bisects_to_the_largest_size_within_the_budget():
     p = parse_params({"model": {"hidden_sizes": [64]}})
     budget = 48 * 2**20
-    found = find(p, 64, 10, "classification", torch.device("cpu"), 1, 1 << 22, budget, log=lambda m: None)
+    found = find(p, 64, 10, "classification", torch.device("cpu"), 1, 1 << 22, budget, log=lambda m: None,
+                 rate=False)
     assert found.largest is not None and found.largest > 1024
     ok = [t for t in found.trials if t.fits]
     bad = [t for t in found.trials if not t.fits]
@@ -40,7 +41,8 @@ def test_a_batch_norm_model_is_searched_from_batch_size_2():
     from pipeline.tools.find_batch_size import find
     p = parse_params({"model": {"name": "resnet18"}})
     lines = []
-    found = find(p, (3, 8, 8), 4, "classification", torch.device("cpu"), 1, 8, 512 * 2**20, log=lines.append)
+    found = find(p, (3, 8, 8), 4, "classification", torch.device("cpu"), 1, 8, 512 * 2**20, log=lines.append,
+                 rate=False)
     assert found.trials[0].batch_size == 1 and "cannot train on one sample" in found.trials[0].note
     assert found.largest == 8 and [t.batch_size for t in found.trials[1:]] == [2, 4, 8]
 

@@ -50,7 +50,9 @@ def sweep(tmp_path_factory):
 def test_report_shows_intervals_claims_and_captioned_plots(sweep):
     dom = _dom((sweep.compare_dir / "report.html").as_uri(), budget_ms=2000)
     assert "The tutorial's claims, checked" in dom and "Critical batch size" in dom
-    assert dom.count("<figcaption>") == 7 and " ± " in dom
+    assert dom.count("<figcaption>") == 8 and " ± " in dom
+    # The answer first, then what it rests on.
+    assert dom.index("Use batch size") < dom.index("Conclusions") < dom.index("Critical batch size")
 
 
 def test_mlflow_ui_opens_on_the_batch_size_runs_and_the_loss_chart(sweep):

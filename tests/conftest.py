@@ -63,6 +63,9 @@ def sh(cmd: list[str], cwd: Path, check: bool = True, **kw) -> subprocess.Comple
     return proc
 
 
+PLOTS_TEMPLATE = "../pipeline/assets/plots.html"  # relative to .dvc/
+
+
 def make_project(dest: Path, params: dict, git: bool = True) -> Path:
     dest.mkdir(parents=True, exist_ok=True)
     shutil.copytree(REPO / "pipeline", dest / "pipeline", ignore=shutil.ignore_patterns("__pycache__"))
@@ -75,6 +78,7 @@ def make_project(dest: Path, params: dict, git: bool = True) -> Path:
         sh(["git", "init", "-q"], dest)
         sh(["dvc", "init", "-q"], dest)
         sh(["dvc", "config", "core.analytics", "false"], dest)
+        sh(["dvc", "config", "plots.html_template", PLOTS_TEMPLATE], dest)  # as the project's .dvc/config
         sh(["git", "add", "-A"], dest)
         sh(["git", "-c", "user.name=t", "-c", "user.email=t@localhost", "commit", "-qm", "init"], dest)
     return dest

@@ -5,7 +5,7 @@ import shutil
 import pytest
 import yaml
 
-from conftest import BIN, REPO, SMALL, check_published, env_for, make_project, merge, runs_of, sh
+from conftest import BIN, PLOTS_TEMPLATE, REPO, SMALL, check_published, env_for, make_project, merge, runs_of, sh
 
 pytestmark = pytest.mark.slow
 
@@ -53,6 +53,7 @@ def clone(tmp_path):
         shutil.copy2(REPO / name, proj / name)
     sh(["git", "init", "-q"], proj)
     sh(["dvc", "init", "-q"], proj)
+    sh(["dvc", "config", "plots.html_template", PLOTS_TEMPLATE], proj)
     _commit(proj, "init")
     return proj
 
@@ -125,6 +126,15 @@ def test_make_run_then_the_documented_commands_keep_dvc_and_mlflow_agreeing(clon
     sh(["dvc", "repro"], clone)
     _, parents, children = _store(clone)
     assert len(children) == 5
+    # The experiment's bs32 folders are not this sweep's: they left the workspace, and dvc.lock's
+    # compare stage records exactly the files the sweep's train and evaluate stages made.
+    assert sorted(d.name for d in (clone / "outputs" / "train").iterdir()) == ["bs16", "bs64"]
+    lock = yaml.safe_load((clone / "dvc.lock").read_text())["stages"]
+    for stage in ("train", "evaluate"):
+        dep = next(d for d in lock["compare"]["deps"] if d["path"] == f"outputs/{stage}")
+        made = sum(lock[f"{stage}@{bs}"]["outs"][0]["nfiles"] for bs in (16, 64))
+        assert dep["nfiles"] == made == sum(1 for f in (clone / "outputs" / stage).rglob("*") if f.is_file())
+    assert _up_to_date(clone)
     first = next(p for p in parents if p.data.params["train.lr"] == "0.003" and p.data.params["train.batch_sizes"] == "16,64")
     under = [c for c in children if c.data.tags["mlflow.parentRunId"] == first.info.run_id]
     assert sorted(c.data.params["batch_size"] for c in under) == ["16", "64"]

@@ -14,7 +14,9 @@ pytestmark = pytest.mark.slow
 CHROMIUM = shutil.which("chromium")
 
 
-def _dom(url: str, budget_ms: int = 60000) -> str:
+def _dom(url: str, budget_ms: int = 60000, offline: bool = False) -> str:
+    """The page's DOM after ``budget_ms`` of virtual time; ``offline``: every host name fails to
+    resolve and every request goes to a closed proxy port, as on a machine without a network."""
     if CHROMIUM is None:
         if os.environ.get("CI"):  # .ci/run installs it: in CI the test must run, not skip
             pytest.fail("chromium is not installed")
@@ -24,6 +26,7 @@ def _dom(url: str, budget_ms: int = 60000) -> str:
             [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
              "--disable-background-networking", "--disable-component-update", "--disable-sync",
              f"--user-data-dir={profile}", "--window-size=1400,1100", f"--virtual-time-budget={budget_ms}",
+             *(["--proxy-server=127.0.0.1:9", "--host-resolver-rules=MAP * ~NOTFOUND"] if offline else []),
              "--dump-dom", url], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     return proc.stdout
@@ -45,6 +48,22 @@ def sweep(tmp_path_factory):
         evaluate.run(ctx, bs)
     compare.run(ctx)
     return ctx
+
+
+def test_dvc_plots_show_draws_its_vega_plot_offline(tmp_path):
+    """`dvc plots show` writes a page whose vega plot needs vega's JavaScript: the project's
+    template (.dvc/config) carries it inline, so the plot is drawn with no network at all."""
+    from conftest import PLOTS_TEMPLATE, REPO, SMALL, make_project, sh
+
+    assert f"html_template = {PLOTS_TEMPLATE}" in (REPO / ".dvc" / "config").read_text()  # what the test projects use
+    proj = make_project(tmp_path / "proj", SMALL)
+    (proj / "outputs" / "compare").mkdir(parents=True)
+    (proj / "outputs" / "compare" / "sweep.csv").write_text("batch_size,throughput\n16,1000\n64,3000\n")
+    sh(["dvc", "plots", "show"], proj)
+    page = (proj / "dvc_plots" / "index.html").read_text()
+    assert "cdn.jsdelivr.net" not in page  # DVC's own page loads vega from there
+    dom = _dom((proj / "dvc_plots" / "index.html").as_uri(), budget_ms=5000, offline=True)
+    assert re.search(r'<canvas[^>]*class="marks"', dom), "the vega plot was not drawn"
 
 
 def test_report_shows_intervals_claims_and_captioned_plots(sweep):

@@ -56,8 +56,28 @@ def _csv(rows: list[dict[str, Any]], columns: list[str]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def prune_stale(ctx: Context) -> list[Path]:
+    """Remove the batch-size folders of outputs/train and outputs/evaluate that no stage of this
+    sweep makes: left by a sweep of another list, they would enter this stage's deps (the whole
+    folders; DVC's templating cannot list one dep per batch size) and dvc.lock. They are outputs
+    of stages no longer in the pipeline, kept in DVC's cache; DVC hashes the deps after the stage
+    ran, so dvc.lock records the folders as the sweep made them."""
+    import re
+    import shutil
+    keep = {f"bs{bs}" for bs in ctx.params.train.batch_sizes}
+    gone = []
+    for stage in ("train", "evaluate"):
+        folder = ctx.workdir / "outputs" / stage
+        for sub in sorted(folder.iterdir()) if folder.is_dir() else []:
+            if sub.is_dir() and re.fullmatch(r"bs\d+", sub.name) and sub.name not in keep:
+                shutil.rmtree(sub)
+                gone.append(sub)
+    return gone
+
+
 def run(ctx: Context) -> dict[str, Any]:
     p = ctx.params
+    prune_stale(ctx)
     manifest = read_manifest(ctx.data_dir)
     key = p.sweep_key(manifest["data_hash"])
     every = collect(ctx, key)

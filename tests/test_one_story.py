@@ -158,11 +158,20 @@ def test_mlflow_run_goes_through_dvc_and_its_run_is_the_parent(clone):
     sh(mlflow + ["-e", "train", "-P", "batch_size=16"], clone)
     client, runs = runs_of(_uri(clone))
     launch = [r for r in runs if r.data.tags.get("batchlab.role") == "launch"]
-    assert len(launch) == 1 and launch[0].data.tags["batchlab.sweep_parent"] == parent.info.run_id
+    # It nests under the sweep: the experiment's top level holds sweeps only.
+    assert len(launch) == 1 and launch[0].data.tags["mlflow.parentRunId"] == parent.info.run_id
     assert len(_store(clone)[2]) == 2
 
-    bad = sh(mlflow + ["-P", "params_file=nosuch.yaml"], clone, check=False)
-    assert bad.returncode != 0 and "'nosuch.yaml' not found" in bad.stderr
+    # Bad values stop before any work, with one line; the run `mlflow run` made says why.
+    for bad_value, said in (("params_file=nosuch.yaml", "'nosuch.yaml' not found"), ("lr=-1", "train.lr")):
+        bad = sh(mlflow + ["-P", bad_value], clone, check=False)
+        assert bad.returncode == 1  # MLflow's CLI: 1 for any failed entry point; the launcher's own is 2
+        assert said in bad.stderr and "running: dvc" not in bad.stderr
+    client, runs = runs_of(_uri(clone))
+    refused = [r for r in runs if r.data.tags.get("batchlab.role") == "refused"]
+    assert [r.info.run_name for r in refused] == ["refused-launch"] * 2
+    assert sorted(said in r.data.tags["mlflow.note.content"] for r in refused for said in ("nosuch.yaml", "train.lr")) \
+        == [False, False, True, True]
     assert len(_store(clone)[2]) == 2 and _up_to_date(clone)
 
 

@@ -69,8 +69,12 @@ def test_given_parent_is_adopted_and_a_later_one_points_to_it(store):
     assert run.info.status == "RUNNING"  # owned by `mlflow run`, which ends it
     later = view.client.create_run(view.experiment_id).info.run_id
     assert _parent(view, given=later) == given
+    assert _parent(view, given=later) == given  # again, as each stage of the launch asks: no error
     tags = view.client.get_run(later).data.tags
+    # The later launch trained nothing of its own: it says where the sweep is, nested under it,
+    # so that the experiment's top level lists sweeps only.
     assert tags["batchlab.role"] == "launch" and tags["batchlab.sweep_parent"] == given
+    assert tags["mlflow.parentRunId"] == given
 
 
 def _chunk(start, n, batch=4):

@@ -98,13 +98,14 @@ def run(ctx: Context) -> dict[str, Any]:
                                          [c for k in present for c in (k, f"{k}_ci")]))
     write_atomic(out / "runs.csv", _csv(every, [c for c in RUN_COLUMNS if any(c in r for r in every)]))
     write_json(out / "metrics.json", dvc_metrics(concl, lrs))
-    write_atomic(out / "report.html", report.html(ctx, rows, runs, concl, images, manifest))
+    from ..tracking.sweep import parent_link, publish_sweep
+    write_atomic(out / "report.html", report.html(ctx, rows, runs, concl, images, manifest,
+                                                  key=key, parent_url=parent_link(ctx, manifest)))
     files = ["sweep.csv", "runs.csv", "metrics.json", "report.html", *[img.name for img, _ in images]]
     # What the sweep's parent run shows, as a record of its own (pipeline.tracking publishes it).
     write_json(out / "summary.json", {
         "sweep_key": key, "metrics": summary_metrics(concl, lrs), "rows": rows, "figures": list(FIGURES), "files": files,
         "tags": {"batchlab.recommendation": report.recommendation_text(ctx, concl, task),
                  "batchlab.batch_sizes": list(p.train.batch_sizes), "batchlab.seeds": list(p.train.seeds)}})
-    from ..tracking.sweep import publish_sweep
     publish_sweep(ctx)
     return {"rows": rows, "runs": runs, "conclusions": concl}

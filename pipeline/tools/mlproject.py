@@ -100,6 +100,15 @@ def publish(launch_run: str | None) -> None:
     publish_sweep(ctx)
 
 
+def _refused(note: str) -> None:
+    """The run `mlflow run` made for a launch refused before any work is named and noted so.
+    (`mlflow run` itself exits 1: its CLI maps any failed entry point to 1; this process's own
+    exit status is 2.)"""
+    if os.environ.get("MLFLOW_RUN_ID"):
+        from ..tracking.store import mark_refused
+        mark_refused(os.environ["MLFLOW_RUN_ID"], note)
+
+
 def launch_experiment() -> str | None:
     """The experiment `mlflow run` made its run in (MLFLOW_EXPERIMENT_ID), by name."""
     if not os.environ.get("MLFLOW_EXPERIMENT_ID"):
@@ -119,6 +128,7 @@ def run_stage_entry(argv: list[str]) -> int:
             text = next(it)
             if not text.isdigit() or int(text) < 1:
                 print(f"error: batch_size={text!r} is not a positive integer", file=sys.stderr)
+                _refused(f"refused before any work: batch_size={text!r} is not a positive integer")
                 return 2
             batch_size = int(text)
         else:
@@ -130,6 +140,7 @@ def run_stage_entry(argv: list[str]) -> int:
         cmd = dvc_command(entry, params_file, batch_size, sets)
     except ParamsError as err:
         print(f"error: {err}", file=sys.stderr)
+        _refused(f"refused before any work: {err}")
         return 2
     from ..core.signals import Busy
     from ..lock import dvc_busy, hold
@@ -140,6 +151,7 @@ def run_stage_entry(argv: list[str]) -> int:
                        "`mlflow run` again")
     except Busy as err:
         print(f"error: {err}", file=sys.stderr)
+        _refused(f"refused before any work: {err}")
         return 3
     print("running: " + " ".join(cmd), file=sys.stderr, flush=True)
     code = subprocess.call(cmd)

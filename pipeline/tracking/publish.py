@@ -237,9 +237,12 @@ class View(Store):
         return given
 
     def _point_launch(self, given: str, parent: str, key: str) -> None:
-        """A `mlflow run` whose sweep already had a parent (DVC found it up to date): say where it is."""
+        """A `mlflow run` whose sweep already had a parent (DVC found it up to date, or restored
+        it): the run says where the sweep is and nests under it, so that the experiment's list
+        holds sweeps only (the sweep's view shows its training runs alone)."""
         self.client.log_batch(given, tags=[RunTag(k, v) for k, v in {
-            TAG_ROLE: "launch", "batchlab.sweep_parent": parent, "mlflow.runName": f"up-to-date-sweep-{key[:8]}",
+            TAG_ROLE: "launch", "batchlab.sweep_parent": parent, "mlflow.parentRunId": parent,
+            "mlflow.runName": f"up-to-date-sweep-{key[:8]}",
             "mlflow.note.content": f"DVC found this sweep already done: nothing trained. Its runs are under "
                                    f"sweep-{key[:8]} ({parent})."}.items()])
 

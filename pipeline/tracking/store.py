@@ -38,3 +38,17 @@ def experiment_name(experiment_id: str) -> str | None:
         return MlflowClient(tracking_uri(project_root())).get_experiment(experiment_id).name
     except Exception:
         return None
+
+
+
+def mark_refused(run_id: str, note: str) -> None:
+    """The run `mlflow run` made for a launch refused before any work says so: its name, role and
+    note give the reason (MLflow ends it FAILED). It cannot go to the trash from here: MLflow's CLI
+    sets the run's status after the entry point returns, and fails on a deleted run."""
+    from mlflow.tracking import MlflowClient
+    try:
+        from mlflow.entities import RunTag
+        MlflowClient(tracking_uri(project_root())).log_batch(run_id, tags=[RunTag(k, v) for k, v in {
+            "mlflow.runName": "refused-launch", "batchlab.role": "refused", "mlflow.note.content": note}.items()])
+    except Exception:  # best effort: the refusal itself is the answer
+        pass

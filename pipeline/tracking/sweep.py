@@ -33,6 +33,21 @@ def sweep_parent(view: View, ctx, manifest: dict[str, Any]) -> str:
     return view.parent(key, manifest, parent_params(ctx, manifest), ctx.run_tags(), ctx.parent_run_id)
 
 
+def parent_link(ctx, manifest: dict[str, Any], base: str = "http://127.0.0.1:5000") -> str | None:
+    """The sweep's parent run in MLflow's UI (``make ui``'s address, or the tracking server's),
+    made or found now; None when the store does not answer."""
+    view = open_view(ctx, quiet=True)
+    if view is None:
+        return None
+    try:
+        parent = sweep_parent(view, ctx, manifest)
+    except Exception:
+        return None
+    if view.uri.startswith(("http://", "https://")):
+        base = view.uri.rstrip("/")
+    return f"{base}/#/experiments/{view.experiment_id}/runs/{parent}"
+
+
 class LiveRun:
     """The MLflow run of one training while it trains: live points, its end, its publishing."""
 

@@ -21,7 +21,8 @@ $(STAMP): requirements.txt requirements-dev.txt
 
 run: setup
 	@test -d .git || { git init -q && git add -A && git -c user.name=batchlab -c user.email=batchlab@localhost commit -qm "initial"; }
-	dvc repro
+	@# DVC ends every repro that ran a stage with "Use `dvc push`", remote or not: that line goes.
+	set -o pipefail; dvc repro 2>&1 | grep --line-buffered -v '^Use `dvc push` to send your updates'
 	@# DVC may have restored outputs from its cache without running a stage: publish what the store lacks.
 	$(PY) -m pipeline sync
 	@echo

@@ -79,6 +79,9 @@ def _positive_int(text: str) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    # The artifacts a command reads back (reproduce) are a few kB: MLflow's progress bars for them
+    # are noise. A user's own setting wins.
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     from .config import DataError, ParamsError, load_params
     from .core.signals import Busy, Interrupted, NonFiniteLoss
 

@@ -139,6 +139,15 @@ def test_make_run_then_the_documented_commands_keep_dvc_and_mlflow_agreeing(clon
     under = [c for c in children if c.data.tags["mlflow.parentRunId"] == first.info.run_id]
     assert sorted(c.data.params["batch_size"] for c in under) == ["16", "64"]
 
+    # `make clean && make run`: every stage, compare included, is restored from DVC's cache; the
+    # store gains nothing; DVC's "Use `dvc push`" line is not shown.
+    sh(["make", "clean"], clone)
+    again = sh(["make", "run", f"VENV={venv}"], clone, timeout=900)
+    assert "Running stage" not in again.stdout and "dvc push" not in again.stdout + again.stderr
+    assert _up_to_date(clone) and (clone / "outputs" / "compare" / "report.html").is_file()
+    _, parents_after, children_after = _store(clone)
+    assert (len(parents_after), len(children_after)) == (len(parents), len(children))
+
 
 def test_mlflow_run_goes_through_dvc_and_its_run_is_the_parent(clone):
     mlflow = [str(BIN / "mlflow"), "run", ".", "--env-manager", "local", "--experiment-name", "test"]

@@ -90,7 +90,8 @@ def test_logged_model_is_a_logged_model_with_signature(ctx_factory):
     child = next(r for r in runs if r.data.tags.get("batchlab.role") == "train")
     models = mlflow.search_logged_models(experiment_ids=[child.info.experiment_id], output_format="list")
     assert len(models) == 1 and models[0].source_run_id == child.info.run_id
-    assert models[0].name == child.info.run_name == "bs64-s0"
+    assert child.info.run_name == "bs64-s0"
+    assert models[0].name == f"bs64-s0-{child.data.tags['batchlab.sweep_key'][:8]}"  # unique across sweeps
     loaded = mlflow.pytorch.load_model(f"models:/{models[0].model_id}")
     x = load_prepared(ctx.data_dir).test.x[:3]
     assert loaded(x).shape == (3, 10)

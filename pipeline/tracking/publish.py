@@ -186,8 +186,10 @@ class Store:
         mlflow.set_tracking_uri(self.uri)
         # The fluent run ends the run when left: the caller sets the final status after this.
         with mlflow.start_run(run_id=run_id):
-            # A logged model's name may not hold '.', which a grid run's learning rate does.
-            mlflow.pytorch.log_model(model, name=record["name"].replace(".", "_"), serialization_format="pt2",
+            # The Models tab lists every sweep's models together: the sweep's short key makes the
+            # name unique there. A logged model's name may not hold '.', which a grid run's rate does.
+            name = f"{record['name']}-{record['sweep_key'][:8]}".replace(".", "_")
+            mlflow.pytorch.log_model(model, name=name, serialization_format="pt2",
                                      signature=infer_signature(example.numpy(), output.numpy()),
                                      input_example=example.numpy(),
                                      pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"])
@@ -215,7 +217,7 @@ class View(Store):
                     run_id = self.client.create_run(self.experiment_id, run_name=f"sweep-{key[:8]}",
                                                     tags=tags).info.run_id
                     self.client.set_terminated(run_id, "FINISHED")
-        self.experiment_tags(dict([ui.sweep_view_tag(key)]))
+        self.experiment_tags(dict([ui.sweep_view_tag(key, bool(params.get("train.lr_grid")))]))
         run = self.client.get_run(run_id)
         if run.data.tags.get(PUBLISHED + "prepare") != manifest["data_hash"][:16]:
             self._params(run, params)

@@ -30,23 +30,34 @@ SHARED_VIEW = {
 }
 
 
+# Every sweep's runs: grouped by sweep and batch size, so that runs of other params (another
+# learning rate, another data set) never share a group.
+BY_LR = {"mode": "param", "groupByData": "lr"}
+ALL_SWEEPS_VIEW = SHARED_VIEW | {"groupBy": {"aggregateFunction": "average", "groupByKeys": [
+    {"mode": "tag", "groupByData": "batchlab.sweep_key"}, {"mode": "param", "groupByData": "batch_size"}, BY_LR]},
+    "searchFilter": "tags.`batchlab.role` = 'train'"}
+
+
 def experiment_tags() -> dict[str, str]:
     """What MLflow's UI reads to open the experiment on the comparison: a model-training
-    experiment (not its GenAI layout), and the shared view of every run by batch size."""
+    experiment (not its GenAI layout), and the shared view of every sweep's runs."""
     return {"mlflow.experimentKind": "custom_model_development",
-            f"mlflow.sharedViewState.{VIEW_KEY}": json.dumps(SHARED_VIEW, sort_keys=True)}
+            f"mlflow.sharedViewState.{VIEW_KEY}": json.dumps(ALL_SWEEPS_VIEW, sort_keys=True)}
 
 
-def sweep_view(key: str) -> tuple[str, dict]:
+def sweep_view(key: str, lr_grid: bool = False) -> tuple[str, dict]:
     """The share key and UI state of sweep ``key``'s view: SHARED_VIEW for its training runs alone,
-    so that runs of another sweep (another learning rate, another list) never join its groups, and
-    the parent (no batch size) makes no group of its own."""
-    return f"sweep-{key}", SHARED_VIEW | {
-        "searchFilter": f"tags.`batchlab.sweep_key` = '{key}' and tags.`batchlab.role` = 'train'"}
+    so that runs of another sweep (another learning rate, another list) never join its groups.
+    A sweep with a learning-rate grid groups by batch size and rate (its groups' colours are then
+    the UI's own, not the report's)."""
+    state = SHARED_VIEW | {"searchFilter": f"tags.`batchlab.sweep_key` = '{key}' and tags.`batchlab.role` = 'train'"}
+    if lr_grid:
+        state["groupBy"] = {"aggregateFunction": "average", "groupByKeys": [*SHARED_VIEW["groupBy"]["groupByKeys"], BY_LR]}
+    return f"sweep-{key}", state
 
 
-def sweep_view_tag(key: str) -> tuple[str, str]:
-    view, state = sweep_view(key)
+def sweep_view_tag(key: str, lr_grid: bool = False) -> tuple[str, str]:
+    view, state = sweep_view(key, lr_grid)
     return f"mlflow.sharedViewState.{view}", json.dumps(state, sort_keys=True)
 
 

@@ -22,7 +22,7 @@ $(STAMP): requirements.txt requirements-dev.txt
 run: setup
 	@test -d .git || { git init -q && git add -A && git -c user.name=batchlab -c user.email=batchlab@localhost commit -qm "initial"; }
 	@# DVC ends every repro that ran a stage with "Use `dvc push`", remote or not: that line goes.
-	set -o pipefail; dvc repro 2>&1 | grep --line-buffered -v '^Use `dvc push` to send your updates'
+	@echo dvc repro; set -o pipefail; dvc repro 2>&1 | grep --line-buffered -v '^Use `dvc push` to send your'
 	@# DVC may have restored outputs from its cache without running a stage: publish what the store lacks.
 	$(PY) -m pipeline sync
 	@echo

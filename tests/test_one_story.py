@@ -51,6 +51,7 @@ def clone(tmp_path):
     proj = make_project(tmp_path / "clone", PARAMS, git=False)
     for name in ("Makefile", "requirements.txt", "requirements-dev.txt"):
         shutil.copy2(REPO / name, proj / name)
+    shutil.copytree(REPO / "configs", proj / "configs")
     sh(["git", "init", "-q"], proj)
     sh(["dvc", "init", "-q"], proj)
     sh(["dvc", "config", "plots.html_template", PLOTS_TEMPLATE], proj)
@@ -183,6 +184,27 @@ def test_mlflow_run_goes_through_dvc_and_its_run_is_the_parent(clone):
     assert sorted(said in r.data.tags["mlflow.note.content"] for r in refused for said in ("nosuch.yaml", "train.lr")) \
         == [False, False, True, True]
     assert len(_store(clone)[2]) == 2 and _up_to_date(clone)
+
+    # The README's linear example (fewer epochs), then back to the baseline: its batch sizes'
+    # folders leave the workspace and dvc.lock, every training stage is restored, nothing new
+    # reaches the store.
+    sh(["git", "add", "dvc.lock", "params.yaml"], clone)  # the -P values above stay in params.yaml: the baseline
+    sh(["git", "-c", "user.name=t", "-c", "user.email=t@localhost", "commit", "-qm", "sweep"], clone)
+    sh(mlflow + ["-P", "params_file=configs/linear.yaml", "-P", "epochs=3"], clone, timeout=900)
+    assert sorted(d.name for d in (clone / "outputs" / "train").iterdir()) == ["bs1", "bs10"]
+    client, runs = runs_of(_uri(clone))
+    linear = [r for r in runs if r.data.tags.get("batchlab.role") == "train" and r.data.params["data.name"] == "linear"]
+    assert len(linear) == 6 and {r.data.tags["mlflow.parentRunId"] for r in linear} != {parent.info.run_id}
+    before = len(runs)
+    sh(["git", "checkout", "params.yaml", "dvc.lock"], clone)  # the README's way back
+    back = sh(["dvc", "repro"], clone).stdout
+    assert "Running stage 'train@" not in back and "Running stage 'evaluate@" not in back
+    assert sorted(d.name for d in (clone / "outputs" / "train").iterdir()) == ["bs16", "bs64"]
+    lock = yaml.safe_load((clone / "dvc.lock").read_text())["stages"]
+    assert sorted(lock) == ["compare", "evaluate@16", "evaluate@64", "prepare", "train@16", "train@64"]
+    dep = next(d for d in lock["compare"]["deps"] if d["path"] == "outputs/train")
+    assert dep["nfiles"] == sum(lock[f"train@{bs}"]["outs"][0]["nfiles"] for bs in (16, 64))
+    assert _up_to_date(clone) and len(runs_of(_uri(clone))[1]) == before
 
 
 def test_params_file_changed_while_a_stage_runs_fails_the_stage(ctx_factory, tmp_path):

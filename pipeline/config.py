@@ -193,13 +193,15 @@ class TrainParams(_Section):
     def _augment(cls, v: tuple[Any, ...]) -> tuple[Any, ...]:
         return _transform_specs(v)
 
-    @field_validator("batch_sizes", "seeds", mode="before")
+    @field_validator("batch_sizes", "seeds", "lr_grid", mode="before")
     @classmethod
     def _list(cls, v: Any, info) -> Any:
-        if isinstance(v, int) and not isinstance(v, bool):
+        """One number, or a comma-separated string (`-P lr_grid=0.001,0.002`), as a list."""
+        if isinstance(v, (int, float)) and not isinstance(v, bool):
             return (v,)
         if isinstance(v, str):
-            return tuple(_int_item(s, f"train.{info.field_name}") for s in v.split(",") if s.strip())
+            items = [s.strip() for s in v.strip("[]").split(",") if s.strip()]
+            return tuple(items if info.field_name == "lr_grid" else (_int_item(s, f"train.{info.field_name}") for s in items))
         return v
 
     @field_validator("batch_sizes")
@@ -218,15 +220,6 @@ class TrainParams(_Section):
     def _seeds(cls, v: tuple[int, ...]) -> tuple[int, ...]:
         if not v or any(s < 0 for s in v) or len(set(v)) != len(v):
             raise ValueError("needs distinct non-negative integers, at least one")
-        return v
-
-    @field_validator("lr_grid", mode="before")
-    @classmethod
-    def _lr_list(cls, v: Any) -> Any:
-        if isinstance(v, (int, float)) and not isinstance(v, bool):
-            return (v,)
-        if isinstance(v, str):
-            return tuple(s.strip() for s in v.strip("[]").split(",") if s.strip())
         return v
 
     @field_validator("lr_grid")

@@ -295,10 +295,10 @@ def recommendation_text(ctx: Context, concl: dict[str, Any], task: str, markup: 
         big = ""
     elif fit["whole_split"]:
         big = (f"; the largest batch that fits {fit['budget_bytes'] / 2**20:,.0f} MiB is the whole training split "
-               f"({fit['batch_size']:,} samples, about {human(fit['bytes'], 'x_bytes')} a step)")
+               f"({fit['batch_size']:,} samples, about {human(fit['bytes'], 'step_memory_bytes')} a step)")
     else:
         big = (f"; the largest batch that fits {fit['budget_bytes'] / 2**20:,.0f} MiB is about {fit['batch_size']:,} "
-               f"({human(fit['bytes'], 'x_bytes')} a step" + (", extrapolated from the sizes measured)"
+               f"({human(fit['bytes'], 'step_memory_bytes')} a step" + (", extrapolated from the sizes measured)"
                                                                 if fit["batch_size"] > fit["measured_up_to"] else ")"))
     lr = f" at lr {row['lr']:g}" if ctx.params.train.lr_grid and row.get("lr") else ""
     edge = next((side for side, (_, sizes) in grid_edges(ctx, concl).items() if rec["batch_size"] in sizes), None)

@@ -64,7 +64,8 @@ def separated(a: dict[str, Any], b: dict[str, Any], key: str) -> bool:
     return abs(a[key] - b[key]) > ha + hb
 
 
-def _mean_by_size(runs: list[dict[str, Any]], key: str) -> dict[int, list[float]]:
+def _by_size(runs: list[dict[str, Any]], key: str) -> dict[int, list[float]]:
+    """Each batch size's values of ``key``, one per run."""
     out: dict[int, list[float]] = {}
     for r in runs:
         out.setdefault(r["batch_size"], []).append(r.get(key))
@@ -110,7 +111,7 @@ def critical_batch_size(runs: list[dict[str, Any]], resamples: int = 2000) -> di
     """B_crit fitted to the mean steps-to-target of each batch size that reached the target in
     every seed, with a 95 % bootstrap interval (the seeds of each batch size resampled, the fit
     repeated). Needs three such batch sizes: two points fit two parameters exactly."""
-    by_size = {bs: v for bs, v in _mean_by_size(runs, "steps_to_target").items()
+    by_size = {bs: v for bs, v in _by_size(runs, "steps_to_target").items()
                if all(isinstance(x, (int, float)) for x in v)}
     sizes = sorted(by_size)
     out: dict[str, Any] = {"sizes": sizes, "value": None, "lo": None, "hi": None, "s_min": None}
@@ -185,9 +186,9 @@ def recommend(rows: list[dict[str, Any]], task: str) -> dict[str, Any] | None:
 
 
 def conclusions(rows: list[dict[str, Any]], runs: list[dict[str, Any]], task: str, *,
-                n_train: int, budget_bytes: float) -> dict[str, Any]:
+                n_train: int, budget_bytes: float, lr_choice: dict[int, dict[str, Any]] | None = None) -> dict[str, Any]:
     """What the sweep says: ``rows`` are each batch size's figures at its chosen learning rate,
-    ``runs`` the runs behind them."""
+    ``runs`` the runs behind them, ``lr_choice`` the choice (``choose_lr``) of a sweep with a grid."""
     score = "test_acc" if task == "classification" else "test_mse"
     at_target = [r["noise_at_target"] for r in rows if (r.get("noise_at_target") or 0) > 0]
     quickest = _winner(rows, "throughput", max)
@@ -204,27 +205,31 @@ def conclusions(rows: list[dict[str, Any]], runs: list[dict[str, Any]], task: st
         "noise_at_target": statistics.median(at_target) if at_target else None,
         "noise_at_target_range": [min(at_target), max(at_target)] if at_target else None,
         "missed_target": [r["batch_size"] for r in rows if r.get("time_to_target_s") is None],
-        "n_train": n_train,
+        "lr_choice": lr_choice,
     }
+
+
+def _best_lrs(c: dict[str, Any]) -> dict[int, float]:
+    return {bs: choice["lr"] for bs, choice in (c.get("lr_choice") or {}).items()}
 
 
 def _finite(v: Any) -> Any:
     return None if v is None or (isinstance(v, float) and not math.isfinite(v)) else v
 
 
-def dvc_metrics(c: dict[str, Any], lrs: dict[int, float] | None = None) -> dict[str, Any]:
+def dvc_metrics(c: dict[str, Any]) -> dict[str, Any]:
     """The conclusions DVC records (metrics.json): few and short, since `dvc exp show` prints each
     as a column beside the changed params."""
     rec, crit, acc = c["recommended"] or {}, c["critical"], c["most_accurate"] or {}
     score = "acc" if "test_acc" in acc else "mse"
     out = {"rec_bs": rec.get("batch_size"), f"rec_{score}": (rec.get("row") or {}).get(f"test_{score}"),
            "rec_s": (rec.get("row") or {}).get("time_to_target_s"), "cbs": _finite(crit["value"])}
-    if lrs:
-        out["best_lr"] = {str(bs): lr for bs, lr in lrs.items()}
+    if c.get("lr_choice"):
+        out["best_lr"] = {str(bs): lr for bs, lr in _best_lrs(c).items()}
     return out
 
 
-def summary_metrics(c: dict[str, Any], lrs: dict[int, float] | None = None) -> dict[str, Any]:
+def summary_metrics(c: dict[str, Any]) -> dict[str, Any]:
     """Every conclusion, as the parent run's ``sweep/*`` metrics."""
     rec, crit, acc = c["recommended"] or {}, c["critical"], c["most_accurate"] or {}
     row = rec.get("row") or {}
@@ -238,6 +243,6 @@ def summary_metrics(c: dict[str, Any], lrs: dict[int, float] | None = None) -> d
            "fastest_bs": fastest.get("batch_size"), "fastest_s": fastest.get("time_to_target_s"),
            "top_speed_bs": top.get("batch_size"), "top_speed": top.get("samples_per_s"),
            "n_missed": len(c["missed_target"])}
-    for bs, lr in (lrs or {}).items():
+    for bs, lr in _best_lrs(c).items():
         out[f"best_lr_bs{bs}"] = lr
     return out

@@ -5,9 +5,9 @@ from pathlib import Path
 from typing import Any
 
 from ..analysis import report
-from ..analysis.stats import FIGURES, aggregate, choose_lr, conclusions, dvc_metrics, summary_metrics
+from ..analysis.stats import FIGURES, aggregate, choose_lr, conclusions, dvc_metrics, read_csv, summary_metrics
 from ..config import DataError
-from ..context import Context, read_json, read_manifest, write_atomic, write_json
+from ..context import OUT_DIR, Context, read_json, read_manifest, write_atomic, write_json
 
 
 def _need(path: Path, stage: str) -> Path:
@@ -40,14 +40,13 @@ def noise_at_target(path: Path, samples: int | None) -> float | None:
     or before that many samples (an estimate <= 0 is not measurable)."""
     if samples is None or not path.is_file():
         return None
-    from ..analysis.stats import read_csv
     cols = read_csv(path)
     values = [v for n, v in zip(cols.get("samples", []), cols.get("b_simple", [])) if n <= samples and v > 0]
     return values[-1] if values else None
 
 
-RUN_COLUMNS = ("batch_size", "lr", "seed", "final_val_acc", "final_val_loss", "test_acc", "test_mse", "test_loss", "throughput", "train_seconds",
-               "time_to_target_s", "steps_to_target", "step_memory_bytes", "peak_memory_bytes", "noise_scale",
+RUN_COLUMNS = ("batch_size", "lr", "seed", "final_val_acc", "final_val_loss", "test_acc", "test_mse", "test_loss",
+               "throughput", "train_seconds", "time_to_target_s", "steps_to_target", "step_memory_bytes", "peak_memory_bytes", "noise_scale",
                "noise_at_target", "loss_noise", "weight", "bias")
 
 
@@ -67,7 +66,7 @@ def prune_stale(ctx: Context) -> list[Path]:
     keep = {f"bs{bs}" for bs in ctx.params.train.batch_sizes}
     gone = []
     for stage in ("train", "evaluate"):
-        folder = ctx.workdir / "outputs" / stage
+        folder = ctx.workdir / OUT_DIR / stage
         for sub in sorted(folder.iterdir()) if folder.is_dir() else []:
             if sub.is_dir() and re.fullmatch(r"bs\d+", sub.name) and sub.name not in keep:
                 shutil.rmtree(sub)
@@ -86,26 +85,25 @@ def run(ctx: Context) -> dict[str, Any]:
     chosen = choose_lr(every, p.train.target_metric)
     runs = [r for r in every if r["lr"] == chosen[r["batch_size"]]["lr"]]
     rows = aggregate(runs)
-    lrs = {bs: c["lr"] for bs, c in chosen.items()} if p.train.lr_grid else None
     out = ctx.compare_dir
     concl = conclusions(rows, runs, task, n_train=manifest["splits"]["train"]["n"],
-                        budget_bytes=p.compare.memory_mb * 2**20)
-    concl["lr_choice"] = chosen if p.train.lr_grid else None
+                        budget_bytes=p.compare.memory_mb * 2**20, lr_choice=chosen if p.train.lr_grid else None)
     ctx.check_params_unchanged("compare")
     images = report.make_plots(ctx, rows, runs, task, concl)
     present = [k for k in FIGURES if any(k in r for r in rows)]
     write_atomic(out / "sweep.csv", _csv(rows, ["batch_size", "lr", "n", "reached"] +
                                          [c for k in present for c in (k, f"{k}_ci")]))
     write_atomic(out / "runs.csv", _csv(every, [c for c in RUN_COLUMNS if any(c in r for r in every)]))
-    write_json(out / "metrics.json", dvc_metrics(concl, lrs))
-    from ..tracking.sweep import parent_link, publish_sweep
+    write_json(out / "metrics.json", dvc_metrics(concl))
+    from ..tracking.sweep import open_view, parent_link, publish_sweep
+    view = open_view(ctx)  # one client for the report's link and the publishing after it
     write_atomic(out / "report.html", report.html(ctx, rows, runs, concl, images, manifest,
-                                                  key=key, parent_url=parent_link(ctx, manifest)))
+                                                  key=key, parent_url=parent_link(view, ctx, manifest)))
     files = ["sweep.csv", "runs.csv", "metrics.json", "report.html", *[img.name for img, _ in images]]
     # What the sweep's parent run shows, as a record of its own (pipeline.tracking publishes it).
     write_json(out / "summary.json", {
-        "sweep_key": key, "metrics": summary_metrics(concl, lrs), "rows": rows, "figures": list(FIGURES), "files": files,
+        "sweep_key": key, "metrics": summary_metrics(concl), "rows": rows, "figures": list(FIGURES), "files": files,
         "tags": {"batchlab.recommendation": report.recommendation_text(ctx, concl, task),
                  "batchlab.batch_sizes": list(p.train.batch_sizes), "batchlab.seeds": list(p.train.seeds)}})
-    publish_sweep(ctx)
+    publish_sweep(ctx, view)
     return {"rows": rows, "runs": runs, "conclusions": concl}

@@ -5,6 +5,7 @@ files when it ends (``pipeline.tracking``)."""
 from __future__ import annotations
 
 import io
+import math
 import os
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -218,7 +219,7 @@ def _run_params(job: Job, window: int) -> dict[str, Any]:
 def _summary(job: Job, model: torch.nn.Module, result: FitResult, peak_bytes: int) -> dict[str, Any]:
     hist, t, target = result.history, job.train, result.target
     last = hist.evals[-1] if hist.evals else {}
-    full = [sec for sec, n in zip(hist.seconds, hist.batch) if n == job.batch_size and sec == sec]
+    full = [sec for sec, n in zip(hist.seconds, hist.batch) if n == job.batch_size and math.isfinite(sec)]
     step_s = float(np.median(full)) if full else None
     summary: dict[str, Any] = {
         "batch_size": job.batch_size,

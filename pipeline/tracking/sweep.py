@@ -33,10 +33,9 @@ def sweep_parent(view: View, ctx, manifest: dict[str, Any]) -> str:
     return view.parent(key, manifest, parent_params(ctx, manifest), ctx.run_tags(), ctx.parent_run_id)
 
 
-def parent_link(ctx, manifest: dict[str, Any], base: str = "http://127.0.0.1:5000") -> str | None:
+def parent_link(view: View | None, ctx, manifest: dict[str, Any], base: str = "http://127.0.0.1:5000") -> str | None:
     """The sweep's parent run in MLflow's UI (``make ui``'s address, or the tracking server's),
     made or found now; None when the store does not answer."""
-    view = open_view(ctx, quiet=True)
     if view is None:
         return None
     try:

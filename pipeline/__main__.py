@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     # The artifacts a command reads back (reproduce) are a few kB: MLflow's progress bars for them
     # are noise. A user's own setting wins.
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-    from .config import DataError, ParamsError, load_params
+    from .config import DataError, ParamsError, Unreachable, load_params
     from .core.signals import Busy, Interrupted, NonFiniteLoss
 
     try:
@@ -106,6 +106,9 @@ def main(argv: list[str] | None = None) -> int:
     except Interrupted as err:
         print(f"interrupted: {err}; a checkpoint was kept, rerun the same command to resume", file=sys.stderr)
         return 128 + err.signum
+    except Unreachable as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
     except (NonFiniteLoss, Busy) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1 if isinstance(err, NonFiniteLoss) else 3

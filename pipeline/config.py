@@ -20,6 +20,10 @@ class ParamsError(ValueError):
     """A bad parameter. The message is one line: key, value, what is allowed."""
 
 
+class Unreachable(RuntimeError):
+    """A service the stage was told to use (the Ray cluster at RAY_ADDRESS) did not answer; nothing was started."""
+
+
 class DataError(RuntimeError):
     """Missing, malformed or altered data. The message names the file. (Defined here, beside
     ParamsError, so that the command line can catch it before anything imports torch.)"""
@@ -257,6 +261,16 @@ class CompareParams(_Section):
     memory_mb: float = Field(4096, gt=0)
 
 
+class ExecutorParams(_Section):
+    """Where a train stage's trainings run. Not part of a sweep's identity: the same params give the
+    same runs either way (DVC's train stages do not depend on it)."""
+    # local: one after another in the stage's process. ray: each (seed, learning rate) a Ray task,
+    # all at once, on the cluster at RAY_ADDRESS (a Ray instance of this machine when unset).
+    name: Literal["local", "ray"] = "local"
+    cpus: float = Field(1, gt=0)   # per training task
+    gpus: float = Field(0, ge=0)   # per training task; a fraction shares a card (0.25: four at once)
+
+
 class Params(_Section):
     data: DataParams = DataParams()
     model: ModelParams = ModelParams()
@@ -264,6 +278,7 @@ class Params(_Section):
     tracking: TrackingParams = TrackingParams()
     evaluate: EvaluateParams = EvaluateParams()
     compare: CompareParams = CompareParams()
+    executor: ExecutorParams = ExecutorParams()
 
     @model_validator(mode="before")
     @classmethod

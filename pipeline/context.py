@@ -28,6 +28,8 @@ class Context:
     params_file: Path | None = None
     params_digest: str | None = None
     _tags: dict[str, str] | None = field(default=None, repr=False)  # run_tags, computed once
+    # Where run folders go instead of ``outputs/`` (a Ray task writes on its own node, then returns them).
+    outputs: Path | None = None
 
     @classmethod
     def from_environment(cls, params: Params, params_file: Path | None = None) -> "Context":
@@ -59,7 +61,7 @@ class Context:
         return self._run_dir("evaluate", batch_size, seed, lr)
 
     def _run_dir(self, stage: str, batch_size: int, seed: int | None, lr: float | None) -> Path:
-        folder = self.workdir / OUT_DIR / stage / f"bs{batch_size}"
+        folder = (self.outputs or self.workdir / OUT_DIR) / stage / f"bs{batch_size}"
         if seed is None:
             return folder
         if lr is not None and self.params.train.lr_grid:

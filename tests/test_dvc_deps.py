@@ -13,7 +13,10 @@ from conftest import REPO
 PKG = REPO / "pipeline"
 STAGES = ("prepare", "train", "evaluate", "compare")
 # Code that publishes, locks or parses the command line: it changes no file a stage writes.
-NOT_SHAPING = ("pipeline/tracking/", "pipeline/tools/", "pipeline/__main__.py", "pipeline/lock.py")
+# Nor does where the trainings run (pipeline/stages/remote.py, the Ray executor: the same files
+# either way, as its params section, executor, is no stage's param).
+NOT_SHAPING = ("pipeline/tracking/", "pipeline/tools/", "pipeline/__main__.py", "pipeline/lock.py",
+               "pipeline/stages/remote.py")
 SHAPING_ANYWAY = ("pipeline/tracking/ui.py",)  # the report's colours are the MLflow UI's
 # The network's file is model.code (a built-in's: nets.py), a dep by interpolation, so that a
 # user's _target_ module is one too.
@@ -94,8 +97,12 @@ def test_no_stage_depends_on_publishing_or_tools():
     assert "pipeline/stages/compare.py" not in modules_of("train")
 
 
-def test_no_stage_reruns_for_tracking_params():
-    """MLflow settings (which experiment, how many points) shape the view, not the outputs."""
+def test_no_stage_reruns_for_tracking_or_executor_params():
+    """MLflow settings (which experiment, how many points) shape the view, not the outputs; the
+    executor (local or Ray) where they are made. Neither is part of a sweep's identity."""
+    from pipeline.config import parse_params
     dvc = yaml.safe_load((REPO / "dvc.yaml").read_text())
     for stage in STAGES:
-        assert not any(p.startswith("tracking") for p in dvc["stages"][stage].get("params", []))
+        assert not any(p.startswith(("tracking", "executor")) for p in dvc["stages"][stage].get("params", []))
+    local, ray = parse_params({}), parse_params({"executor": {"name": "ray", "gpus": 0.25}})
+    assert local.sweep_key("d") == ray.sweep_key("d")

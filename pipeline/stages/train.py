@@ -100,6 +100,10 @@ def prepare_jobs(ctx: Context, batch_size: int, seeds: tuple[int, ...] | None = 
 def run(ctx: Context, batch_size: int, *, log_to_mlflow: bool = True,
         seeds: tuple[int, ...] | None = None) -> list[dict[str, Any]]:
     """Every (learning rate, seed) of the sweep at ``batch_size`` (or of ``seeds``); the summaries, in that order."""
+    if ctx.params.executor.name == "ray":
+        _check_for_ray(ctx, batch_size)
+        from . import remote  # Ray is imported only when asked for
+        return remote.run(ctx, batch_size, seeds, log_to_mlflow)
     jobs = prepare_jobs(ctx, batch_size, seeds)
     view = None
     if log_to_mlflow and jobs[0].dist.main:  # only rank 0 talks to MLflow and writes outputs
@@ -108,10 +112,21 @@ def run(ctx: Context, batch_size: int, *, log_to_mlflow: bool = True,
     return [run_one(job, view) for job in jobs]
 
 
-def run_one(job: Job, view=None) -> dict[str, Any]:
+def _check_for_ray(ctx: Context, batch_size: int) -> None:
+    """What prepare_jobs checks, on the driver, before any task starts."""
+    from ..context import read_manifest
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ParamsError("executor.name=ray under torchrun (allowed: local; Ray runs whole trainings, "
+                          "torchrun spreads one)")
+    check_batch_size(ctx, batch_size, read_manifest(ctx.data_dir)["splits"]["train"]["n"])
+
+
+def run_one(job: Job, view=None, tags: dict[str, str] | None = None) -> dict[str, Any]:
+    """One training, its MLflow run live when ``view`` is given; ``tags`` are added to its record."""
     with trainer_lock(job):
         saved = job.checkpoint.load() if job.ctx.params.train.resume else None
         record = _record(job, (saved or {}).get("meta", {}))
+        record["tags"] |= tags or {}
         live = None
         if view is not None:
             from ..tracking.sweep import LiveRun

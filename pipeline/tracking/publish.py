@@ -264,7 +264,9 @@ class View(Store):
                                                 tags=_train_tags(record, parent) | owner_tags()).info.run_id
                 return run_id, {}
         run_id = run.info.run_id
-        self.client.log_batch(run_id, tags=[RunTag(k, v) for k, v in (owner_tags() | {"batchlab.resumed": "true"}).items()])
+        # Where it trains now (a Ray task resumed on another node) as well as who owns it.
+        now = {k: v for k, v in record["tags"].items() if k.startswith(("batchlab.executor", "batchlab.ray_"))}
+        self.client.log_batch(run_id, tags=[RunTag(k, v) for k, v in (now | owner_tags() | {"batchlab.resumed": "true"}).items()])
         if TAG_END in run.data.tags:
             self.client.delete_tag(run_id, TAG_END)
         self.client.update_run(run_id, status="RUNNING")
@@ -300,13 +302,14 @@ class View(Store):
         return run_id
 
     def _retire_others(self, keep: str, record: dict[str, Any]) -> None:
-        """A deliberate retrain (``dvc repro --force``) replaces the run of the same (sweep, batch
-        size, seed): the older one goes to MLflow's trash, never counted side by side."""
+        """A deliberate retrain (``dvc repro --force``), or a training started again because its
+        trainer died before its first checkpoint, replaces the run of the same (sweep, batch size,
+        seed): the older one goes to MLflow's trash, never counted side by side."""
         for run in self.client.search_runs([self.experiment_id], max_results=100, filter_string=(
                 f"tags.`{TAG_SWEEP}` = '{record['sweep_key']}' and tags.`{TAG_BATCH}` = '{record['batch_size']}' "
                 f"and tags.`{TAG_SEED}` = '{record['seed']}' and tags.`{TAG_ROLE}` = 'train'"
                 + (f" and tags.`{TAG_LR}` = '{record['lr']!r}'" if record.get("lr") is not None else ""))):
-            if run.info.run_id != keep and run.info.status != "RUNNING":
+            if run.info.run_id != keep and (run.info.status != "RUNNING" or not owner_alive(run.data.tags)):
                 self.client.set_tag(run.info.run_id, "batchlab.superseded_by", keep)
                 self.client.delete_run(run.info.run_id)
 

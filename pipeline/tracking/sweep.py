@@ -25,7 +25,8 @@ def open_view(ctx, quiet: bool = False) -> View | None:
 
 
 def parent_params(ctx, manifest: dict[str, Any]) -> dict[str, Any]:
-    return ctx.params.flat() | data_params(manifest)
+    """The sweep's params: not where it ran (executor), which is each training run's tag."""
+    return {k: v for k, v in ctx.params.flat().items() if not k.startswith("executor.")} | data_params(manifest)
 
 
 def sweep_parent(view: View, ctx, manifest: dict[str, Any]) -> str:

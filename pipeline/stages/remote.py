@@ -1,0 +1,124 @@
+"""train with ``executor.name: ray``: every (learning rate, seed) of the stage's batch size is a Ray
+task, and they run at once wherever the cluster has room (``executor.cpus`` and ``executor.gpus``
+each; a fraction of a GPU lets several small trainings share a card).
+
+Ray does the scheduling, the placement and the retries: a task on a node that dies runs again on
+another (Ray retries tasks lost with their node). This module only hands each task what a local
+training gets and puts what it made into the DVC workspace.
+
+What every node needs, as under torchrun: this checkout at the same path (Ray adds the driver's
+folder to the workers' import path), the prepared data (``dvc pull`` or ``prepare``), and the
+tracking store (a shared folder or ``MLFLOW_TRACKING_URI`` pointing at one server). A task writes
+its run's folder on its own node and returns the files through Ray; the driver swaps them into
+``outputs/`` as a local training would, so the nodes need not share ``outputs/``. Checkpoints stay
+in ``checkpoints/``: where that folder is shared, a task moved to another node resumes from it;
+elsewhere it starts that training again.
+"""
+from __future__ import annotations
+
+import os
+import socket
+import sys
+from pathlib import Path
+from typing import Any
+
+from ..config import ParamsError, Unreachable
+from ..context import Context, swap_dir, write_atomic
+
+INSTALL = "pip install -r requirements-ray.txt"
+
+
+def run(ctx: Context, batch_size: int, seeds: tuple[int, ...] | None, log_to_mlflow: bool) -> list[dict[str, Any]]:
+    ray = _ray()
+    address = ctx.env.get("RAY_ADDRESS") or None
+    check_reachable(address)
+    ctx.run_tags()  # git is asked once, here: the tasks carry the answer
+    import logging
+    ray.init(address=address, logging_level=logging.ERROR, log_to_driver=True,
+             **({"include_dashboard": False} if address is None else {}))
+    try:
+        e = ctx.params.executor
+        task = ray.remote(_train_task).options(num_cpus=e.cpus, num_gpus=e.gpus, name=f"train-bs{batch_size}")
+        trials = ctx.params.train.trials(seeds)
+        refs = [task.remote(ctx, batch_size, seed, lr, log_to_mlflow) for lr, seed in trials]
+        try:
+            results = ray.get(refs)
+        except KeyboardInterrupt:
+            for ref in refs:
+                ray.cancel(ref)
+            raise
+        for (lr, seed), (summary, files) in zip(trials, results):
+            _unpack(ctx.train_dir(batch_size, seed, lr), files)
+        return [summary for summary, _ in results]
+    finally:
+        ray.shutdown()
+
+
+def _ray():
+    try:
+        import ray
+    except ImportError:
+        raise ParamsError(f"executor.name=ray needs Ray, which is not installed here (allowed: local; "
+                          f"or install it: {INSTALL})") from None
+    return ray
+
+
+def check_reachable(address: str | None, timeout: float = 5.0) -> None:
+    """Ray waits minutes on an address nobody answers: look first. ``None``, ``auto`` and
+    ``local`` are Ray's to resolve."""
+    if address is None or address in ("auto", "local"):
+        return
+    hostport = address.split("://", 1)[-1].rstrip("/")
+    host, _, port = hostport.rpartition(":")
+    if not host or not port.isdigit():
+        raise ParamsError(f"RAY_ADDRESS={address!r} is not an address (allowed: host:port, ray://host:port, auto)")
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout).close()
+    except OSError as err:
+        raise Unreachable(f"the Ray cluster at RAY_ADDRESS={address} does not answer ({err.strerror or err}); "
+                          f"nothing was trained. Start it (ray start --head ...) or unset RAY_ADDRESS") from None
+
+
+def _train_task(ctx: Context, batch_size: int, seed: int, lr: float | None, log_to_mlflow: bool):
+    """One training on a Ray worker: the local code path, its run folder written on this node
+    and returned as files."""
+    import dataclasses
+    import shutil
+    import tempfile
+
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    os.chdir(ctx.workdir)  # relative paths in params (data.root, model.code) are the project's
+    if str(ctx.workdir) not in sys.path:
+        sys.path.insert(0, str(ctx.workdir))
+    from . import train
+    import ray
+
+    scratch = Path(tempfile.mkdtemp(prefix="batchlab-"))
+    try:
+        here = dataclasses.replace(ctx, outputs=scratch)
+        (job,) = [j for j in train.prepare_jobs(here, batch_size, (seed,)) if j.lr == lr]
+        view = None
+        if log_to_mlflow:
+            from ..tracking.sweep import open_view
+            view = open_view(here)
+        node = ray.get_runtime_context().get_node_id()
+        summary = train.run_one(job, view, {"batchlab.executor": "ray", "batchlab.ray_node": node})
+        files = {str(p.relative_to(job.out)): p.read_bytes() for p in sorted(job.out.rglob("*")) if p.is_file()}
+        return summary, files
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _unpack(dest: Path, files: dict[str, bytes]) -> None:
+    """A run's files into its folder, swapped in whole (the folder holds one run's set, never a mix)."""
+    import shutil
+    import tempfile
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
+    try:
+        for rel, content in files.items():
+            write_atomic(tmp / rel, content)
+        swap_dir(tmp, dest)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

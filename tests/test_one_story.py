@@ -49,7 +49,7 @@ def clone(tmp_path):
     """A project as a clone has it: the Makefile and requirements too (timestamps kept, so that
     `make` finds this test run's environment already set up and installs nothing)."""
     proj = make_project(tmp_path / "clone", PARAMS, git=False)
-    for name in ("Makefile", "requirements.txt", "requirements-dev.txt"):
+    for name in ("Makefile", "requirements.txt", "requirements-dev.txt", "requirements-ray.txt"):
         shutil.copy2(REPO / name, proj / name)
     shutil.copytree(REPO / "configs", proj / "configs")
     sh(["git", "init", "-q"], proj)

@@ -206,3 +206,17 @@ def test_an_address_nobody_answers_is_one_line_and_nothing_trained(tmp_path):
     assert proc.stderr.strip().count("\n") == 0 and address in proc.stderr, proc.stderr
     assert not (proj / "outputs").exists() and not (proj / "checkpoints").exists()
     assert not [r for r in _runs(proj) if r.data.tags.get("batchlab.role") == "train"]
+
+
+def test_asking_for_ray_without_it_is_one_line_naming_the_install(tmp_path):
+    proj = make_project(tmp_path / "p", PARAMS, git=False)
+    sh([sys.executable, "-m", "pipeline", "prepare"], proj)
+    absent = tmp_path / "absent" / "ray"  # an import of ray fails here as where it is not installed
+    absent.mkdir(parents=True)
+    (absent / "__init__.py").write_text("raise ModuleNotFoundError(\"No module named 'ray'\", name='ray')\n")
+    env = env_for(proj)
+    env["PYTHONPATH"] = f"{absent.parent}{os.pathsep}{env['PYTHONPATH']}"
+    proc = sh([sys.executable, "-m", "pipeline", "train", "--batch-size", "16"], proj, env=env, check=False)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().count("\n") == 0 and "requirements-ray.txt" in proc.stderr, proc.stderr
+    assert not (proj / "outputs").exists() and not (proj / "checkpoints").exists()

@@ -34,6 +34,8 @@ def run(ctx: Context, batch_size: int, seeds: tuple[int, ...] | None, log_to_mlf
     check_reachable(address)
     ctx.run_tags()  # git is asked once, here: the tasks carry the answer
     import logging
+    # A Ray instance this stage starts reports nothing to Ray's usage statistics unless the user says so.
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     ray.init(address=address, logging_level=logging.ERROR, log_to_driver=True,
              **({"include_dashboard": False} if address is None else {}))
     try:
@@ -43,6 +45,8 @@ def run(ctx: Context, batch_size: int, seeds: tuple[int, ...] | None, log_to_mlf
         refs = [task.remote(ctx, batch_size, seed, lr, log_to_mlflow) for lr, seed in trials]
         try:
             results = ray.get(refs)
+        except ray.exceptions.RayTaskError as err:  # the training's own error, as a local run raises it
+            raise (err.cause if isinstance(err.cause, BaseException) else err) from None
         except KeyboardInterrupt:
             for ref in refs:
                 ray.cancel(ref)

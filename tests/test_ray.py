@@ -24,6 +24,12 @@ LONG = merge(SMALL, {"train": {"batch_sizes": [4], "seeds": [0, 1], "epochs": 10
                                "checkpoint_every_steps": 300}, "executor": {"name": "ray"}})
 
 
+def ray_env(env: dict[str, str]) -> dict[str, str]:
+    """A loopback cluster without Ray's token authentication, which Ray turns on by itself once a
+    local ray.init() has left a token in ~/.ray (the same tests, whatever ran on this machine before)."""
+    return env | {"RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled"}
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -49,26 +55,31 @@ class Cluster:
         self.port = _free_port()
         self.address = f"127.0.0.1:{self.port}"
         self.temp = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # Ray's socket paths must stay short
-        self.head = self._start(["--head", f"--port={self.port}", "--include-dashboard=false",
-                                 f"--temp-dir={self.temp}"])
-        self._wait_nodes(1)
-        self.worker = self.add_worker()
+        self.head = self.worker = self._start(["--head", f"--port={self.port}", "--include-dashboard=false",
+                                               f"--temp-dir={self.temp}"])
+        try:
+            self._wait_nodes(1)
+            self.worker = self.add_worker()
+        except BaseException:
+            self.stop()
+            raise
 
     def _start(self, args: list[str]) -> subprocess.Popen:
-        env = env_for(Path.cwd()) | {"RAY_USAGE_STATS_ENABLED": "0"}
+        env = ray_env(env_for(Path.cwd()))
         return subprocess.Popen([RAY, "start", "--block", "--node-ip-address=127.0.0.1", "--num-cpus=1",
                                  "--disable-usage-stats", *args], env=env, stdout=subprocess.DEVNULL,
                                 stderr=subprocess.DEVNULL, start_new_session=True)
 
     def add_worker(self) -> subprocess.Popen:
-        worker = self._start([f"--address={self.address}"])
+        self.worker = self._start([f"--address={self.address}"])
         self._wait_nodes(2)
-        return worker
+        return self.worker
 
     def _wait_nodes(self, n: int, timeout: float = 120) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            out = subprocess.run([RAY, "status", f"--address={self.address}"], capture_output=True, text=True).stdout
+            out = subprocess.run([RAY, "status", f"--address={self.address}"], capture_output=True, text=True,
+                                 env=ray_env(dict(os.environ))).stdout
             active = out.split("Active:", 1)[-1].split("Pending:", 1)[0] if "Active:" in out else ""
             if active.count("node_") == n:
                 return
@@ -87,7 +98,7 @@ class Cluster:
 
 @pytest.fixture(scope="module")
 def cluster():
-    c = Cluster()
+    c = Cluster()  # stops what it started when it fails to start
     try:
         yield c
     finally:
@@ -114,7 +125,7 @@ def _losses(folder: Path) -> list[str]:
 @pytest.mark.slow
 def test_a_sweep_runs_across_both_nodes_and_equals_a_local_one(tmp_path, two_nodes):
     proj = make_project(tmp_path / "ray", PARAMS)
-    env = env_for(proj) | {"RAY_ADDRESS": two_nodes.address}
+    env = ray_env(env_for(proj)) | {"RAY_ADDRESS": two_nodes.address}
     sh(["dvc", "repro"], proj, env=env, timeout=600)
     assert "up to date" in sh(["dvc", "status"], proj, env=env).stdout
     assert check_published(f"sqlite:///{proj / 'mlflow.db'}", proj)["train_runs"] == 4
@@ -156,7 +167,7 @@ def _trainer_on(proj: Path, worker: subprocess.Popen, timeout: float = 300) -> s
 @pytest.mark.parametrize("moment", ("before-checkpoint", "after-checkpoint"))
 def test_a_worker_node_killed_mid_sweep_costs_no_run_and_no_point(tmp_path, two_nodes, moment):
     proj = make_project(tmp_path / "p", LONG)
-    env = env_for(proj) | {"RAY_ADDRESS": two_nodes.address}
+    env = ray_env(env_for(proj)) | {"RAY_ADDRESS": two_nodes.address}
     repro = subprocess.Popen([str(BIN / "dvc"), "repro"], cwd=proj, env=env, stdout=subprocess.PIPE,
                              stderr=subprocess.PIPE, text=True)
     name = _trainer_on(proj, two_nodes.worker)
@@ -181,7 +192,7 @@ def test_a_worker_node_killed_mid_sweep_costs_no_run_and_no_point(tmp_path, two_
 @pytest.mark.slow
 def test_the_driver_killed_then_the_next_repro_finishes_the_sweep_once(tmp_path, two_nodes):
     proj = make_project(tmp_path / "p", LONG)
-    env = env_for(proj) | {"RAY_ADDRESS": two_nodes.address}
+    env = ray_env(env_for(proj)) | {"RAY_ADDRESS": two_nodes.address}
     repro = subprocess.Popen([str(BIN / "dvc"), "repro"], cwd=proj, env=env, stdout=subprocess.PIPE,
                              stderr=subprocess.PIPE, text=True, start_new_session=True)
     name = _trainer_on(proj, two_nodes.worker)

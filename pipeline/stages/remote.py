@@ -36,6 +36,13 @@ def run(ctx: Context, batch_size: int, seeds: tuple[int, ...] | None, log_to_mlf
     import logging
     # A Ray instance this stage starts reports nothing to Ray's usage statistics unless the user says so.
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    if address is None:
+        # Ray gives a new local instance token authentication by default and writes the token to
+        # ~/.ray/auth_token; from then on it turns token authentication on for every cluster
+        # `ray start` makes on the machine, and those clusters refused their own workers and
+        # drivers here. An instance that lives as long as this stage and serves only its tasks
+        # does without (the user's RAY_AUTH_MODE wins).
+        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     ray.init(address=address, logging_level=logging.ERROR, log_to_driver=True,
              **({"include_dashboard": False} if address is None else {}))
     try:

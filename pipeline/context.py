@@ -4,9 +4,10 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Iterator
 
 if TYPE_CHECKING:  # imported where used: a helper process that only writes files loads no pydantic
     from .config import Params
@@ -142,6 +143,21 @@ def swap_dir(tmp: Path, dest: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(tmp, dest)
+
+
+@contextmanager
+def replaced_dir(dest: Path) -> Iterator[Path]:
+    """A new folder beside ``dest`` to fill; swapped in whole when the block ends, removed if it
+    raises: ``dest`` holds one complete set of files or the previous one, never a mix."""
+    import shutil
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
+    try:
+        yield tmp
+        swap_dir(tmp, dest)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def write_json(path: Path, obj: Any) -> None:

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from ..config import ParamsError, Unreachable
-from ..context import Context, swap_dir, write_atomic
+from ..context import Context, replaced_dir, write_atomic
 
 INSTALL = "pip install -r requirements-ray.txt"
 
@@ -121,15 +121,7 @@ def _train_task(ctx: Context, batch_size: int, seed: int, lr: float | None, log_
 
 
 def _unpack(dest: Path, files: dict[str, bytes]) -> None:
-    """A run's files into its folder, swapped in whole (the folder holds one run's set, never a mix)."""
-    import shutil
-    import tempfile
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
-    try:
+    """A run's files into its folder, swapped in whole, as a local training writes them."""
+    with replaced_dir(dest) as tmp:
         for rel, content in files.items():
             write_atomic(tmp / rel, content)
-        swap_dir(tmp, dest)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise

@@ -18,7 +18,7 @@ from tqdm import tqdm
 
 from ..core import dist
 from ..config import ParamsError
-from ..context import Context, param_text, run_name, swap_dir, write_atomic, write_json
+from ..context import Context, param_text, replaced_dir, run_name, write_atomic, write_json
 from ..core.data import Prepared, load_prepared, streams
 from ..core.engine import Checkpoint, FitResult, NullSink, eval_interval, fit, scaled_lr
 from ..core.batches import batch_bounds
@@ -283,23 +283,13 @@ def _now() -> float:
 def _write_outputs(job: Job, model, result: FitResult, summary, record: dict[str, Any]) -> None:
     """Every output of the run into a new folder, swapped in whole: the folder holds one run's
     set or the previous set, never a mix."""
-    import shutil
-    import tempfile
-
-    out = job.out
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with replaced_dir(job.out) as tmp:
         t0 = _write_files(tmp, model, result, summary, job.data.task)
         buf = io.BytesIO()
         torch.save(job.data.val.x[:2].detach().cpu().clone(), buf)  # the MLflow model's input example
         write_atomic(tmp / "input_example.pt", buf.getvalue())
         write_json(tmp / "params.json", job.ctx.params.model_dump(mode="json"))
         write_json(tmp / "run.json", record | {"steps_t0": t0, "end_time": _now()})
-        swap_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def _write_files(out: Path, model, result: FitResult, summary, task) -> float:

@@ -264,9 +264,9 @@ class View(Store):
                                                 tags=_train_tags(record, parent) | owner_tags()).info.run_id
                 return run_id, {}
         run_id = run.info.run_id
-        # Where it trains now (a Ray task resumed on another node) as well as who owns it.
-        now = {k: v for k, v in record["tags"].items() if k.startswith(("batchlab.executor", "batchlab.ray_"))}
-        self.client.log_batch(run_id, tags=[RunTag(k, v) for k, v in (now | owner_tags() | {"batchlab.resumed": "true"}).items()])
+        # The record's tags as they are now (a Ray task resumed on another node), and its owner.
+        now = record["tags"] | owner_tags() | {"batchlab.resumed": "true"}
+        self.client.log_batch(run_id, tags=[RunTag(k, v) for k, v in now.items()])
         if TAG_END in run.data.tags:
             self.client.delete_tag(run_id, TAG_END)
         self.client.update_run(run_id, status="RUNNING")

@@ -98,6 +98,10 @@ def test_mlflow_ui_opens_on_the_batch_size_runs_and_the_loss_chart(sweep):
     # and only this sweep's: the other sweep's run does not join the group of 16.
     assert "bs16-other-sweep" not in dom
     assert "Group: 16" in dom and "Group: 64" in dom
+    # The sweep's parent (it has no batch size) is not fetched into a group of its own,
+    assert "Additional runs" not in dom and "Unassigned" not in dom
+    # and the groups come in batch-size order.
+    assert dom.index("Group: 16") < dom.index("Group: 64")
     # in the model-training layout (not the GenAI one), with the train/loss chart drawn per batch size.
     assert "Model training" in dom and "Detect Issues" not in dom
     assert "16 (train/loss)" in dom and "64 (train/loss)" in dom

@@ -19,8 +19,13 @@ VIEW_KEY = "batch-sizes"  # every run of the experiment; each sweep also has its
 # on spans the chart pane (the UI's default is 3 columns of 360 px: a thumbnail whose legend
 # showed two of the four groups). With the section and an empty chart list given, the UI still
 # adds a chart for every metric, each to the section named by its prefix (3.17's reconciliation).
+# Runs sort by their step count, descending: the groups then come in batch-size order (by name
+# they would read 16, 256, 4, 64), and a view sorted by anything but start time does not fetch
+# the parents of the runs it matches (3.17's search), which it would otherwise show as a group of
+# their own, "Additional runs" in the table and "Unassigned" in the charts' legends.
 SHARED_VIEW = {
     "groupBy": {"aggregateFunction": "average", "groupByKeys": [{"mode": "param", "groupByData": "batch_size"}]},
+    "orderByKey": "metrics.`final/steps`", "orderByAsc": False,
     "useGroupedValuesInCharts": True, "runsHiddenMode": "SHOW_ALL", "hideEmptyCharts": True,
     "chartsSearchFilter": "train/loss",
     "globalLineChartConfig": {"xAxisKey": "step", "lineSmoothness": 0, "selectedXAxisMetricKey": ""},

@@ -51,7 +51,7 @@ def test_sweep_in_process_files_children_under_one_parent(ctx_factory, monkeypat
     assert all(r.info.status == "FINISHED" for r in runs)
     # The same metric keys in every child, so Compare in the UI lines them up.
     keys = [set(c.data.metrics) for c in children]
-    assert keys[0] == keys[1] and {"train/loss", "val/acc", "test/acc", "final/throughput"} <= keys[0]
+    assert keys[0] == keys[1] and {"train/loss", "val/acc", "test_acc", "throughput"} <= keys[0]
     for child in children:
         bs = int(child.data.params["batch_size"])
         steps = summaries[bs]["steps"]
@@ -60,7 +60,7 @@ def test_sweep_in_process_files_children_under_one_parent(ctx_factory, monkeypat
         # Fewer steps than tracking.max_points: one point per optimizer step, at samples seen.
         assert len(history) == steps
         assert max(m.step for m in history) == 2 * 1257
-        assert len(client.get_metric_history(child.info.run_id, "test/acc")) == 1
+        assert len(client.get_metric_history(child.info.run_id, "test_acc")) == 1
         for tag in ("batchlab.git_commit", "batchlab.version.torch", "batchlab.version.mlflow",
                     "batchlab.version.dvc"):
             assert tag in child.data.tags
@@ -74,8 +74,8 @@ def test_sweep_in_process_files_children_under_one_parent(ctx_factory, monkeypat
     assert {a.path for a in client.list_artifacts(parent.info.run_id, "compare")} >= {
         "compare/report.html", "compare/sweep.csv"}
     assert "sweep/best_test_acc" in client.get_run(parent.info.run_id).data.metrics
-    assert "final/train_loss" in keys[0] and "final/final_train_loss" not in keys[0]
-    assert not {"final/batch_size", "final/world_size"} & keys[0]
+    assert "final_train_loss" in keys[0]
+    assert not {"batch_size", "world_size"} & keys[0]
     report = (ctx.compare_dir / "report.html").read_text()
     assert "Fastest to the target" in report and "data:image/png;base64," in report
     assert len(result["rows"]) == 2
@@ -125,8 +125,8 @@ def test_named_linear_configuration_recovers_w_2_and_b_1(ctx_factory):
     assert m["test_r2"] > 0.99
     client, runs = runs_of(_uri(ctx))
     child = next(r for r in runs if r.data.tags.get("batchlab.role") == "train")
-    assert abs(child.data.metrics["final/weight"] - 2) < 0.05
-    assert abs(child.data.metrics["final/bias"] - 1) < 0.05
+    assert abs(child.data.metrics["weight"] - 2) < 0.05
+    assert abs(child.data.metrics["bias"] - 1) < 0.05
 
 
 def test_bad_batch_size_with_drop_last_is_refused_before_any_run(ctx_factory):
@@ -269,7 +269,7 @@ def test_evaluate_that_fails_at_a_later_seed_writes_and_publishes_no_figures(ctx
     _, runs = runs_of(_uri(ctx))
     children = [r for r in runs if r.data.tags.get("batchlab.role") == "train"]
     assert len(children) == 2 and all(r.info.status == "FINISHED" for r in children)
-    assert not [k for r in children for k in r.data.metrics if k.startswith("test/")]
+    assert not [k for r in children for k in r.data.metrics if k.startswith("test_")]
     assert not (ctx.eval_dir(64, 0) / "metrics.json").exists()
 
 

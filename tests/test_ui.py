@@ -14,9 +14,10 @@ pytestmark = pytest.mark.slow
 CHROMIUM = shutil.which("chromium")
 
 
-def _dom(url: str, budget_ms: int = 60000, offline: bool = False) -> str:
+def _dom(url: str, budget_ms: int = 60000, offline: bool = False, height: int = 1100) -> str:
     """The page's DOM after ``budget_ms`` of virtual time; ``offline``: every host name fails to
-    resolve and every request goes to a closed proxy port, as on a machine without a network."""
+    resolve and every request goes to a closed proxy port, as on a machine without a network.
+    The UI draws a chart only once it is in the window: ``height`` is the window's, in pixels."""
     if CHROMIUM is None:
         if os.environ.get("CI"):  # .ci/run installs it: in CI the test must run, not skip
             pytest.fail("chromium is not installed")
@@ -25,7 +26,7 @@ def _dom(url: str, budget_ms: int = 60000, offline: bool = False) -> str:
         proc = subprocess.run(
             [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
              "--disable-background-networking", "--disable-component-update", "--disable-sync",
-             f"--user-data-dir={profile}", "--window-size=1400,1100", f"--virtual-time-budget={budget_ms}",
+             f"--user-data-dir={profile}", f"--window-size=1400,{height}", f"--virtual-time-budget={budget_ms}",
              *(["--proxy-server=127.0.0.1:9", "--host-resolver-rules=MAP * ~NOTFOUND"] if offline else []),
              "--dump-dom", url], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -89,7 +90,7 @@ def test_mlflow_ui_opens_on_the_batch_size_runs_and_the_loss_chart(sweep):
     server = MlflowServer(sweep.workdir, f"sqlite:///{sweep.workdir / 'mlflow.db'}").start()
     try:
         url = tracker.ui_url(server.url, sweep.params.sweep_key(read_manifest(sweep.data_dir)["data_hash"]))
-        dom = _dom(url)
+        dom = _dom(url, height=1600)
     finally:
         server.kill()
     # The runs of every batch size and seed are on the page without a click, grouped by batch size,
@@ -105,8 +106,12 @@ def test_mlflow_ui_opens_on_the_batch_size_runs_and_the_loss_chart(sweep):
     # in the model-training layout (not the GenAI one), with the train/loss chart drawn per batch size.
     assert "Model training" in dom and "Detect Issues" not in dom
     assert "16 (train/loss)" in dom and "64 (train/loss)" in dom
-    # The chart spans the chart pane: its section is one column wide (the UI's default is three).
-    assert re.findall(r"grid-template-columns: repeat\((\d+), 1fr\)", dom) == ["1"]
+    # The loss chart spans the chart pane: its section is one column wide (the UI's default is three),
+    # and below it, two to a row, one bar per batch size for what it gives and costs.
+    assert re.findall(r"grid-template-columns: repeat\((\d+), 1fr\)", dom) == ["1", "2"]
+    bars = dom.index("per batch size")
+    assert "train/loss" in dom[:bars] and "test_acc" in dom[bars:] and "step_memory_bytes" in dom[bars:]
+    assert "overall_throughput" not in dom and "final_val_acc" not in dom  # the other metrics' charts are filtered out
     # Each group in the colour of its batch size's runs and of its lines in the report.
     for bs in (16, 64):
         found = re.search(rf'value="(#[0-9a-f]{{6}})"></label><div[^>]*><span title="{bs}"[^>]*>Group: {bs}<', dom)

@@ -403,7 +403,7 @@ class Trainer:
             self.progress.update(len(chunk.step))
         for samples, value in noise:
             self.state.history.noise.append((samples, value))
-            self.sink.point("noise/b_simple", value, samples)
+            self.sink.point("train/noise_scale", value, samples)
 
     def validate(self, epoch_end: bool) -> None:
         self.flush()

@@ -76,7 +76,7 @@ def train_points(folder: Path, window: int, start_time: float) -> list[Point]:
         points.append(("val/loss", float(r["val_loss"]), at, int(r["samples"])))
         if r.get("val_acc") not in (None, "", "nan"):
             points.append(("val/acc", float(r["val_acc"]), at, int(r["samples"])))
-    points += [("noise/b_simple", float(r["b_simple"]), ms, int(r["samples"])) for r in read_csv(folder / "noise.csv")]
+    points += [("train/noise_scale", float(r["b_simple"]), ms, int(r["samples"])) for r in read_csv(folder / "noise.csv")]
     return points
 
 

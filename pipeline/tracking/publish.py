@@ -318,8 +318,7 @@ class View(Store):
         stamp = digest(folder / "metrics.json")
         if run.data.tags.get(PUBLISHED + "evaluate") == stamp:
             return
-        named = {f"test/{k[5:]}" if k.startswith("test_") else f"model/{k}": v
-                 for k, v in metrics.items() if k not in ("batch_size", "seed", "lr", "train_record")}
+        named = {k: v for k, v in metrics.items() if k not in ("batch_size", "seed", "lr", "train_record")}
         self._metrics(run, scalar_points(named, 0, int(os.path.getmtime(folder / "metrics.json") * 1000)))
         self._artifacts(run.info.run_id, [folder / n for n in EVAL_FILES], "evaluate")
         self.client.set_tag(run.info.run_id, PUBLISHED + "evaluate", stamp)
@@ -351,8 +350,10 @@ _NOT_METRICS = ("batch_size", "seed", "lr", "epochs", "lr_effective", "world_siz
 
 
 def final_metrics(summary: dict[str, Any]) -> dict[str, float]:
-    """The summary as MLflow metrics, each named once: ``final/val_acc``, ``final/throughput``."""
-    return {f"final/{k.removeprefix('final_')}": float(v) for k, v in summary.items()
+    """The summary as MLflow metrics, named as in summary.json (``final_val_acc``, ``throughput``).
+    Single values carry no prefix so that MLflow's run page, which orders its chart sections by
+    prefix and puts unprefixed metrics last, opens on the curves (``train/``, ``val/``)."""
+    return {k: float(v) for k, v in summary.items()
             if k not in _NOT_METRICS and isinstance(v, (int, float)) and not isinstance(v, bool)}
 
 

@@ -17,21 +17,31 @@ VIEW_KEY = "batch-sizes"  # every run of the experiment; each sweep also has its
 # groups' mean drawn in charts, every run shown, line charts against step (= samples seen).
 # The "train" chart section is one column wide and 480 px high, so the loss chart the view opens
 # on spans the chart pane (the UI's default is 3 columns of 360 px: a thumbnail whose legend
-# showed two of the four groups). With the section and an empty chart list given, the UI still
-# adds a chart for every metric, each to the section named by its prefix (3.17's reconciliation).
+# showed two of the four groups). Below it, one bar per batch size (the mean of its runs) for what
+# a batch size gives and costs: the bars are evenly spaced and in batch-size order, where a line
+# against the batch size would crowd the small ones at the left edge of a linear axis. The UI adds
+# a chart for every other metric (3.17's reconciliation); the charts filter, a regular expression,
+# shows only these. The UI orders sections by name: "loss" comes before "per batch size".
 # Runs sort by their step count, descending: the groups then come in batch-size order (by name
 # they would read 16, 256, 4, 64), and a view sorted by anything but start time does not fetch
 # the parents of the runs it matches (3.17's search), which it would otherwise show as a group of
 # their own, "Additional runs" in the table and "Unassigned" in the charts' legends.
+BAR_METRICS = ("test_acc", "test_mse", "throughput", "train_seconds", "step_memory_bytes")
+_SECTION = {"display": True, "isReordered": False, "deleted": False, "isGenerated": False}
 SHARED_VIEW = {
     "groupBy": {"aggregateFunction": "average", "groupByKeys": [{"mode": "param", "groupByData": "batch_size"}]},
-    "orderByKey": "metrics.`final/steps`", "orderByAsc": False,
+    "orderByKey": "metrics.`steps`", "orderByAsc": False,
     "useGroupedValuesInCharts": True, "runsHiddenMode": "SHOW_ALL", "hideEmptyCharts": True,
-    "chartsSearchFilter": "train/loss",
+    "chartsSearchFilter": f"^(train/loss|{'|'.join(BAR_METRICS)})$",
     "globalLineChartConfig": {"xAxisKey": "step", "lineSmoothness": 0, "selectedXAxisMetricKey": ""},
-    "compareRunCharts": [],
-    "compareRunSections": [{"uuid": "batchlab-train", "name": "train", "display": True, "isReordered": False,
-                            "deleted": False, "isGenerated": True, "columns": 1, "cardHeight": 480}],
+    "compareRunCharts": [{"uuid": "batchlab-loss", "type": "LINE", "metricKey": "train/loss", "selectedMetricKeys": ["train/loss"],
+                          "metricSectionId": "batchlab-train", "isGenerated": False, "deleted": False,
+                          "xAxisKey": "step", "useGlobalXaxisKey": True, "lineSmoothness": 0, "scaleType": "linear",
+                          "xAxisScaleType": "linear"}] + [{"uuid": f"batchlab-{key}", "type": "BAR", "metricKey": key, "metricSectionId": "batchlab-bs",
+                          "isGenerated": False, "deleted": False} for key in BAR_METRICS],
+    "compareRunSections": [_SECTION | {"uuid": "batchlab-train", "name": "loss", "columns": 1, "cardHeight": 480},
+                           _SECTION | {"uuid": "batchlab-bs", "name": "per batch size",
+                                       "columns": 2, "cardHeight": 300}],
 }
 
 

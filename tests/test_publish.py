@@ -82,7 +82,7 @@ def test_live_metrics_to_a_store_that_does_not_answer_stop_with_one_line(capsys)
                        uri="http://dead")
     n = 3000
     chunk = StepChunk(list(range(1, n + 1)), list(range(4, 4 * n + 1, 4)), [0.5] * n, [2] * n, [4] * n,
-                      [1e-3] * n, [time.time()] * n)
+                      [1e-3] * n, [time.time()] * n, [1e-3] * n)
     live.steps(chunk)
     live.point("val/loss", 0.4, 4 * n)
     assert live.close(complete=True, timeout=120) is True

@@ -81,7 +81,7 @@ def _chunk(start, n, batch=4):
     steps = list(range(start, start + n))
     now = time.time()
     return StepChunk(steps, [s * batch for s in steps], [1.0 / s for s in steps], [2] * n,
-                     [batch] * n, [0.1] * n, [now + i * 1e-3 for i in range(n)])
+                     [batch] * n, [0.1] * n, [now + i * 1e-3 for i in range(n)], [0.002 + s * 1e-6 for s in steps])
 
 
 def _live(store, window):
@@ -100,6 +100,10 @@ def test_live_metrics_are_window_means_at_samples_seen(store):
     assert [m.step for m in loss] == [40 * k for k in range(1, 11)]
     assert abs(loss[0].value - sum(1.0 / s for s in range(1, 11)) / 10) < 1e-9
     assert all(m.value == 0.5 for m in client.get_metric_history(run, "train/batch_acc"))
+    # Throughput: the window's samples over its steps' own seconds, not the wall time between
+    # points (which is zero before the first step's end).
+    speed = sorted(client.get_metric_history(run, "train/throughput"), key=lambda m: m.step)
+    assert abs(speed[0].value - 40 / sum(0.002 + s * 1e-6 for s in range(1, 11))) < 1e-6
     assert [m.value for m in client.get_metric_history(run, "val/acc")] == [0.5]
 
 

@@ -50,14 +50,15 @@ class LiveMetrics:
                 self.windows.prev_time = hist.time[i]
             elif step > first:
                 correct = hist.correct[i] if hist.correct else None
-                self.windows.add(step, hist.samples[i], hist.loss[i], correct, hist.batch[i], hist.lr[i], hist.time[i])
+                self.windows.add(step, hist.samples[i], hist.loss[i], correct, hist.batch[i], hist.lr[i], hist.time[i],
+                                 hist.seconds[i])
 
     def steps(self, chunk) -> None:
         out: list[Point] = []
         correct = chunk.correct or [None] * len(chunk.step)
         for i, step in enumerate(chunk.step):
             out += self.windows.add(step, chunk.samples[i], chunk.loss[i], correct[i], chunk.batch[i],
-                                    chunk.lr[i], chunk.time[i])
+                                    chunk.lr[i], chunk.time[i], chunk.seconds[i])
         self._add(out)
 
     def point(self, key: str, value: float, samples: int) -> None:

@@ -30,13 +30,14 @@ class Windows:
         self.last: tuple | None = None
 
     def _reset(self) -> None:
-        self.n, self.loss, self.correct, self.batch = 0, 0.0, 0, 0
+        self.n, self.loss, self.correct, self.batch, self.seconds = 0, 0.0, 0, 0, 0.0
 
     def add(self, step: int, samples: int, loss: float, correct: int | None, batch: int, lr: float,
-            time: float) -> list[Point]:
+            time: float, seconds: float) -> list[Point]:
         self.n += 1
         self.loss += loss
         self.batch += batch
+        self.seconds += seconds
         self.correct += correct or 0
         self.last = (step, samples, lr, time, correct is not None)
         return self._emit() if step % self.window == 0 else []
@@ -46,10 +47,15 @@ class Windows:
 
     def _emit(self) -> list[Point]:
         step, samples, lr, t, has_correct = self.last
-        ms, elapsed = int(t * 1000), max(t - self.prev_time, 1e-9)
+        ms = int(t * 1000)
         points = [("train/loss", self.loss / self.n, ms, samples), ("train/lr", lr, ms, samples),
-                  ("train/optimizer_step", float(step), ms, samples),
-                  ("train/throughput", self.batch / elapsed, ms, samples)]
+                  ("train/optimizer_step", float(step), ms, samples)]
+        # Samples over the window's own step seconds, as the run's final throughput: the wall time
+        # between points also holds validations and checkpoints, and the first step's is zero.
+        # Steps resumed from a checkpoint that did not record their seconds fall back to it.
+        busy = self.seconds if math.isfinite(self.seconds) and self.seconds > 0 else t - self.prev_time
+        if busy > 0:
+            points.append(("train/throughput", self.batch / busy, ms, samples))
         if has_correct:
             points.append(("train/batch_acc", self.correct / self.batch, ms, samples))
         self.prev_time = t
@@ -68,7 +74,7 @@ def train_points(folder: Path, window: int, start_time: float) -> list[Point]:
     for r in read_csv(folder / "steps.csv"):
         correct = round(float(r["batch_acc"]) * int(r["batch"])) if r.get("batch_acc") else None
         points += windows.add(int(r["step"]), int(r["samples"]), float(r["loss"]), correct, int(r["batch"]),
-                              float(r["lr"]), start_time + float(r["wall_s"]))
+                              float(r["lr"]), start_time + float(r["wall_s"]), float(r["step_s"]))
     points += windows.finish()
     ms = int(start_time * 1000)
     for r in read_csv(folder / "evals.csv"):

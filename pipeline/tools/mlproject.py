@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -117,6 +118,26 @@ def launch_experiment() -> str | None:
     return experiment_name(os.environ["MLFLOW_EXPERIMENT_ID"])
 
 
+# `dvc exp run` first checks out every output of the pipeline; for each one that dvc.lock holds no
+# hash of yet (a new batch size, a first run) it warns "No file hash info found for '…'. It won't be
+# created." There is nothing to act on: the stage then runs and makes it.
+_NO_HASH = re.compile(r"^WARNING: No file hash info found for '.*'\. It won't be created\.$")
+
+
+def _call_dvc(cmd: list[str]) -> int:
+    """Runs DVC with its stderr passed through, less the lines above."""
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, errors="replace")
+    while True:
+        try:
+            for line in proc.stderr:
+                if not _NO_HASH.match(line.rstrip("\n")):
+                    sys.stderr.write(line)
+                    sys.stderr.flush()
+            return proc.wait()
+        except KeyboardInterrupt:  # DVC got the same Ctrl-C: read on until it has stopped
+            continue
+
+
 def run_stage_entry(argv: list[str]) -> int:
     entry, rest = argv[0], argv[1:]
     params_file, batch_size, sets = "params.yaml", None, []
@@ -154,7 +175,7 @@ def run_stage_entry(argv: list[str]) -> int:
         _refused(f"refused before any work: {err}")
         return 3
     print("running: " + " ".join(cmd), file=sys.stderr, flush=True)
-    code = subprocess.call(cmd)
+    code = _call_dvc(cmd)
     if code == 0:
         publish(os.environ.get("MLFLOW_RUN_ID"))
     return code

@@ -6,18 +6,19 @@ import subprocess
 import tempfile
 
 import pytest
+import yaml
 
-from conftest import MlflowServer
+from conftest import REPO, MlflowServer
 
 pytestmark = pytest.mark.slow
 
 CHROMIUM = shutil.which("chromium")
 
 
-def _dom(url: str, budget_ms: int = 60000, offline: bool = False, height: int = 1100) -> str:
+def _dom(url: str, budget_ms: int = 60000, offline: bool = False, height: int = 1100, width: int = 1400) -> str:
     """The page's DOM after ``budget_ms`` of virtual time; ``offline``: every host name fails to
     resolve and every request goes to a closed proxy port, as on a machine without a network.
-    The UI draws a chart only once it is in the window: ``height`` is the window's, in pixels."""
+    The UI draws a chart only once it is in the window: ``width`` and ``height`` are the window's."""
     if CHROMIUM is None:
         if os.environ.get("CI"):  # .ci/run installs it: in CI the test must run, not skip
             pytest.fail("chromium is not installed")
@@ -26,7 +27,7 @@ def _dom(url: str, budget_ms: int = 60000, offline: bool = False, height: int = 
         proc = subprocess.run(
             [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
              "--disable-background-networking", "--disable-component-update", "--disable-sync",
-             f"--user-data-dir={profile}", f"--window-size=1400,{height}", f"--virtual-time-budget={budget_ms}",
+             f"--user-data-dir={profile}", f"--window-size={width},{height}", f"--virtual-time-budget={budget_ms}",
              *(["--proxy-server=127.0.0.1:9", "--host-resolver-rules=MAP * ~NOTFOUND"] if offline else []),
              "--dump-dom", url], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -73,6 +74,46 @@ def test_report_shows_intervals_claims_and_captioned_plots(sweep):
     assert dom.count("<figcaption>") == 8 and " ± " in dom
     # The answer first, then what it rests on.
     assert dom.index("Use batch size") < dom.index("Conclusions") < dom.index("Critical batch size")
+
+
+def _page_width(report, width: int) -> int:
+    """The width the report's content needs in a ``width``-pixel window: the widest scrollWidth
+    of any element (a table wider than its scrolling wrapper counts at its own width), written
+    into the DOM by a script added to a copy of it."""
+    probe = report.with_name("width-probe.html")
+    probe.write_text(report.read_text().replace(
+        "</body>", "<script>window.addEventListener('load', () => document.body.setAttribute("
+                   "'data-width', Math.max(...[...document.querySelectorAll('*')].map(e => e.scrollWidth))));"
+                   "</script></body>"))
+    try:
+        dom = _dom(probe.as_uri(), budget_ms=2000, width=width)
+    finally:
+        probe.unlink()
+    return int(re.search(r'data-width="(\d+)"', dom).group(1))
+
+
+def test_reports_fit_1000_pixels_for_classification_and_regression(sweep, tmp_path):
+    """Every table and plot of the report fits a 1,000-pixel window, the regression's too, whose
+    fitted w and b columns sit beside the test MSE."""
+    from conftest import merge
+    from pipeline.config import parse_params
+    from pipeline.context import Context
+    from pipeline.stages import compare, evaluate, prepare, train
+
+    assert _page_width(sweep.compare_dir / "report.html", 1000) <= 1000
+    linear = yaml.safe_load((REPO / "configs" / "linear.yaml").read_text())
+    params = merge(linear, {"train": {"epochs": 3, "seeds": [0, 1]}, "tracking": {"experiment": "test"}})
+    ctx = Context(params=parse_params(params), workdir=tmp_path, env={})
+    prepare.run(ctx)
+    for bs in ctx.params.train.batch_sizes:
+        train.run(ctx, bs)
+        evaluate.run(ctx, bs)
+    compare.run(ctx)
+    report = ctx.compare_dir / "report.html"
+    assert "test_mse" in report.read_text() and "weight" in report.read_text()
+    assert _page_width(report, 1000) <= 1000
+    # The probe can fail: in a narrower window the tables need more than it (they scroll).
+    assert _page_width(report, 400) > 400
 
 
 def test_mlflow_ui_opens_on_the_batch_size_runs_and_the_loss_chart(sweep):

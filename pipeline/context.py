@@ -87,7 +87,8 @@ class Context:
         from .core.system import code_state, package_versions  # torch: imported where a run is made
         code = code_state(self.workdir)
         tags = {"batchlab.git_commit": code.commit, "batchlab.git_dirty": str(code.dirty).lower(),
-                "batchlab.code_hash": code.tree, "mlflow.source.git.commit": code.commit}
+                "batchlab.code_hash": code.tree, "batchlab.code_commit": code.changed,
+                "mlflow.source.git.commit": code.commit}
         # MLflow's own fields, which its UI shows on the run page ("Created by", "Source"):
         # fluent runs get them from MLflow, runs made with the client (as here) do not.
         tags |= {"mlflow.source.type": "LOCAL", "mlflow.source.name": _command()} | _user()

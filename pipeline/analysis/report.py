@@ -576,7 +576,7 @@ def html(ctx: Context, rows, runs, concl, images: list[tuple[Path, str]], manife
          parent_url: str | None = None) -> str:
     p, task = ctx.params, manifest["task"]
     tags = ctx.run_tags()
-    commit = tags.get("batchlab.git_commit", "none")[:12] + (" with uncommitted changes"
+    commit = tags.get("batchlab.code_commit", "none")[:12] + (" with uncommitted changes"
                                                              if tags.get("batchlab.git_dirty") == "true" else "")
     where = (f'MLflow: <a href="{html_lib.escape(parent_url)}">the parent run sweep-{key[:8]}</a>' if parent_url
              else f"MLflow: the parent run sweep-{key[:8]} (the store did not answer; "

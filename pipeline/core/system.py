@@ -102,6 +102,8 @@ class CodeState(NamedTuple):
     commit: str   # HEAD, or "none" outside git
     tree: str     # git's hash of the pipeline/ folder at HEAD: the code a run ran
     dirty: bool   # uncommitted changes under pipeline/
+    changed: str  # the last commit that changed pipeline/: unlike HEAD, committing dvc.lock or
+                  # params.yaml leaves it, so a report rebuilt from the same inputs is the same file
 
 
 def code_state(cwd: Path) -> CodeState:
@@ -114,9 +116,10 @@ def code_state(cwd: Path) -> CodeState:
         commit = git("rev-parse", "HEAD")
         tree = git("rev-parse", "HEAD:pipeline")
         dirty = git("status", "--porcelain", "--", "pipeline")
-        return CodeState(commit, tree, bool(dirty))
+        changed = git("log", "-1", "--format=%H", "--", "pipeline") or commit
+        return CodeState(commit, tree, bool(dirty), changed)
     except (OSError, subprocess.SubprocessError):
-        return CodeState("none", "none", False)
+        return CodeState("none", "none", False, "none")
 
 
 def threads() -> int:

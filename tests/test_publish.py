@@ -54,6 +54,9 @@ def test_a_sweep_published_again_changes_nothing_and_a_lost_store_is_rebuilt(ctx
     client, runs = runs_of(rebuilt_uri)
     parent = next(r for r in runs if r.data.tags["batchlab.role"] == "sweep")
     assert {"sweep/best_bs", "by_batch_size/test_acc"} <= set(parent.data.metrics)
+    # The parent's description, on top of its run page, is the sweep's answer.
+    assert parent.data.tags["mlflow.note.content"].startswith(parent.data.tags["batchlab.recommendation"])
+    assert parent.data.tags["batchlab.recommendation"].startswith("Use batch size")
     assert "warning" not in capsys.readouterr().err
 
 

@@ -337,7 +337,11 @@ class View(Store):
             points += scalar_points({f"by_batch_size_ci/{k}": row[f"{k}_ci"] for k in summary["figures"]
                                      if f"{k}_ci" in row}, row["batch_size"], ms)
         self._metrics(run, points)
-        self.client.log_batch(parent, tags=[RunTag(k, _text(v)) for k, v in summary["tags"].items()])
+        tags = [RunTag(k, _text(v)) for k, v in summary["tags"].items()]
+        if "batchlab.recommendation" in summary["tags"]:  # the run page's description: the answer
+            tags.append(RunTag("mlflow.note.content", f"{summary['tags']['batchlab.recommendation']}\n\n"
+                                                      "The sweep's report: `compare/report.html` under Artifacts."))
+        self.client.log_batch(parent, tags=tags)
         self._artifacts(parent, [folder / n for n in summary["files"]], "compare")
         self.client.set_tag(parent, PUBLISHED + "compare", stamp)
 

@@ -54,7 +54,12 @@ def test_a_sweep_published_again_changes_nothing_and_a_lost_store_is_rebuilt(ctx
     client, runs = runs_of(rebuilt_uri)
     parent = next(r for r in runs if r.data.tags["batchlab.role"] == "sweep")
     assert {"sweep/best_bs", "by_batch_size/test_acc"} <= set(parent.data.metrics)
-    # The parent's description, on top of its run page, is the sweep's answer.
+    # Rebuilt, the parent still spans the sweep: from its first training to its comparison.
+    children = [r for r in runs if r.data.tags["batchlab.role"] == "train"]
+    assert parent.info.start_time == min(c.info.start_time for c in children)
+    assert parent.info.end_time == int((ctx.compare_dir / "summary.json").stat().st_mtime * 1000)
+    assert parent.info.end_time >= max(c.info.end_time for c in children)
+    # The parent's description, on its run page, is the sweep's answer.
     assert parent.data.tags["mlflow.note.content"].startswith(parent.data.tags["batchlab.recommendation"])
     assert parent.data.tags["batchlab.recommendation"].startswith("Use batch size")
     assert "warning" not in capsys.readouterr().err

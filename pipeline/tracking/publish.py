@@ -199,7 +199,7 @@ class View(Store):
     """The batchlab layout of a sweep in the store: its parent, one run per training record."""
 
     def parent(self, key: str, manifest: dict, params: dict[str, Any], tags: dict[str, str],
-               given: str | None = None) -> str:
+               given: str | None = None, start_ms: int | None = None) -> str:
         """The sweep's parent run: found by its key, else the run `mlflow run` made (``given``),
         else a new one; its params, data set and manifest sent where missing."""
         with self.lock():
@@ -215,7 +215,7 @@ class View(Store):
                 run_id = self._adopt(given, tags, key)
                 if run_id is None:  # ended at once: it is a folder of runs, FINISHED again by each publish
                     run_id = self.client.create_run(self.experiment_id, run_name=f"sweep-{key[:8]}",
-                                                    tags=tags).info.run_id
+                                                    tags=tags, start_time=start_ms).info.run_id
                     self.client.set_terminated(run_id, "FINISHED")
         self.experiment_tags(dict([ui.sweep_view_tag(key, bool(params.get("train.lr_grid")))]))
         run = self.client.get_run(run_id)
@@ -248,9 +248,10 @@ class View(Store):
             "mlflow.note.content": f"DVC found this sweep already done: nothing trained. Its runs are under "
                                    f"sweep-{key[:8]} ({parent})."}.items()])
 
-    def finish_parent(self, parent: str, given: str | None) -> None:
+    def finish_parent(self, parent: str, given: str | None, end_ms: int | None = None) -> None:
+        """Ends the parent at ``end_ms`` (its last training or comparison), else now."""
         if parent != given:  # `mlflow run` ends its own run
-            self.client.set_terminated(parent, "FINISHED")
+            self.client.set_terminated(parent, "FINISHED", end_time=end_ms)
 
     # ------------------------------------------------------------------ training runs
     def open_train_run(self, record: dict[str, Any], parent: str) -> tuple[str, dict[str, int]]:

@@ -29,9 +29,25 @@ def parent_params(ctx, manifest: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in ctx.params.flat().items() if not k.startswith("executor.")} | data_params(manifest)
 
 
-def sweep_parent(view: View, ctx, manifest: dict[str, Any]) -> str:
+def sweep_parent(view: View, ctx, manifest: dict[str, Any], records: list | None = None) -> str:
+    """The sweep's parent, found or made. Made now for outputs made earlier (``records``: a store
+    rebuilt, or deleted before compare), it starts with the sweep's first training."""
     key = ctx.params.sweep_key(manifest["data_hash"])
-    return view.parent(key, manifest, parent_params(ctx, manifest), ctx.run_tags(), ctx.parent_run_id)
+    if records is None:
+        records = sweep_records(ctx, key)
+    first = min((int(r["created"] * 1000) for *_, r in records if r.get("created")), default=None)
+    return view.parent(key, manifest, parent_params(ctx, manifest), ctx.run_tags(), ctx.parent_run_id, first)
+
+
+def sweep_records(ctx, key: str) -> list[tuple]:
+    """(batch size, lr, seed, folder, record) of each training of sweep ``key`` in outputs/."""
+    records = []
+    for bs in ctx.params.train.batch_sizes:
+        for lr, seed in ctx.params.train.trials():
+            folder = ctx.train_dir(bs, seed, lr)
+            if (folder / "run.json").is_file() and (record := read_json(folder / "run.json")).get("sweep_key") == key:
+                records.append((bs, lr, seed, folder, record))
+    return records
 
 
 def parent_link(view: View | None, ctx, manifest: dict[str, Any], base: str = "http://127.0.0.1:5000") -> str | None:
@@ -110,30 +126,27 @@ def publish_sweep(ctx, view: View | None = None, quiet: bool = False) -> dict[st
 
 def _publish(view: View, ctx, manifest: dict[str, Any]) -> dict[str, int]:
     key = ctx.params.sweep_key(manifest["data_hash"])
-    parent = sweep_parent(view, ctx, manifest)
+    records = sweep_records(ctx, key)
+    parent = sweep_parent(view, ctx, manifest, records)
     runs = {r.data.tags.get(TAG_RECORD): r for r in view.sweep_runs(key) if r.data.tags.get(TAG_ROLE) == "train"}
     counts, published = {"runs": 0, "evaluated": 0, "closed": 0}, set()
-    for bs in ctx.params.train.batch_sizes:
-        for lr, seed in ctx.params.train.trials():
-            folder = ctx.train_dir(bs, seed, lr)
-            if not (folder / "run.json").is_file():
-                continue
-            record = read_json(folder / "run.json")
-            if record.get("sweep_key") != key:
-                continue
-            run_id = view.publish_train(folder, parent, runs.get(record["record"]))
-            counts["runs"] += 1
-            published.add(record["record"])
-            metrics = ctx.eval_dir(bs, seed, lr) / "metrics.json"
-            if metrics.is_file() and read_json(metrics).get("train_record") == record["record"]:
-                view.publish_eval(metrics.parent, view.client.get_run(run_id))
-                counts["evaluated"] += 1
+    for bs, lr, seed, folder, record in records:
+        run_id = view.publish_train(folder, parent, runs.get(record["record"]))
+        counts["runs"] += 1
+        published.add(record["record"])
+        metrics = ctx.eval_dir(bs, seed, lr) / "metrics.json"
+        if metrics.is_file() and read_json(metrics).get("train_record") == record["record"]:
+            view.publish_eval(metrics.parent, view.client.get_run(run_id))
+            counts["evaluated"] += 1
     counts["closed"] = close_dead_runs(view, [r for r in view.running_train_runs()
                                                  if r.data.tags.get(TAG_RECORD) not in published])
+    # The parent ends with the last of its trainings and its comparison.
+    ends = [int(r["end_time"] * 1000) for *_, r in records if r.get("end_time")]
     summary = ctx.compare_dir / "summary.json"
     if summary.is_file() and read_json(summary).get("sweep_key") == key:
         view.publish_compare(ctx.compare_dir, parent)
-    view.finish_parent(parent, ctx.parent_run_id)
+        ends.append(int(summary.stat().st_mtime * 1000))
+    view.finish_parent(parent, ctx.parent_run_id, max(ends, default=None))
     return counts
 
 

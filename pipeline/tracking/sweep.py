@@ -29,12 +29,11 @@ def parent_params(ctx, manifest: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in ctx.params.flat().items() if not k.startswith("executor.")} | data_params(manifest)
 
 
-def sweep_parent(view: View, ctx, manifest: dict[str, Any], records: list | None = None) -> str:
-    """The sweep's parent, found or made. Made now for outputs made earlier (``records``: a store
-    rebuilt, or deleted before compare), it starts with the sweep's first training."""
+def sweep_parent(view: View, ctx, manifest: dict[str, Any], records: list | tuple = ()) -> str:
+    """The sweep's parent, found or made. ``records``: the sweep's trainings already in outputs/
+    (sweep_records), when the store may lack the parent (rebuilt, or deleted before compare): a
+    parent made now for them starts with the first. A training starting now passes none."""
     key = ctx.params.sweep_key(manifest["data_hash"])
-    if records is None:
-        records = sweep_records(ctx, key)
     first = min((int(r["created"] * 1000) for *_, r in records if r.get("created")), default=None)
     return view.parent(key, manifest, parent_params(ctx, manifest), ctx.run_tags(), ctx.parent_run_id, first)
 
@@ -56,7 +55,7 @@ def parent_link(view: View | None, ctx, manifest: dict[str, Any], base: str = "h
     if view is None:
         return None
     try:
-        parent = sweep_parent(view, ctx, manifest)
+        parent = sweep_parent(view, ctx, manifest, sweep_records(ctx, ctx.params.sweep_key(manifest["data_hash"])))
     except Exception:
         return None
     if view.uri.startswith(("http://", "https://")):

@@ -9,8 +9,8 @@ from pathlib import Path
 
 # Large CPU tensors (the data set, the epoch's gather buffer) in transparent huge pages: torch's
 # allocator asks the kernel for them (madvise) when this is set before its first allocation, and
-# the batches' gather from random rows then misses the TLB far less (+4-5 % samples/s at batch
-# sizes 64 and 512 on the 2-core machine, README "Speed"). THP_MEM_ALLOC_ENABLE=0 turns it off.
+# the batches' gather from random rows then misses the TLB far less (docs/performance.md).
+# THP_MEM_ALLOC_ENABLE=0 turns it off.
 os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 
 
@@ -83,7 +83,8 @@ def main(argv: list[str] | None = None) -> int:
     # are noise. A user's own setting wins.
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     from .config import DataError, ParamsError, Unreachable, load_params
-    from .core.signals import Busy, Interrupted, NonFiniteLoss
+    from .core.signals import Interrupted, NonFiniteLoss
+    from .procs import Busy
 
     try:
         params = load_params(Path(args.params), args.overrides)
@@ -146,11 +147,14 @@ def _prepare(args, ctx) -> None:
 
 def _train(args, ctx) -> None:
     from .stages import train
-    from .core.signals import stop_with_parent
+    from .procs import stop_with_parent
     if "DVC_STAGE" in os.environ:  # set by DVC for a stage's command; not under nohup or a plain shell
         stop_with_parent()  # a `dvc repro` that dies takes its trainer along, at a step boundary
     seeds = (args.seed,) if args.seed is not None else None
-    for summary in train.run(ctx, args.batch_size, seeds=seeds):
+    executor = train
+    if ctx.params.executor.name == "ray":
+        from .stages import remote as executor  # Ray is imported only when asked for
+    for summary in executor.run(ctx, args.batch_size, seeds=seeds):
         if os.environ.get("RANK", "0") == "0":
             print(_train_line(summary))
 
@@ -197,9 +201,10 @@ def _reproduce(args, ctx) -> int:
 
 
 def _sync(args, ctx) -> int:
-    from .tracking.store import project_root, tracking_uri
+    from .tracking.uri import project_root, tracking_uri
+    from .core.models import rebuild_trained
     from .tracking.sweep import publish_sweep
-    done = publish_sweep(ctx)
+    done = publish_sweep(ctx, rebuild_trained)
     uri = tracking_uri(project_root(ctx.workdir), ctx.env)
     if done is None:
         print(f"error: sync: {uri} did not take the records (above); the outputs are kept, run sync again "
@@ -245,8 +250,9 @@ def _train_line(s: dict) -> str:
 
 def console() -> None:
     """The ``batchlab`` command an installed package provides: the same as ``python -m pipeline``."""
+    from .procs import end_after_exit_handlers, exit_now
+    end_after_exit_handlers()  # first, so that it runs after every handler registered later
     os.environ.setdefault("GIT_PYTHON_REFRESH", "quiet")
-    from .core.signals import exit_now
     exit_now(main())
 
 

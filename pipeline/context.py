@@ -84,7 +84,7 @@ class Context:
         return dict(self._tags)
 
     def _reproduction_tags(self) -> dict[str, str]:
-        from .core.system import code_state, package_versions  # torch: imported where a run is made
+        from .provenance import code_state, package_versions
         code = code_state(self.workdir)
         tags = {"batchlab.git_commit": code.commit, "batchlab.git_dirty": str(code.dirty).lower(),
                 "batchlab.code_hash": code.tree, "batchlab.code_commit": code.changed,
@@ -159,6 +159,14 @@ def replaced_dir(dest: Path) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def csv_text(columns: dict[str, list]) -> str:
+    """A CSV of equal-length columns; floats as repr, so that they read back exactly."""
+    lines = [",".join(columns)]
+    for row in zip(*columns.values()):
+        lines.append(",".join(repr(v) if isinstance(v, float) else str(v) for v in row))
+    return "\n".join(lines) + "\n"
 
 
 def write_json(path: Path, obj: Any) -> None:

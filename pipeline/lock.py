@@ -14,7 +14,7 @@ import os
 import sys
 from pathlib import Path
 
-from .core.signals import Busy, proc_stat
+from .procs import Busy, proc_stat
 
 LOCK = ".batchlab.lock"
 _held: dict[Path, object] = {}  # lock file -> the open file whose flock this process holds until it exits

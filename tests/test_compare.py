@@ -179,7 +179,7 @@ def test_a_sweep_of_one_batch_size_measures_no_claim_and_separates_it_from_nothi
 
 
 def test_each_batch_size_of_a_sweep_gets_the_ui_colour_of_its_group_and_colours_stay_distinct():
-    from pipeline.tracking.ui import UI_PALETTE, batch_size_colour, sweep_colours
+    from pipeline.mlflow_ui import UI_PALETTE, batch_size_colour, sweep_colours
 
     # The groups of the default sweep, as MLflow 3.17's UI draws them (test_ui reads them in Chromium).
     assert [batch_size_colour(bs) for bs in (4, 16, 64, 256)] == ["#0e538b", "#8ddda8", "#8396a5", "#f792a6"]

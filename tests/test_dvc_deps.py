@@ -12,12 +12,13 @@ from conftest import REPO
 
 PKG = REPO / "pipeline"
 STAGES = ("prepare", "train", "evaluate", "compare")
-# Code that publishes, locks or parses the command line: it changes no file a stage writes.
+# Code that publishes, locks, handles processes or parses the command line: it changes no file
+# a stage writes.
 # Nor does where the trainings run (pipeline/stages/remote.py, the Ray executor: the same files
 # either way, as its params section, executor, is no stage's param).
-NOT_SHAPING = ("pipeline/tracking/", "pipeline/tools/", "pipeline/__main__.py", "pipeline/lock.py",
+NOT_SHAPING = ("pipeline/tracking/", "pipeline/tools/", "pipeline/__main__.py", "pipeline/lock.py", "pipeline/procs.py",
                "pipeline/stages/remote.py")
-SHAPING_ANYWAY = ("pipeline/tracking/ui.py",)  # the report's colours are the MLflow UI's
+SHAPING_ANYWAY = ("pipeline/mlflow_ui.py",)  # the report's colours are the MLflow UI's
 # The network's file is model.code (a built-in's: nets.py), a dep by interpolation, so that a
 # user's _target_ module is one too.
 MODEL_CODE = "pipeline/core/nets.py"

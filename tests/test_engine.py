@@ -5,8 +5,10 @@ import torch
 
 from pipeline.config import TrainParams
 from pipeline.core.data import Split
-from pipeline.core.engine import (Batches, Checkpoint, Interrupted, NonFiniteLoss, NullSink, StopSignals,
-                             fit, lr_at, scaled_lr)
+from pipeline.core.batches import Batches
+from pipeline.core.checkpoint import Checkpoint
+from pipeline.core.engine import Hooks, NullSink, TrainSpec, fit, lr_at, scaled_lr
+from pipeline.core.signals import Interrupted, NonFiniteLoss, StopSignals
 from pipeline.core.nets import MLP
 
 
@@ -102,11 +104,12 @@ def test_lr_scaling_and_warmup():
     assert all(a < b for a, b in zip(lrs[:10], lrs[1:10]))
 
 
-def _fit(p, batch_size=16, device="cpu", data=None, **kw):
+def _fit(p, batch_size=16, device="cpu", data=None, sink=None, checkpoint=None, signals=None, **kw):
     torch.manual_seed(p.seed)
     model = MLP(5, (8,), 3)
-    return fit(model, toy() if data is None else data, toy(60, seed=1), p, batch_size, "classification",
-               torch.device(device), kw.pop("sink", NullSink()), **kw), model
+    spec = TrainSpec(toy() if data is None else data, toy(60, seed=1), p, batch_size, "classification",
+                     torch.device(device))
+    return fit(model, spec, Hooks(sink or NullSink(), checkpoint, signals), **kw), model
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -31,6 +31,7 @@ def _sweep(ctx):
 
 
 def test_a_sweep_published_again_changes_nothing_and_a_lost_store_is_rebuilt(ctx_factory, capsys):
+    from pipeline.core.models import rebuild_trained
     from pipeline.tracking.sweep import publish_sweep
     ctx = ctx_factory({"train": {"batch_sizes": [64, 256], "epochs": 2}})
     _sweep(ctx)
@@ -38,13 +39,13 @@ def test_a_sweep_published_again_changes_nothing_and_a_lost_store_is_rebuilt(ctx
     stats = check_published(_uri(ctx), ctx.workdir)
     assert stats["runs"] == 2 and stats["points"] > 0
     for _ in range(2):
-        assert publish_sweep(ctx) == {"runs": 2, "evaluated": 2, "closed": 0}
+        assert publish_sweep(ctx, rebuild_trained) == {"runs": 2, "evaluated": 2, "closed": 0}
     assert _snapshot(_uri(ctx)) == before
     assert before[1] == 2  # one logged model per training
 
     # A store that holds nothing (deleted, or another one named): the outputs rebuild it whole.
     ctx.env = {"MLFLOW_TRACKING_URI": f"sqlite:///{ctx.workdir / 'rebuilt.db'}"}
-    publish_sweep(ctx)
+    publish_sweep(ctx, rebuild_trained)
     rebuilt_uri = f"sqlite:///{ctx.workdir / 'rebuilt.db'}"
     assert check_published(rebuilt_uri, ctx.workdir) == stats
     again = _snapshot(rebuilt_uri)
@@ -66,9 +67,9 @@ def test_a_sweep_published_again_changes_nothing_and_a_lost_store_is_rebuilt(ctx
 
 
 def test_only_the_missing_steps_of_a_key_are_sent(ctx_factory):
-    from pipeline.tracking.publish import View
+    from pipeline.tracking.publish import SweepPublisher
     ctx = ctx_factory()
-    view = View(ctx.workdir, "test", {})
+    view = SweepPublisher(ctx.workdir, "test", {})
     run_id = view.client.create_run(view.experiment_id).info.run_id
     view._metrics(view.client.get_run(run_id), [("k", float(s), 0, s) for s in (1, 2, 3)])
     sent = view._metrics(view.client.get_run(run_id), [("k", float(s), 0, s) for s in range(1, 7)]
@@ -80,17 +81,18 @@ def test_only_the_missing_steps_of_a_key_are_sent(ctx_factory):
 def test_live_metrics_to_a_store_that_does_not_answer_stop_with_one_line(capsys):
     """Nothing listens on the port: the thread gives up, says so once, and close() returns."""
     from mlflow.tracking import MlflowClient
-    from pipeline.core.records import StepChunk
+    from pipeline.steplog import Steps
     from pipeline.tracking.live import LiveMetrics
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    live = LiveMetrics(MlflowClient(f"http://127.0.0.1:{port}"), "0" * 32, window=1, start_time=time.time(),
+    live = LiveMetrics(MlflowClient(f"http://127.0.0.1:{port}"), "0" * 32, window=1,
                        uri="http://dead")
     n = 3000
-    chunk = StepChunk(list(range(1, n + 1)), list(range(4, 4 * n + 1, 4)), [0.5] * n, [2] * n, [4] * n,
-                      [1e-3] * n, [time.time()] * n, [1e-3] * n)
+    chunk = Steps({"step": list(range(1, n + 1)), "samples": list(range(4, 4 * n + 1, 4)), "loss": [0.5] * n,
+                   "correct": [2] * n, "batch": [4] * n, "lr": [1e-3] * n, "time": [time.time()] * n,
+                   "seconds": [1e-3] * n})
     live.steps(chunk)
     live.point("val/loss", 0.4, 4 * n)
     assert live.close(complete=True, timeout=120) is True

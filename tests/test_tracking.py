@@ -1,10 +1,11 @@
 import json
 import time
 
-from pipeline.core.records import StepChunk
-from pipeline.tracking.store import project_root, tracking_uri
+from pipeline.steplog import Steps
+from pipeline.tracking.uri import project_root, tracking_uri
 from pipeline.tracking.live import LiveMetrics
-from pipeline.tracking.publish import TAG_SWEEP, View
+from pipeline.tracking.client import TAG_SWEEP
+from pipeline.tracking.publish import SweepPublisher
 
 
 def test_project_root_from_inside_a_dvc_queue_copy(tmp_path):
@@ -32,7 +33,7 @@ def _parent(view, key="k1", given=None):
 def test_each_sweep_has_a_ui_view_of_its_own_runs_and_the_url_opens_it(store):
     """Two sweeps in one experiment (another learning rate): each one's shared view filters the
     runs page to its own runs, so batch-size groups never mix the two; ui_url opens it."""
-    view = View(store, "exp", {})
+    view = SweepPublisher(store, "exp", {})
     parents = {key: _parent(view, key) for key in ("k1", "k2")}
     train = {key: view.client.create_run(view.experiment_id, tags={TAG_SWEEP: key, "mlflow.parentRunId": p,
                                                                    "batchlab.role": "train"}).info.run_id
@@ -48,10 +49,10 @@ def test_each_sweep_has_a_ui_view_of_its_own_runs_and_the_url_opens_it(store):
 
 
 def test_sweep_parent_is_found_not_duplicated_and_not_left_running(store):
-    a, b = _parent(View(store, "exp", {})), _parent(View(store, "exp", {}))
-    c = _parent(View(store, "exp", {}), "k2")
+    a, b = _parent(SweepPublisher(store, "exp", {})), _parent(SweepPublisher(store, "exp", {}))
+    c = _parent(SweepPublisher(store, "exp", {}), "k2")
     assert a == b != c
-    view = View(store, "exp", {})
+    view = SweepPublisher(store, "exp", {})
     run = view.client.get_run(a)
     assert run.info.status == "FINISHED"
     assert run.data.params["data.n_train"] == "10" and run.data.tags["mlflow.runName"] == "sweep-k1"
@@ -61,7 +62,7 @@ def test_sweep_parent_is_found_not_duplicated_and_not_left_running(store):
 
 
 def test_given_parent_is_adopted_and_a_later_one_points_to_it(store):
-    view = View(store, "exp", {})
+    view = SweepPublisher(store, "exp", {})
     given = view.client.create_run(view.experiment_id).info.run_id
     assert _parent(view, given=given) == given
     run = view.client.get_run(given)
@@ -80,14 +81,15 @@ def test_given_parent_is_adopted_and_a_later_one_points_to_it(store):
 def _chunk(start, n, batch=4):
     steps = list(range(start, start + n))
     now = time.time()
-    return StepChunk(steps, [s * batch for s in steps], [1.0 / s for s in steps], [2] * n,
-                     [batch] * n, [0.1] * n, [now + i * 1e-3 for i in range(n)], [0.002 + s * 1e-6 for s in steps])
+    return Steps({"step": steps, "samples": [s * batch for s in steps], "loss": [1.0 / s for s in steps],
+                  "correct": [2] * n, "batch": [batch] * n, "lr": [0.1] * n,
+                  "time": [now + i * 1e-3 for i in range(n)], "seconds": [0.002 + s * 1e-6 for s in steps]})
 
 
 def _live(store, window):
-    view = View(store, "exp", {})
+    view = SweepPublisher(store, "exp", {})
     run = view.client.create_run(view.experiment_id).info.run_id
-    return view.client, run, LiveMetrics(view.client, run, window, time.time())
+    return view.client, run, LiveMetrics(view.client, run, window)
 
 
 def test_live_metrics_are_window_means_at_samples_seen(store):
@@ -119,7 +121,7 @@ def test_live_metrics_end_with_the_last_partial_window(store):
 def test_live_metrics_skip_what_the_store_holds(store):
     """A resumed run: the points a killed trainer already sent are not sent again."""
     client, run, _ = _live(store, 1)
-    sink = LiveMetrics(client, run, 1, time.time(), held={"train/loss": 40})
+    sink = LiveMetrics(client, run, 1, held={"train/loss": 40})
     sink.steps(_chunk(1, 20))
     sink.close(complete=True)
     assert sorted(m.step for m in client.get_metric_history(run, "train/loss")) == [4 * k for k in range(11, 21)]

@@ -243,7 +243,7 @@ def test_reproduce_reports_a_mismatch(ctx_factory, monkeypatch):
 
 
 def test_exception_marks_run_failed_with_reason(ctx_factory):
-    from pipeline.core.engine import NonFiniteLoss
+    from pipeline.core.signals import NonFiniteLoss
     ctx = ctx_factory({"train": {"batch_sizes": [16], "optimizer": "sgd", "lr": 1e30}})
     prepare.run(ctx)
     with pytest.raises(NonFiniteLoss):

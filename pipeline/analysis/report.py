@@ -13,7 +13,7 @@ import numpy as np
 
 from .stats import read_csv, separated
 from ..context import Context
-from ..tracking.ui import sweep_colours
+from ..mlflow_ui import sweep_colours
 
 TEMPLATE = Path(__file__).with_name("templates") / "report.html"
 

@@ -101,3 +101,17 @@ def code_sha256(p: ModelParams, root: Path | str = ".") -> str:
 
 def loss_fn(task: str, reduction: str = "mean") -> nn.Module:
     return nn.CrossEntropyLoss(reduction=reduction) if task == "classification" else nn.MSELoss(reduction=reduction)
+
+
+def rebuild_trained(folder: Path) -> nn.Module:
+    """A trained model rebuilt from a training's output folder (its params, run.json and
+    model.pt): what publishing from files logs to MLflow."""
+    import json
+
+    import torch
+    from ..config import parse_params
+    params = parse_params(json.loads((Path(folder) / "params.json").read_text()))
+    identity = json.loads((Path(folder) / "run.json").read_text())
+    model = build_model(params.model, identity.get("sample_shape") or identity["n_in"], identity["n_out"])
+    model.load_state_dict(torch.load(Path(folder) / "model.pt", weights_only=True))
+    return model

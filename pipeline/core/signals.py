@@ -1,25 +1,12 @@
 """How a training run ends early: SIGINT/SIGTERM as a request the loop honours at its next
-step boundary (also sent when the `dvc repro` that started the trainer dies), or a loss that is no
-longer finite. And what /proc says of a process (parent, state, start time)."""
+step boundary (also sent when the `dvc repro` that started the trainer dies: ``procs``), or a
+loss that is no longer finite."""
 from __future__ import annotations
 
-import os
 import signal
-import sys
 from contextlib import contextmanager
-from pathlib import Path
 
-
-class Interrupted(Exception):
-    """SIGINT/SIGTERM arrived; the loop stopped at a step boundary after checkpointing."""
-
-    def __init__(self, signum: int):
-        super().__init__(f"stopped by {signal.Signals(signum).name}")
-        self.signum = signum
-
-
-class Busy(RuntimeError):
-    """Another trainer of the same (sweep, batch size) is running; the message names it."""
+from ..procs import Interrupted  # noqa: F401  (the loop raises it; procs, so tracking can catch it)
 
 
 class NonFiniteLoss(RuntimeError):
@@ -69,87 +56,3 @@ class StopSignals:
     def check(self) -> None:
         if self.requested is not None:
             raise Interrupted(self.requested)
-
-
-def stop_with_parent() -> None:
-    """Linux: SIGTERM this process when the process that started it dies, so a trainer whose
-    `dvc repro` is killed stops at its next step boundary with a checkpoint instead of running on
-    as an orphan. The kernel does it for the direct parent (PR_SET_PDEATHSIG). DVC runs a stage's
-    command through ``$SHELL -c`` (``/bin/sh`` where SHELL is unset, as under cron or CI), and dash
-    forks the command instead of exec'ing it: there the parent is a shell that outlives DVC, so
-    the process above such wrappers is watched too, by a thread blocked on its pidfd (no polling,
-    nothing that competes with the step). Called for DVC's stage commands only: a trainer started
-    by hand (`nohup python -m pipeline train ... &`) outlives its shell. Elsewhere nothing."""
-    import ctypes
-    try:
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        libc.prctl(1, int(signal.SIGTERM), 0, 0, 0)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        return
-    below, pid = os.getpid(), os.getppid()
-    while _is_shell_wrapper(pid):
-        below, pid = pid, _parent_of(pid)
-    if below != os.getpid() and pid > 1:
-        _term_when_gone(pid, below)
-
-
-def proc_stat(pid: int) -> list[str]:
-    """The fields of /proc/PID/stat after the command name (state, ppid, ... starttime at 19);
-    [] where there is no such process (or no /proc)."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()  # "pid (comm) state ..."; comm may hold ") "
-    except OSError:
-        return []
-    return stat.rsplit(")", 1)[1].split()
-
-
-def _parent_of(pid: int) -> int:
-    fields = proc_stat(pid)
-    return int(fields[1]) if fields else 0
-
-
-def _is_shell_wrapper(pid: int) -> bool:
-    """``sh -c CMD`` (or bash, zsh, fish with DVC's options): a process that only runs ours."""
-    try:
-        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-    except OSError:
-        return False
-    shells = {b"sh", b"dash", b"bash", b"zsh", b"ksh", b"fish"}
-    return pid > 1 and os.path.basename(argv[0]) in shells and b"-c" in argv[1:]
-
-
-def _term_when_gone(pid: int, below: int) -> None:
-    """SIGTERM this process when ``pid`` (the parent of wrapper ``below``) exits."""
-    import select
-    import threading
-    try:
-        fd = os.pidfd_open(pid)
-    except (AttributeError, OSError):  # gone already, or a kernel/Python without pidfds
-        fd = None
-    if _parent_of(below) != pid:  # the wrapper was re-parented: pid died (its number may be reused)
-        os.kill(os.getpid(), signal.SIGTERM)
-        return
-    if fd is None:
-        return
-
-    def wait() -> None:
-        select.select([fd], [], [])
-        os.kill(os.getpid(), signal.SIGTERM)
-
-    threading.Thread(target=wait, name="stop-with-parent", daemon=True).start()
-
-
-def exit_now(code: int) -> None:
-    """End this process once its work is written and answered: Python's exit handlers run and the
-    standard streams are flushed, but the interpreter's teardown of every loaded module and the
-    C++ destructors of torch's libraries are skipped. They took about 1 s after an evaluate stage
-    (torch, scikit-learn and matplotlib loaded) and 0.5 s after a metric logger (MLflow loaded),
-    time a stage or ``dvc repro`` would otherwise wait for nothing."""
-    import atexit
-    atexit._run_exitfuncs()  # logging's flush, MLflow's and tqdm's handlers: as at a normal exit
-    for stream in (sys.stdout, sys.stderr):
-        try:
-            stream.flush()
-        except (OSError, ValueError):
-            pass
-    os._exit(code)

@@ -95,7 +95,7 @@ def run(ctx: Context) -> dict[str, Any]:
                                          [c for k in present for c in (k, f"{k}_ci")]))
     write_atomic(out / "runs.csv", _csv(every, [c for c in RUN_COLUMNS if any(c in r for r in every)]))
     write_json(out / "metrics.json", dvc_metrics(concl))
-    from ..tracking.sweep import open_view, parent_link, publish_sweep
+    from ..tracking.sweep import open_view, parent_link, publish_comparison
     view = open_view(ctx)  # one client for the report's link and the publishing after it
     write_atomic(out / "report.html", report.html(ctx, rows, runs, concl, images, manifest,
                                                   key=key, parent_url=parent_link(view, ctx, manifest)))
@@ -105,5 +105,5 @@ def run(ctx: Context) -> dict[str, Any]:
         "sweep_key": key, "metrics": summary_metrics(concl), "rows": rows, "figures": list(FIGURES), "files": files,
         "tags": {"batchlab.recommendation": report.recommendation_text(ctx, concl, task),
                  "batchlab.batch_sizes": list(p.train.batch_sizes), "batchlab.seeds": list(p.train.seeds)}})
-    publish_sweep(ctx, view)
+    publish_comparison(ctx, view)
     return {"rows": rows, "runs": runs, "conclusions": concl}

@@ -10,7 +10,7 @@ from ..analysis.scores import score
 from ..config import DataError
 from ..context import Context, read_json, write_json
 from ..core.data import load_prepared
-from ..core.models import build_model, loss_fn
+from ..core.models import build_model, loss_fn, rebuild_trained
 
 
 def predict(model, x, batch_size: int):
@@ -37,7 +37,7 @@ def run(ctx: Context, batch_size: int) -> list[dict[str, Any]]:
     for metrics in results:
         write_json(ctx.eval_dir(batch_size, metrics["seed"], metrics.get("lr")) / "metrics.json", metrics)
     from ..tracking.sweep import publish_sweep
-    publish_sweep(ctx)
+    publish_sweep(ctx, rebuild_trained)
     return results
 
 

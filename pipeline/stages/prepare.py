@@ -24,6 +24,6 @@ def run(ctx: Context) -> dict[str, Any]:
         source["transforms"] = list(p.data.transforms)
     ctx.check_params_unchanged("prepare")
     manifest = write_prepared(ctx.data_dir, task, splits, source)
-    from ..tracking.sweep import publish_sweep
-    publish_sweep(ctx)  # the sweep's parent run, with the data set's figures as its params
+    from ..tracking.sweep import publish_parent
+    publish_parent(ctx)
     return manifest

@@ -23,12 +23,16 @@ from pathlib import Path
 from typing import Any
 
 from ..config import ParamsError, Unreachable
-from ..context import Context, replaced_dir, write_atomic
+from ..context import Context, read_manifest, replaced_dir, write_atomic
+from . import train
 
 INSTALL = "pip install -r requirements-ray.txt"
 
 
-def run(ctx: Context, batch_size: int, seeds: tuple[int, ...] | None, log_to_mlflow: bool) -> list[dict[str, Any]]:
+def run(ctx: Context, batch_size: int, seeds: tuple[int, ...] | None = None,
+        log_to_mlflow: bool = True) -> list[dict[str, Any]]:
+    """What ``train.run`` does, each training a Ray task; the summaries, in the same order."""
+    _check(ctx, batch_size)
     ray = _ray()
     address = ctx.env.get("RAY_ADDRESS") or None
     check_reachable(address)
@@ -39,9 +43,9 @@ def run(ctx: Context, batch_size: int, seeds: tuple[int, ...] | None, log_to_mlf
     if address is None:
         # Ray gives a new local instance token authentication by default and writes the token to
         # ~/.ray/auth_token; from then on it turns token authentication on for every cluster
-        # `ray start` makes on the machine, and those clusters refused their own workers and
-        # drivers here. An instance that lives as long as this stage and serves only its tasks
-        # does without (the user's RAY_AUTH_MODE wins).
+        # `ray start` makes on the machine, which can then refuse their own workers and drivers
+        # (docs/scaling.md). An instance that lives as long as this stage and serves only its
+        # tasks does without (the user's RAY_AUTH_MODE wins).
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     ray.init(address=address, logging_level=logging.ERROR, log_to_driver=True,
              **({"include_dashboard": False} if address is None else {}))
@@ -63,6 +67,14 @@ def run(ctx: Context, batch_size: int, seeds: tuple[int, ...] | None, log_to_mlf
         return [summary for summary, _ in results]
     finally:
         ray.shutdown()
+
+
+def _check(ctx: Context, batch_size: int) -> None:
+    """What ``train.prepare_jobs`` checks, on the driver, before any task starts."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ParamsError("executor.name=ray under torchrun (allowed: local; Ray runs whole trainings, "
+                          "torchrun spreads one)")
+    train.check_batch_size(ctx, batch_size, read_manifest(ctx.data_dir)["splits"]["train"]["n"])
 
 
 def _ray():
@@ -101,7 +113,6 @@ def _train_task(ctx: Context, batch_size: int, seed: int, lr: float | None, log_
     os.chdir(ctx.workdir)  # relative paths in params (data.root, model.code) are the project's
     if str(ctx.workdir) not in sys.path:
         sys.path.insert(0, str(ctx.workdir))
-    from . import train
     import ray
 
     scratch = Path(tempfile.mkdtemp(prefix="batchlab-"))

@@ -1,7 +1,8 @@
-"""train: one batch size, once per seed. Each training writes its whole record into
-``outputs/train/bs<B>/seed<S>`` (model, every step, validations, noise scale, summary, params and
-``run.json``, the record's identity); its MLflow run follows it live and is published from those
-files when it ends (``pipeline.tracking``)."""
+"""train: one batch size, once per seed (and learning rate of a grid), on this machine. Each
+training writes its whole record into ``outputs/train/bs<B>/seed<S>`` (model, every step,
+validations, noise scale, summary, params, and ``run.json``: the training's identity); its MLflow
+run follows it live and is published from those files when it ends (``pipeline.tracking``).
+``executor.name: ray`` runs the same trainings as Ray tasks (``remote``)."""
 from __future__ import annotations
 
 import io
@@ -16,16 +17,20 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from ..core import dist
 from ..config import ParamsError
-from ..context import Context, param_text, replaced_dir, run_name, write_atomic, write_json
-from ..core.data import Prepared, load_prepared, streams
-from ..core.engine import Checkpoint, FitResult, NullSink, eval_interval, fit, scaled_lr
+from ..context import Context, csv_text, param_text, replaced_dir, run_name, write_atomic, write_json
+from ..core import dist
 from ..core.batches import batch_bounds
+from ..core.checkpoint import Checkpoint
+from ..core.data import Prepared, load_prepared, streams
+from ..core.engine import FitResult, Hooks, NullSink, TrainSpec, eval_interval, fit, scaled_lr
+from ..core.memory import PeakMemory
 from ..core.models import build_model, code_sha256
+from ..core.signals import StopSignals
+from ..core.system import device_name, pick_device, set_flush_denormal, set_threads, threads
 from ..core.transforms import BatchAugment
-from ..core.signals import Busy, Interrupted, StopSignals
-from ..core.system import PeakMemory, device_name, pick_device, set_flush_denormal, set_threads, threads
+from ..procs import Busy
+from ..steplog import write_csv
 
 
 @dataclass(frozen=True)
@@ -99,11 +104,8 @@ def prepare_jobs(ctx: Context, batch_size: int, seeds: tuple[int, ...] | None = 
 
 def run(ctx: Context, batch_size: int, *, log_to_mlflow: bool = True,
         seeds: tuple[int, ...] | None = None) -> list[dict[str, Any]]:
-    """Every (learning rate, seed) of the sweep at ``batch_size`` (or of ``seeds``); the summaries, in that order."""
-    if ctx.params.executor.name == "ray":
-        _check_for_ray(ctx, batch_size)
-        from . import remote  # Ray is imported only when asked for
-        return remote.run(ctx, batch_size, seeds, log_to_mlflow)
+    """Every (learning rate, seed) of the sweep at ``batch_size`` (or of ``seeds``), here, one
+    after another; the summaries, in that order."""
     jobs = prepare_jobs(ctx, batch_size, seeds)
     view = None
     if log_to_mlflow and jobs[0].dist.main:  # only rank 0 talks to MLflow and writes outputs
@@ -112,49 +114,22 @@ def run(ctx: Context, batch_size: int, *, log_to_mlflow: bool = True,
     return [run_one(job, view) for job in jobs]
 
 
-def _check_for_ray(ctx: Context, batch_size: int) -> None:
-    """What prepare_jobs checks, on the driver, before any task starts."""
-    from ..context import read_manifest
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise ParamsError("executor.name=ray under torchrun (allowed: local; Ray runs whole trainings, "
-                          "torchrun spreads one)")
-    check_batch_size(ctx, batch_size, read_manifest(ctx.data_dir)["splits"]["train"]["n"])
-
-
 def run_one(job: Job, view=None, tags: dict[str, str] | None = None) -> dict[str, Any]:
-    """One training, its MLflow run live when ``view`` is given; ``tags`` are added to its record."""
+    """One training, its MLflow run live when ``view`` is given; ``tags`` are added to its identity."""
+    from ..tracking.sweep import training_run
     with trainer_lock(job):
         saved = job.checkpoint.load() if job.ctx.params.train.resume else None
-        record = _record(job, (saved or {}).get("meta", {}))
-        record["tags"] |= tags or {}
-        live = None
-        if view is not None:
-            from ..tracking.sweep import LiveRun
-            live = LiveRun(view, job.ctx, record, job.data.manifest)
-        with StopSignals() as signals:
-            try:
-                summary, model = _train(job, record, live.sink if live and live.sink else NullSink(), signals)
-            except Interrupted as exc:
-                _ended(live, signals, "KILLED", str(exc))
-                raise
-            except KeyboardInterrupt:
-                _ended(live, signals, "KILLED", "stopped by SIGINT")
-                raise
-            except BaseException as exc:
-                _ended(live, signals, "FAILED", f"{type(exc).__name__}: {exc}")
-                raise
-        if live is not None and job.dist.main:
-            live.publish(job.out, model)
+        identity = _identity(job, (saved or {}).get("meta", {}))
+        identity["tags"] |= tags or {}
+        with StopSignals() as signals, \
+                training_run(view, job.ctx, identity, job.data.manifest, signals.holding) as tracked:
+            summary, model = _train(job, identity, tracked.sink or NullSink(), signals)
+        if job.dist.main:
+            tracked.publish(job.out, model)
         return summary
 
 
-def _ended(live, signals: StopSignals, status: str, reason: str) -> None:
-    if live is not None:
-        with signals.holding():
-            live.ended_early(status, reason)
-
-
-def _record(job: Job, meta: dict[str, Any]) -> dict[str, Any]:
+def _identity(job: Job, meta: dict[str, Any]) -> dict[str, Any]:
     """The identity of this training (kept in its checkpoint, so a resumed training is the same
     record and the same MLflow run), and what its run shows besides the files."""
     import uuid
@@ -197,22 +172,22 @@ def trainer_lock(job: Job):
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
-def _train(job: Job, record: dict[str, Any], sink, signals: StopSignals) -> tuple[dict[str, Any], torch.nn.Module]:
+def _train(job: Job, identity: dict[str, Any], sink, signals: StopSignals) -> tuple[dict[str, Any], torch.nn.Module]:
     p = job.ctx.params
     torch.manual_seed(job.seed)
     model = build_model(p.model, job.data.sample_shape, job.data.n_outputs)
     augment = BatchAugment(p.train.augment, job.seed) if p.train.augment else None
-    meta = {k: record[k] for k in ("record", "created", "window")}
+    spec = TrainSpec(job.data.train, job.data.val, job.train, job.batch_size, job.data.task, job.device,
+                     job.dist, augment)
+    meta = {k: identity[k] for k in ("record", "created", "window")}
     checkpoint = Checkpoint(job.checkpoint.path, job.checkpoint.key, meta)
     with PeakMemory(job.device) as mem, tqdm(total=job.total_steps, desc=f"train {job.name}",
                                              unit="step", disable=None, leave=False) as bar:
-        result = fit(model, job.data.train, job.data.val, job.train, job.batch_size, job.data.task,
-                     job.device, sink, checkpoint=checkpoint, signals=signals,
-                     progress=bar if job.dist.main else None, dist=job.dist, augment=augment)
+        result = fit(model, spec, Hooks(sink, checkpoint, signals, bar if job.dist.main else None))
     summary = _summary(job, model, result, mem.peak_bytes)
     if job.dist.main:
         job.ctx.check_params_unchanged(f"train@{job.batch_size}")
-        _write_outputs(job, model, result, summary, record)
+        _write_outputs(job, model, result, summary, identity)
         job.checkpoint.remove()
     return summary, model
 
@@ -280,7 +255,7 @@ def _now() -> float:
     return time.time()
 
 
-def _write_outputs(job: Job, model, result: FitResult, summary, record: dict[str, Any]) -> None:
+def _write_outputs(job: Job, model, result: FitResult, summary, identity: dict[str, Any]) -> None:
     """Every output of the run into a new folder, swapped in whole: the folder holds one run's
     set or the previous set, never a mix."""
     with replaced_dir(job.out) as tmp:
@@ -289,7 +264,7 @@ def _write_outputs(job: Job, model, result: FitResult, summary, record: dict[str
         torch.save(job.data.val.x[:2].detach().cpu().clone(), buf)  # the MLflow model's input example
         write_atomic(tmp / "input_example.pt", buf.getvalue())
         write_json(tmp / "params.json", job.ctx.params.model_dump(mode="json"))
-        write_json(tmp / "run.json", record | {"steps_t0": t0, "end_time": _now()})
+        write_json(tmp / "run.json", identity | {"steps_t0": t0, "end_time": _now()})
 
 
 def _write_files(out: Path, model, result: FitResult, summary, task) -> float:
@@ -299,24 +274,12 @@ def _write_files(out: Path, model, result: FitResult, summary, task) -> float:
     torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, buf)
     write_atomic(out / "model.pt", buf.getvalue())
     t0 = hist.time[0] - 1e-9 if hist.time else 0.0
-    cols = {"step": hist.step, "samples": hist.samples, "batch": hist.batch, "loss": hist.loss, "lr": hist.lr,
-            "wall_s": [x - t0 for x in hist.time], "step_s": hist.seconds}
-    if task == "classification":
-        cols["batch_acc"] = [c / b for c, b in zip(hist.correct, hist.batch)]
-    write_atomic(out / "steps.csv", _csv(cols))
+    write_csv(hist, out / "steps.csv", t0)
     evals = {k: [e[k] for e in hist.evals] for k in ("step", "samples", "val_loss", "val_acc", "train_seconds")}
     if task != "classification":
         evals.pop("val_acc")
-    write_atomic(out / "evals.csv", _csv(evals))
-    write_atomic(out / "noise.csv", _csv({"samples": [s for s, _ in hist.noise],
+    write_atomic(out / "evals.csv", csv_text(evals))
+    write_atomic(out / "noise.csv", csv_text({"samples": [s for s, _ in hist.noise],
                                           "b_simple": [v for _, v in hist.noise]}))
     write_json(out / "summary.json", summary)
     return t0
-
-
-def _csv(cols: dict[str, list]) -> str:
-    names = list(cols)
-    lines = [",".join(names)]
-    for row in zip(*cols.values()):
-        lines.append(",".join(repr(v) if isinstance(v, float) else str(v) for v in row))
-    return "\n".join(lines) + "\n"

@@ -33,12 +33,14 @@ from torch import nn
 
 from ..config import TrackingParams, TrainParams
 from ..core.data import Split
-from ..core.engine import NullSink, fit, make_optimizer
+from ..core.compute import make_optimizer
+from ..core.engine import Hooks, NullSink, TrainSpec, fit
+from ..core.memory import PeakMemory
 from ..core.nets import MLP
+from ..core.system import cpu_count, pick_device, processor, set_flush_denormal, set_threads, sync, threads_for
 from ..tracking.live import SEND_SECONDS
 from ..tracking.points import window_for
-from ..core.system import (PeakMemory, cpu_count, pick_device, processor, set_flush_denormal, set_threads, sync,
-                     threads_for)
+from .rates import fit_rate, loader_rate
 
 LOADERS = ("tutorial", "tensordataset", "pipeline", "limit")
 DEFAULT_THREADS = torch.get_num_threads()  # before anything sets it: what a user's script gets
@@ -85,29 +87,6 @@ def _model(device) -> tuple[nn.Module, torch.optim.Optimizer]:
     return model, make_optimizer(PARAMS, model, PARAMS.lr)
 
 
-def _loader_rate(loader, device, seconds: float, warmup: int = 3, make=None) -> float:
-    """Samples/s of optimizer steps on the loader's batches, after ``warmup`` steps; ``make``
-    gives (model, optimizer) for the device (default: the MNIST MLP)."""
-    model, opt = (make or _model)(device)
-    crit = nn.CrossEntropyLoss()
-    samples, t0 = 0, None
-    while True:
-        for i, (xb, yb) in enumerate(loader):
-            xb, yb = xb.to(device), yb.to(device)
-            opt.zero_grad(set_to_none=True)
-            crit(model(xb), yb).backward()
-            opt.step()
-            if t0 is None and i + 1 >= warmup:
-                sync(device)
-                t0 = time.perf_counter()
-                continue
-            if t0 is not None:
-                samples += xb.shape[0]
-                if time.perf_counter() - t0 >= seconds:
-                    sync(device)
-                    return samples / (time.perf_counter() - t0)
-
-
 def _compute_rate(x, y, bs, device, seconds: float) -> float:
     model, opt = _model(device)
     crit = nn.CrossEntropyLoss()
@@ -137,8 +116,8 @@ def _pipeline_rate(train: Split, val: Split, bs, device, seconds, sink, p=PARAMS
         sink.windows.window = window_for(TrainParams().epochs * -(-N_SAMPLES // bs), TrackingParams().max_points,
                                          False)
     with PeakMemory(device) as mem:
-        result = fit(model, train, val, p, bs, "classification", device, sink, max_seconds=seconds)
-    return result.samples / result.train_seconds, mem.peak_bytes
+        rate = fit_rate(model, train, val, p, bs, device, seconds, Hooks(sink))
+    return rate, mem.peak_bytes
 
 
 def run_bench(batch_sizes: list[int], seconds: float, repeats: int, device: torch.device,
@@ -170,10 +149,10 @@ def run_bench(batch_sizes: list[int], seconds: float, repeats: int, device: torc
     for r in range(repeats):
         for bs in batch_sizes:
             torch.set_num_threads(DEFAULT_THREADS)
-            rates.setdefault(("tutorial", bs), []).append(_loader_rate(
-                torch.utils.data.DataLoader(tutorial_ds, batch_size=bs, shuffle=True), device, per))
-            rates.setdefault(("tensordataset", bs), []).append(_loader_rate(
-                torch.utils.data.DataLoader(tensor_ds, batch_size=bs, shuffle=True), device, per))
+            rates.setdefault(("tutorial", bs), []).append(loader_rate(
+                torch.utils.data.DataLoader(tutorial_ds, batch_size=bs, shuffle=True), device, per, _model))
+            rates.setdefault(("tensordataset", bs), []).append(loader_rate(
+                torch.utils.data.DataLoader(tensor_ds, batch_size=bs, shuffle=True), device, per, _model))
             policy(bs)
             with logged(f"bs{bs}-repeat{r + 1}") as sink:
                 rate, peak = _pipeline_rate(train, val, bs, device, per, sink)
@@ -368,8 +347,8 @@ def ddp_worker(batch_size: int, steps: int) -> None:
     y = torch.from_numpy(labels[:n])
     model, _ = _model(device)
     p = PARAMS.model_copy(update={"epochs": 1, "eval_every_steps": steps})
-    result = fit(model, Split(x, y), Split(x[:N_VAL], y[:N_VAL]), p, batch_size, "classification",
-                 device, NullSink(), dist=d)
+    result = fit(model, TrainSpec(Split(x, y), Split(x[:N_VAL], y[:N_VAL]), p, batch_size, "classification",
+                                  device, d))
     if d.main:
         print(json.dumps({"world": d.world, "samples_per_s": result.samples / result.train_seconds}))
 
@@ -387,7 +366,7 @@ def ddp_rows(batch_sizes: list[int], steps: int = 40, ranks: int = 2) -> list[di
         rates = {}
         for world, cmd in ((1, one), (ranks, many)):
             proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600,
-                                  cwd=str(Path(__file__).resolve().parent.parent))
+                                  cwd=str(Path(__file__).resolve().parents[2]))  # the folder holding pipeline/
             if proc.returncode != 0:
                 raise RuntimeError(f"{' '.join(cmd)} failed: {proc.stderr[-1000:]}")
             rates[world] = json.loads(proc.stdout.strip().splitlines()[-1])["samples_per_s"]

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..config import Params, ParamsError
-from ..core.engine import step_memory
+from ..core.memory import step_memory
 from ..core.models import build_model, loss_fn
 
 
@@ -63,7 +63,7 @@ def _release() -> None:
 
 def step_peak(p: Params, n_in: int, n_out: int, task: str, batch_size: int, device: torch.device) -> int:
     """Bytes a training step at ``batch_size`` holds for its batch: the same measure the train
-    stage reports as step_memory_bytes (``engine.step_memory``)."""
+    stage reports as step_memory_bytes (``memory.step_memory``)."""
     torch.manual_seed(0)
     model = build_model(p.model, n_in, n_out).to(device)
     shape = (n_in,) if isinstance(n_in, int) else tuple(n_in)  # one sample's shape
@@ -83,7 +83,7 @@ def step_rate(p: Params, n_in, n_out: int, task: str, batch_size: int, device: t
               min_seconds: float = 0.2, max_steps: int = 20) -> float:
     """Samples per second of real optimizer steps at ``batch_size`` (after two warm-up steps)."""
     import time
-    from ..core.engine import make_optimizer
+    from ..core.compute import make_optimizer
     from ..core.system import sync
     torch.manual_seed(0)
     model = build_model(p.model, n_in, n_out).to(device)

@@ -16,8 +16,8 @@ from torch import nn
 
 from ..config import TrainParams
 from ..core.data import Split
-from ..core.engine import NullSink, fit, make_optimizer
-from .bench import _loader_rate
+from ..core.compute import make_optimizer
+from .rates import fit_rate, loader_rate
 
 WORKERS = (0, 1, 2)
 N_PER_CLASS, SIZE = 250, 32
@@ -62,15 +62,14 @@ def image_rows(batch_sizes: list[int], seconds: float, repeats: int, device: tor
         rates: dict[tuple[str, int], list[float]] = {}
         for _ in range(repeats):
             for bs in batch_sizes:
-                result = fit(_cnn(), train, Split(x[:64], train.y[:64]), PARAMS, bs, "classification", device,
-                             NullSink(), max_seconds=per)
-                rates.setdefault(("tensor", bs), []).append(result.samples / result.train_seconds)
+                rates.setdefault(("tensor", bs), []).append(
+                    fit_rate(_cnn(), train, Split(x[:64], train.y[:64]), PARAMS, bs, device, per))
                 for w in WORKERS:
                     loader = torch.utils.data.DataLoader(
                         folder, batch_size=bs, shuffle=True, num_workers=w, pin_memory=device.type == "cuda",
                         persistent_workers=w > 0)
                     rates.setdefault((f"loader{w}", bs), []).append(
-                        _loader_rate(loader, device, per, make=_cnn_and_optimizer))
+                        loader_rate(loader, device, per, _cnn_and_optimizer))
                     del loader
     rows = [{"batch_size": bs, **{name: statistics.median(rates[(name, bs)])
                                   for name in ("tensor", *(f"loader{w}" for w in WORKERS))}}

@@ -95,10 +95,11 @@ def publish(launch_run: str | None) -> None:
     """After DVC: publish what the store lacks (outputs DVC restored from its cache included); a
     run `mlflow run` made that did not become the sweep's parent is tagged to point to it."""
     from ..context import Context
+    from ..core.models import rebuild_trained
     from ..tracking.sweep import publish_sweep
     ctx = Context.from_environment(load_params("params.yaml"))
     ctx.parent_run_id = launch_run
-    publish_sweep(ctx)
+    publish_sweep(ctx, rebuild_trained)
 
 
 def _refused(note: str) -> None:
@@ -106,7 +107,7 @@ def _refused(note: str) -> None:
     (`mlflow run` itself exits 1: its CLI maps any failed entry point to 1; this process's own
     exit status is 2.)"""
     if os.environ.get("MLFLOW_RUN_ID"):
-        from ..tracking.store import mark_refused
+        from ..tracking.client import mark_refused
         mark_refused(os.environ["MLFLOW_RUN_ID"], note)
 
 
@@ -114,7 +115,7 @@ def launch_experiment() -> str | None:
     """The experiment `mlflow run` made its run in (MLFLOW_EXPERIMENT_ID), by name."""
     if not os.environ.get("MLFLOW_EXPERIMENT_ID"):
         return None
-    from ..tracking.store import experiment_name
+    from ..tracking.client import experiment_name
     return experiment_name(os.environ["MLFLOW_EXPERIMENT_ID"])
 
 
@@ -163,7 +164,7 @@ def run_stage_entry(argv: list[str]) -> int:
         print(f"error: {err}", file=sys.stderr)
         _refused(f"refused before any work: {err}")
         return 2
-    from ..core.signals import Busy
+    from ..procs import Busy
     from ..lock import dvc_busy, hold
     try:
         hold(Path.cwd(), "`mlflow run`")

@@ -15,10 +15,11 @@ import torch
 from ..config import parse_params
 from ..context import Context
 from ..core.data import load_prepared, read_manifest, streams
-from ..core.engine import NullSink, fit
+from ..core.engine import TrainSpec, fit
 from ..core.models import build_model, code_sha256
 from ..core.transforms import BatchAugment
-from ..core.system import code_state, pick_device, set_flush_denormal, set_threads
+from ..core.system import pick_device, set_flush_denormal, set_threads
+from ..provenance import code_state
 
 
 class Refused(RuntimeError):
@@ -26,13 +27,13 @@ class Refused(RuntimeError):
 
 
 def _recorded_steps(client, run_id: str) -> dict[str, list[float]]:
-    from ..tracking.publish import read_artifact
+    from ..tracking.client import read_artifact
     rows = list(csv.DictReader(io.StringIO(read_artifact(client, run_id, "outputs/steps.csv"))))
     return {k: [float(r[k]) for r in rows] for k in ("step", "samples", "loss")}
 
 
 def run(ctx: Context, run_id: str, log=print) -> bool:
-    from ..tracking.publish import read_artifact
+    from ..tracking.client import read_artifact
     from ..tracking.sweep import open_view
     view = open_view(ctx)
     if view is None:
@@ -60,8 +61,8 @@ def run(ctx: Context, run_id: str, log=print) -> bool:
     model = build_model(params.model, data.sample_shape, data.n_outputs)
     augment = BatchAugment(params.train.augment, seed) if params.train.augment else None
     log(f"re-running {run_id}: batch size {batch_size}, seed {seed}{'' if lr is None else f', lr {lr:g}'}, {recorded.data.params.get('total_steps')} steps")
-    result = fit(model, data.train, data.val, params.train.for_run(seed, lr), batch_size, data.task, device, NullSink(),
-                 augment=augment)
+    result = fit(model, TrainSpec(data.train, data.val, params.train.for_run(seed, lr), batch_size, data.task, device,
+                                  augment=augment))
     return _compare(_recorded_steps(client, run_id), result.history, log)
 
 

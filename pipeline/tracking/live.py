@@ -23,10 +23,10 @@ SEND_SECONDS = 5.0    # how stale the live chart may get
 
 
 class LiveMetrics:
-    def __init__(self, client, run_id: str, window: int, start_time: float, held: dict[str, int] | None = None,
+    def __init__(self, client, run_id: str, window: int, held: dict[str, int] | None = None,
                  uri: str = ""):
         self.client, self.run_id, self.uri = client, run_id, uri
-        self.windows = Windows(window, start_time)
+        self.windows = Windows(window)
         self.held = held or {}            # key -> highest step the store holds (a resumed run)
         self.failed: str | None = None
         self.sent = 0
@@ -38,27 +38,18 @@ class LiveMetrics:
         self._thread.start()
 
     # ----------------------------------------------------------------- the loop's side
-    def ready(self) -> None:
-        pass
-
-    def resume_from(self, hist, resumed_step: int) -> None:
+    def resume_from(self, log, resumed_step: int) -> None:
         """Refill the window the interruption left partial; nothing is sent for steps trained
         before it: what the store lacks of them, publishing sends."""
         first = (resumed_step // self.windows.window) * self.windows.window
-        for i, step in enumerate(hist.step):
-            if step == first:
-                self.windows.prev_time = hist.time[i]
-            elif step > first:
-                correct = hist.correct[i] if hist.correct else None
-                self.windows.add(step, hist.samples[i], hist.loss[i], correct, hist.batch[i], hist.lr[i], hist.time[i],
-                                 hist.seconds[i])
+        for row in log.rows():
+            if row["step"] > first:
+                self.windows.add(row)
 
-    def steps(self, chunk) -> None:
+    def steps(self, steps) -> None:
         out: list[Point] = []
-        correct = chunk.correct or [None] * len(chunk.step)
-        for i, step in enumerate(chunk.step):
-            out += self.windows.add(step, chunk.samples[i], chunk.loss[i], correct[i], chunk.batch[i],
-                                    chunk.lr[i], chunk.time[i], chunk.seconds[i])
+        for row in steps.rows():
+            out += self.windows.add(row)
         self._add(out)
 
     def point(self, key: str, value: float, samples: int) -> None:

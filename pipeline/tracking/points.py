@@ -12,6 +12,8 @@ import math
 from pathlib import Path
 from typing import Iterable
 
+from ..steplog import FIELDS, read_csv as read_steps
+
 Point = tuple[str, float, int, int]  # key, value, timestamp (ms), step (= samples seen)
 
 
@@ -22,59 +24,42 @@ def window_for(total_steps: int, max_points: int, full_history: bool) -> int:
 
 class Windows:
     """Turns consecutive steps into window means: a point at every step that is a multiple of
-    ``window``, and one for the last, partial window when the run ends (``finish``)."""
+    ``window``, and one for the last, partial window when the run ends (``finish``). Which
+    figures become points, and how, is each field's ``metric`` and ``window`` (``steplog``)."""
 
-    def __init__(self, window: int, start_time: float):
-        self.window, self.prev_time = window, start_time
-        self._reset()
-        self.last: tuple | None = None
+    def __init__(self, window: int):
+        self.window = window
+        self.rows: list[dict] = []
 
-    def _reset(self) -> None:
-        self.n, self.loss, self.correct, self.batch, self.seconds = 0, 0.0, 0, 0, 0.0
-
-    def add(self, step: int, samples: int, loss: float, correct: int | None, batch: int, lr: float,
-            time: float, seconds: float) -> list[Point]:
-        self.n += 1
-        self.loss += loss
-        self.batch += batch
-        self.seconds += seconds
-        self.correct += correct or 0
-        self.last = (step, samples, lr, time, correct is not None)
-        return self._emit() if step % self.window == 0 else []
+    def add(self, row: dict) -> list[Point]:
+        self.rows.append(row)
+        return self._emit() if row["step"] % self.window == 0 else []
 
     def finish(self) -> list[Point]:
-        return self._emit() if self.n and self.last else []
+        return self._emit() if self.rows else []
 
     def _emit(self) -> list[Point]:
-        step, samples, lr, t, has_correct = self.last
-        ms = int(t * 1000)
-        points = [("train/loss", self.loss / self.n, ms, samples), ("train/lr", lr, ms, samples),
-                  ("train/optimizer_step", float(step), ms, samples)]
-        # Samples over the window's own step seconds, as the run's final throughput: the wall time
-        # between points also holds validations and checkpoints, and the first step's is zero.
-        # Steps resumed from a checkpoint that did not record their seconds fall back to it.
-        busy = self.seconds if math.isfinite(self.seconds) and self.seconds > 0 else t - self.prev_time
-        if busy > 0:
-            points.append(("train/throughput", self.batch / busy, ms, samples))
-        if has_correct:
-            points.append(("train/batch_acc", self.correct / self.batch, ms, samples))
-        self.prev_time = t
-        self._reset()
+        rows, self.rows = self.rows, []
+        last = rows[-1]
+        ms, samples = int(last["time"] * 1000), last["samples"]
+        total = {name: sum(r[name] for r in rows) for name in ("batch", "seconds")}
+        points = []
+        for f in FIELDS:
+            if f.metric is None or last[f.name] is None:
+                continue
+            value = last[f.name] if f.window == "last" else sum(r[f.name] for r in rows)
+            over = {"mean": len(rows), "last": 1, "per_sample": total["batch"], "per_second": total["seconds"]}[f.window]
+            # Steps resumed from a checkpoint that did not record their seconds: no rate for them.
+            if math.isfinite(over) and over > 0:
+                points.append((f.metric, float(value) / over, ms, samples))
         return points
-
-
-def read_csv(path: Path) -> list[dict[str, str]]:
-    with Path(path).open() as fh:
-        return list(csv.DictReader(fh))
 
 
 def train_points(folder: Path, window: int, start_time: float) -> list[Point]:
     """Every point of a finished training run, from its output folder."""
-    windows, points = Windows(window, start_time), []
-    for r in read_csv(folder / "steps.csv"):
-        correct = round(float(r["batch_acc"]) * int(r["batch"])) if r.get("batch_acc") else None
-        points += windows.add(int(r["step"]), int(r["samples"]), float(r["loss"]), correct, int(r["batch"]),
-                              float(r["lr"]), start_time + float(r["wall_s"]), float(r["step_s"]))
+    windows, points = Windows(window), []
+    for row in read_steps(folder / "steps.csv", start_time).rows():
+        points += windows.add(row)
     points += windows.finish()
     ms = int(start_time * 1000)
     for r in read_csv(folder / "evals.csv"):
@@ -84,6 +69,11 @@ def train_points(folder: Path, window: int, start_time: float) -> list[Point]:
             points.append(("val/acc", float(r["val_acc"]), at, int(r["samples"])))
     points += [("train/noise_scale", float(r["b_simple"]), ms, int(r["samples"])) for r in read_csv(folder / "noise.csv")]
     return points
+
+
+def read_csv(path: Path) -> list[dict[str, str]]:
+    with Path(path).open() as fh:
+        return list(csv.DictReader(fh))
 
 
 def scalar_points(metrics: dict[str, float | None], step: int, ms: int) -> list[Point]:

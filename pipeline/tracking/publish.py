@@ -1,202 +1,32 @@
 """The MLflow view of a sweep, published from its DVC outputs: the files are the record.
 
-``publish_sweep`` reads ``outputs/`` (and the prepared data's manifest) for the current params and
-sends the store what it lacks: the sweep's parent run, one run per training (found by the record
-id its ``run.json`` holds), their params, every metric point, artifacts and model, the test
-figures and the comparison. Each part is checked before it is sent (params held, steps held per
-key, artifacts listed, logged models searched), so publishing the same outputs again changes
-nothing, and publishing after a fault sends exactly what is missing. A run is set FINISHED only
-once all of it is there; then a tag ``batchlab.published.<part>`` holds the digest of the files
-it came from, so the next publish skips it with one search. A deleted store is rebuilt whole.
-
-Only MLflow's public client API is used. This module and ``live`` are the only ones that import
-MLflow.
+``SweepPublisher`` sends the store what ``outputs/`` holds and the store lacks: the sweep's
+parent run, one run per training (found by the record id its ``run.json`` holds), their params,
+every metric point, artifacts and model, the test figures and the comparison. Each part is checked
+before it is sent (params held, steps held per key, artifacts listed, logged models searched), so
+publishing the same outputs again changes nothing, and publishing after a fault sends exactly what
+is missing. A run is set FINISHED only once all of it is there; then a tag
+``batchlab.published.<part>`` holds the digest of the files it came from, so the next publish
+skips it with one search. A deleted store is rebuilt whole.
 """
 from __future__ import annotations
 
-import hashlib
 import json
-import logging
 import os
-import socket
-import sys
-import tempfile
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
-# A store that does not answer fails a request within seconds, not after MLflow's default of
-# minutes of retries (a user's own settings win): every wait on it is bounded.
-for _key, _value in (("MLFLOW_HTTP_REQUEST_TIMEOUT", "3"), ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1"),
-                     ("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")):
-    os.environ.setdefault(_key, _value)
+from mlflow.entities import RunTag
 
-from mlflow.entities import Metric, Param, RunTag  # noqa: E402
-from mlflow.tracking import MlflowClient  # noqa: E402
-
-from ..context import param_text as _text, read_json  # noqa: E402
-from . import ui  # noqa: E402
-from .points import by_key, scalar_points, train_points  # noqa: E402
-from .store import is_local_store, tracking_uri  # noqa: E402
-
-# The store's table creation and migrations are not news to a user: warnings and errors only
-# (set after MLflow's import, which configures its loggers).
-for _name in ("mlflow", "alembic"):
-    logging.getLogger(_name).setLevel(logging.WARNING)
-
-TAG_ROLE, TAG_SWEEP, TAG_RECORD = "batchlab.role", "batchlab.sweep_key", "batchlab.record"
-TAG_BATCH, TAG_SEED, TAG_END = "batchlab.batch_size", "batchlab.seed", "batchlab.end_reason"
-TAG_LR = "batchlab.lr"  # a run of a learning-rate grid: its rate
-TAG_OWNER, PUBLISHED = "batchlab.owner", "batchlab.published."
-MAX_BATCH = 1000
+from .. import mlflow_ui as ui
+from ..context import param_text as _text, read_json
+from .client import (PUBLISHED, TAG_BATCH, TAG_END, TAG_LR, TAG_RECORD, TAG_ROLE, TAG_SEED, TAG_SWEEP,
+                     TrackingClient, digest, owner_alive, owner_tags)
+from .points import scalar_points, train_points
 
 
-def one_line(err: BaseException) -> str:
-    return " ".join(f"{type(err).__name__}: {err}".split())[:240]
-
-
-def digest(*paths: Path) -> str:
-    h = hashlib.sha256()
-    for path in paths:
-        h.update(Path(path).read_bytes() if Path(path).is_file() else b"-")
-    return h.hexdigest()[:16]
-
-
-class Store:
-    """The store and experiment a project publishes to (``MLFLOW_TRACKING_URI``, else the
-    project's ``mlflow.db``), and the parts of a run, each sent only where the run lacks it."""
-
-    def __init__(self, root: Path, experiment: str, env: dict[str, str] | None = None):
-        self.root, self.uri = root, tracking_uri(root, env)
-        self._file = Path(self.uri[len("sqlite:///"):]) if self.uri.startswith("sqlite:///") else None
-        # The first use of a new SQLite store creates its tables: two processes doing that at once
-        # break the migration (seen with two sweeps started together), so it happens under the lock.
-        with self.lock():
-            self.client = MlflowClient(self.uri)
-            self.experiment_id = self._experiment(experiment)
-        self._inode = self._file.stat().st_ino if self._file and self._file.exists() else None
-
-    # ------------------------------------------------------------------ store, experiment, lock
-    def store_replaced(self) -> bool:
-        """A SQLite file deleted or replaced since this process opened it: its connections still
-        write into the old file, so nothing more is sent from here (a new process rebuilds it)."""
-        if self._file is None:
-            return False
-        return not self._file.exists() or self._file.stat().st_ino != self._inode
-
-    @contextmanager
-    def lock(self) -> Iterator[None]:
-        """Find-or-create of runs is serialised between processes of one machine (a lock file
-        beside a SQLite store, in the project for other local stores; none for a server)."""
-        if self._file is not None:
-            path = Path(str(self._file) + ".lock")
-        elif is_local_store(self.uri):
-            path = self.root / ".mlflow-publish.lock"
-        else:
-            yield
-            return
-        from filelock import FileLock
-        with FileLock(str(path), timeout=120):
-            yield
-
-    def _experiment(self, name: str) -> str:
-        exp = self.client.get_experiment_by_name(name)
-        if exp is None:
-            location = (self.root / "mlartifacts").as_uri() if is_local_store(self.uri) else None
-            self.client.create_experiment(name, artifact_location=location)
-            exp = self.client.get_experiment_by_name(name)
-        self._exp_tags = dict(exp.tags)
-        self.experiment_tags(ui.experiment_tags(), exp.experiment_id)
-        return exp.experiment_id
-
-    def experiment_tags(self, tags: dict[str, str], experiment_id: str | None = None) -> None:
-        """Sets those of ``tags`` the experiment lacks or holds with another value."""
-        for key, value in tags.items():
-            if self._exp_tags.get(key) != value:
-                self.client.set_experiment_tag(experiment_id or self.experiment_id, key, value)
-                self._exp_tags[key] = value
-
-    def ui_url(self, base: str, sweep_key: str | None = None) -> str:
-        return ui.url(base, self.experiment_id, sweep_key)
-
-    # ------------------------------------------------------------------ finding runs
-    def running_train_runs(self) -> list:
-        return self.client.search_runs([self.experiment_id], max_results=5000, filter_string=(
-            f"attributes.status = 'RUNNING' and tags.`{TAG_ROLE}` = 'train'"))
-
-    def sweep_runs(self, key: str) -> list:
-        return self.client.search_runs([self.experiment_id], filter_string=f"tags.`{TAG_SWEEP}` = '{key}'",
-                                       max_results=5000)
-
-    def find_record(self, record: str):
-        found = self.client.search_runs([self.experiment_id], filter_string=f"tags.`{TAG_RECORD}` = '{record}'",
-                                        max_results=10)
-        return found[0] if found else None
-
-    @staticmethod
-    def parent_of(runs: list):
-        parents = [r for r in runs if r.data.tags.get(TAG_ROLE) == "sweep"]
-        return min(parents, key=lambda r: r.info.start_time) if parents else None
-
-    def end_run(self, run_id: str, status: str, reason: str) -> None:
-        self.client.set_tag(run_id, TAG_END, reason[:4000])
-        self.client.set_terminated(run_id, status)
-
-    # ------------------------------------------------------------------ the parts
-    def _params(self, run, params: dict[str, Any]) -> None:
-        held = run.data.params
-        items = [Param(k, _text(v)) for k, v in params.items() if k not in held]
-        for i in range(0, len(items), 100):
-            self.client.log_batch(run.info.run_id, params=items[i:i + 100])
-
-    def _metrics(self, run, points: list) -> int:
-        """Sends the points whose (key, step) the run does not hold; returns how many."""
-        run_id, latest, missing = run.info.run_id, run.data.metrics, []
-        for key, mine in by_key(points).items():
-            if key in latest:
-                held = {m.step for m in self.client.get_metric_history(run_id, key)}
-                mine = [p for p in mine if p[3] not in held]
-            missing += mine
-        for i in range(0, len(missing), MAX_BATCH):
-            self.client.log_batch(run_id, metrics=[Metric(*p) for p in missing[i:i + MAX_BATCH]])
-        return len(missing)
-
-    def _artifacts(self, run_id: str, files: list[Path], path: str) -> None:
-        held = {Path(f.path).name: f.file_size for f in self.client.list_artifacts(run_id, path)}
-        for f in files:
-            if f.is_file() and held.get(f.name) != f.stat().st_size:
-                self.client.log_artifact(run_id, str(f), path)
-
-    def _model(self, run_id: str, folder: Path, record: dict[str, Any], model) -> None:
-        """The trained model as a LoggedModel in the pt2 (torch.export) format, named as its run;
-        rebuilt from ``model.pt`` when publishing from files alone."""
-        if self.client.search_logged_models([self.experiment_id], filter_string=f"source_run_id = '{run_id}'",
-                                            max_results=1):
-            return
-        import mlflow
-        import mlflow.pytorch
-        import torch
-        from mlflow.models import infer_signature
-        if model is None:
-            model = load_model(folder, record)
-        model = model.cpu().eval()
-        example = torch.load(folder / "input_example.pt", weights_only=True)
-        with torch.no_grad():
-            output = model(example)
-        mlflow.set_tracking_uri(self.uri)
-        # The fluent run ends the run when left: the caller sets the final status after this.
-        with mlflow.start_run(run_id=run_id):
-            # The Models tab lists every sweep's models together: the sweep's short key makes the
-            # name unique there. A logged model's name may not hold '.', which a grid run's rate does.
-            name = f"{record['name']}-{record['sweep_key'][:8]}".replace(".", "_")
-            mlflow.pytorch.log_model(model, name=name, serialization_format="pt2",
-                                     signature=infer_signature(example.numpy(), output.numpy()),
-                                     input_example=example.numpy(),
-                                     pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"])
-
-
-class View(Store):
-    """The batchlab layout of a sweep in the store: its parent, one run per training record."""
+class SweepPublisher(TrackingClient):
+    """The batchlab layout of a sweep in the store: its parent, one run per training."""
 
     def parent(self, key: str, manifest: dict, params: dict[str, Any], tags: dict[str, str],
                given: str | None = None, start_ms: int | None = None) -> str:
@@ -254,19 +84,19 @@ class View(Store):
             self.client.set_terminated(parent, "FINISHED", end_time=end_ms)
 
     # ------------------------------------------------------------------ training runs
-    def open_train_run(self, record: dict[str, Any], parent: str) -> tuple[str, dict[str, int]]:
-        """The run of ``record`` (reopened when a resumed training had one), RUNNING and owned by
-        this process; and the highest step it holds per metric key."""
+    def open_train_run(self, identity: dict[str, Any], parent: str) -> tuple[str, dict[str, int]]:
+        """The run of the training ``identity`` names (reopened when a resumed training had one),
+        RUNNING and owned by this process; and the highest step it holds per metric key."""
         with self.lock():
-            run = self.find_record(record["record"])
+            run = self.find_record(identity["record"])
             if run is None:
-                run_id = self.client.create_run(self.experiment_id, run_name=record["name"],
-                                                start_time=int(record["created"] * 1000),
-                                                tags=_train_tags(record, parent) | owner_tags()).info.run_id
+                run_id = self.client.create_run(self.experiment_id, run_name=identity["name"],
+                                                start_time=int(identity["created"] * 1000),
+                                                tags=_train_tags(identity, parent) | owner_tags()).info.run_id
                 return run_id, {}
         run_id = run.info.run_id
-        # The record's tags as they are now (a Ray task resumed on another node), and its owner.
-        now = record["tags"] | owner_tags() | {"batchlab.resumed": "true"}
+        # The training's tags as they are now (a Ray task resumed on another node), and its owner.
+        now = identity["tags"] | owner_tags() | {"batchlab.resumed": "true"}
         self.client.log_batch(run_id, tags=[RunTag(k, v) for k, v in now.items()])
         if TAG_END in run.data.tags:
             self.client.delete_tag(run_id, TAG_END)
@@ -275,41 +105,42 @@ class View(Store):
                 for k in run.data.metrics}
         return run_id, held
 
-    def publish_train(self, folder: Path, parent: str, run=None, model=None) -> str:
-        """Everything of one training's output folder into its run, then FINISHED."""
-        record = read_json(folder / "run.json")
+    def publish_train(self, folder: Path, parent: str, model, run=None) -> str:
+        """Everything of one training's output folder into its run, then FINISHED. ``model``: the
+        trained module, or a function that rebuilds it from the folder (``core.models.rebuild_trained``)."""
+        identity = read_json(folder / "run.json")
         stamp = digest(folder / "summary.json", folder / "run.json")
         if run is None:
-            run = self.find_record(record["record"])
+            run = self.find_record(identity["record"])
         if run is None:
             with self.lock():
-                run = self.find_record(record["record"]) or self.client.get_run(self.client.create_run(
-                    self.experiment_id, run_name=record["name"], start_time=int(record["created"] * 1000),
-                    tags=_train_tags(record, parent)).info.run_id)
+                run = self.find_record(identity["record"]) or self.client.get_run(self.client.create_run(
+                    self.experiment_id, run_name=identity["name"], start_time=int(identity["created"] * 1000),
+                    tags=_train_tags(identity, parent)).info.run_id)
         run_id = run.info.run_id
         if run.data.tags.get(PUBLISHED + "train") == stamp and run.info.status == "FINISHED":
             return run_id
-        self._params(run, record["params"])
+        self._params(run, identity["params"])
         summary = read_json(folder / "summary.json")
-        points = train_points(folder, record["window"], record["steps_t0"])
-        points += scalar_points(final_metrics(summary), summary["samples"], int(record["end_time"] * 1000))
+        points = train_points(folder, identity["window"], identity["steps_t0"])
+        points += scalar_points(final_metrics(summary), summary["samples"], int(identity["end_time"] * 1000))
         self._metrics(run, points)
         self._artifacts(run_id, [folder / n for n in TRAIN_FILES], "outputs")
         self.client.log_artifact(run_id, str(folder / "params.json"))
-        self._model(run_id, folder, record, model)
+        self._model(run_id, folder, identity, model)
         self.client.set_tag(run_id, PUBLISHED + "train", stamp)
-        self.client.set_terminated(run_id, "FINISHED", end_time=int(record["end_time"] * 1000))
-        self._retire_others(run_id, record)
+        self.client.set_terminated(run_id, "FINISHED", end_time=int(identity["end_time"] * 1000))
+        self._retire_others(run_id, identity)
         return run_id
 
-    def _retire_others(self, keep: str, record: dict[str, Any]) -> None:
+    def _retire_others(self, keep: str, identity: dict[str, Any]) -> None:
         """A deliberate retrain (``dvc repro --force``), or a training started again because its
         trainer died before its first checkpoint, replaces the run of the same (sweep, batch size,
         seed): the older one goes to MLflow's trash, never counted side by side."""
         for run in self.client.search_runs([self.experiment_id], max_results=100, filter_string=(
-                f"tags.`{TAG_SWEEP}` = '{record['sweep_key']}' and tags.`{TAG_BATCH}` = '{record['batch_size']}' "
-                f"and tags.`{TAG_SEED}` = '{record['seed']}' and tags.`{TAG_ROLE}` = 'train'"
-                + (f" and tags.`{TAG_LR}` = '{record['lr']!r}'" if record.get("lr") is not None else ""))):
+                f"tags.`{TAG_SWEEP}` = '{identity['sweep_key']}' and tags.`{TAG_BATCH}` = '{identity['batch_size']}' "
+                f"and tags.`{TAG_SEED}` = '{identity['seed']}' and tags.`{TAG_ROLE}` = 'train'"
+                + (f" and tags.`{TAG_LR}` = '{identity['lr']!r}'" if identity.get("lr") is not None else ""))):
             if run.info.run_id != keep and (run.info.status != "RUNNING" or not owner_alive(run.data.tags)):
                 self.client.set_tag(run.info.run_id, "batchlab.superseded_by", keep)
                 self.client.delete_run(run.info.run_id)
@@ -347,7 +178,6 @@ class View(Store):
         self.client.set_tag(parent, PUBLISHED + "compare", stamp)
 
 
-
 TRAIN_FILES = ("steps.csv", "evals.csv", "noise.csv", "summary.json", "model.pt")
 EVAL_FILES = ("metrics.json", "report.json", "predictions.csv", "evaluation.png")
 # Summary keys that are settings or bookkeeping, not results: params and tags hold them.
@@ -362,38 +192,11 @@ def final_metrics(summary: dict[str, Any]) -> dict[str, float]:
             if k not in _NOT_METRICS and isinstance(v, (int, float)) and not isinstance(v, bool)}
 
 
-def load_model(folder: Path, record: dict[str, Any]):
-    import torch
-    from ..config import parse_params
-    from ..core.models import build_model
-    params = parse_params(read_json(folder / "params.json"))
-    model = build_model(params.model, record.get("sample_shape") or record["n_in"], record["n_out"])
-    model.load_state_dict(torch.load(folder / "model.pt", weights_only=True))
-    return model
-
-
-def _train_tags(record: dict[str, Any], parent: str) -> dict[str, str]:
-    return record["tags"] | {"mlflow.parentRunId": parent, TAG_RECORD: record["record"], TAG_ROLE: "train",
-                             TAG_SWEEP: record["sweep_key"], TAG_BATCH: str(record["batch_size"]),
-                             TAG_SEED: str(record["seed"]), "mlflow.runColor": ui.batch_size_colour(record["batch_size"])} \
-        | ({} if record.get("lr") is None else {TAG_LR: repr(record["lr"])})
-
-
-def owner_tags() -> dict[str, str]:
-    """Who trains the run now: enough to tell a live owner from a dead one later."""
-    from ..core.signals import proc_stat
-    fields = proc_stat(os.getpid())
-    return {f"{TAG_OWNER}.host": socket.gethostname(), f"{TAG_OWNER}.pid": str(os.getpid()),
-            f"{TAG_OWNER}.start": fields[19] if len(fields) > 19 else ""}
-
-
-def owner_alive(tags: dict[str, str]) -> bool:
-    from ..core.signals import proc_stat
-    host, pid = tags.get(f"{TAG_OWNER}.host"), tags.get(f"{TAG_OWNER}.pid", "")
-    if host != socket.gethostname() or not pid.isdigit():
-        return host is not None and host != socket.gethostname()  # another machine's: assume alive
-    fields = proc_stat(int(pid))
-    return len(fields) > 19 and fields[19] == tags.get(f"{TAG_OWNER}.start")
+def _train_tags(identity: dict[str, Any], parent: str) -> dict[str, str]:
+    return identity["tags"] | {"mlflow.parentRunId": parent, TAG_RECORD: identity["record"], TAG_ROLE: "train",
+                             TAG_SWEEP: identity["sweep_key"], TAG_BATCH: str(identity["batch_size"]),
+                             TAG_SEED: str(identity["seed"]), "mlflow.runColor": ui.batch_size_colour(identity["batch_size"])} \
+        | ({} if identity.get("lr") is None else {TAG_LR: repr(identity["lr"])})
 
 
 def _dataset_input(manifest: dict[str, Any]):
@@ -415,16 +218,3 @@ def data_params(manifest: dict[str, Any]) -> dict[str, Any]:
                     "data.std": manifest["normalisation"]["std"]}
 
 
-def warn(uri: str, what: str, err: BaseException | str) -> None:
-    """One line: what the store did not take, and that ``sync`` will send it. (BATCHLAB_DEBUG=1
-    raises instead, with the traceback: a bug here would otherwise read as a store outage.)"""
-    if isinstance(err, BaseException) and os.environ.get("BATCHLAB_DEBUG"):
-        raise err
-    text = err if isinstance(err, str) else one_line(err)
-    print(f"warning: tracking store {uri} did not take {what} ({text}); the outputs are complete, "
-          f"`python -m pipeline sync` publishes them once it answers", file=sys.stderr, flush=True)
-
-
-def read_artifact(client: MlflowClient, run_id: str, path: str) -> str:
-    with tempfile.TemporaryDirectory() as tmp:
-        return Path(client.download_artifacts(run_id, path, tmp)).read_text()

@@ -9,12 +9,12 @@ from typing import Any, Iterator
 from mlflow.entities import Metric, Param
 
 from ..context import param_text as _text
-from .publish import View
-from .store import project_root
+from .client import TrackingClient
+from .uri import project_root
 
 
 class ToolRun:
-    def __init__(self, view: View, run_id: str):
+    def __init__(self, view: TrackingClient, run_id: str):
         self.view, self.client, self.run_id = view, view.client, run_id
 
     def log_params(self, params: dict[str, Any]) -> None:
@@ -39,7 +39,7 @@ class ToolRun:
         from .live import LiveMetrics
         run_id = self.client.create_run(self.view.experiment_id, run_name=name, tags={
             "mlflow.parentRunId": self.run_id, "batchlab.role": "bench-sink"}).info.run_id
-        sink = LiveMetrics(self.client, run_id, window, time.time(), uri=self.view.uri)
+        sink = LiveMetrics(self.client, run_id, window, uri=self.view.uri)
         try:
             yield sink
         finally:
@@ -50,7 +50,7 @@ class ToolRun:
 @contextmanager
 def tool_run(ctx, tool: str, params: dict[str, Any] | None = None) -> Iterator[ToolRun]:
     """A run that ends FINISHED, or FAILED / KILLED with the error."""
-    view = View(project_root(ctx.workdir), f"{ctx.params.tracking.experiment}-{tool}", ctx.env)
+    view = TrackingClient(project_root(ctx.workdir), f"{ctx.params.tracking.experiment}-{tool}", ctx.env)
     run = ToolRun(view, view.client.create_run(view.experiment_id, run_name=tool,
                                                tags={"batchlab.role": tool}).info.run_id)
     if params:

@@ -23,6 +23,7 @@ class Field:
     on_device: bool = False     # a tensor until the loop's buffer drains (no host sync per step)
     optional: bool = False      # absent for some tasks (correct predictions: classification only)
     column: str | None = None   # its steps.csv column, where not its name
+    since_start: bool = False   # a wall-clock time: steps.csv holds seconds since the first step
     metric: str | None = None   # its MLflow key, where it has one
     # How a window of steps becomes one point: "mean", "last", "per_sample" (sum over the
     # window's samples) or "per_second" (sum over the window's own step seconds).
@@ -36,11 +37,11 @@ class Field:
 FIELDS = (
     Field("step", int, metric="train/optimizer_step", window="last"),  # 1-based optimizer step
     Field("samples", int),                                              # samples seen after it
-    Field("batch", int, metric="train/throughput", window="per_second"),  # samples in its batch
+    # Samples in its batch; per second of the window's step time, the window's throughput.
+    Field("batch", int, metric="train/throughput", window="per_second"),
     Field("loss", float, on_device=True, metric="train/loss"),
     Field("lr", float, metric="train/lr", window="last"),
-    # The wall clock at the step's end; steps.csv holds it as seconds since the first step.
-    Field("time", float, column="wall_s"),
+    Field("time", float, column="wall_s", since_start=True),  # the wall clock at the step's end
     # The step's own seconds (no validation, no checkpoint): their median is the steady rate.
     Field("seconds", float, column="step_s"),
     Field("correct", int, on_device=True, optional=True, metric="train/batch_acc", window="per_sample"),
@@ -100,7 +101,7 @@ class StepLog(Steps):
 def write_csv(steps: Steps, path: Path, t0: float) -> None:
     """``steps.csv``: a column per field the run has, times as seconds since ``t0``."""
     from .context import csv_text, write_atomic
-    columns = {f.csv_name: ([v - t0 for v in steps.time] if f.name == "time" else steps.columns[f.name])
+    columns = {f.csv_name: ([v - t0 for v in steps.columns[f.name]] if f.since_start else steps.columns[f.name])
                for f in FIELDS if not (f.optional and not steps.columns[f.name])}
     write_atomic(path, csv_text(columns))
 
@@ -112,5 +113,5 @@ def read_csv(path: Path, t0: float) -> Steps:
     for f in FIELDS:
         if rows and f.csv_name in rows[0]:
             values = [f.kind(float(r[f.csv_name])) for r in rows]
-            columns[f.name] = [v + t0 for v in values] if f.name == "time" else values
+            columns[f.name] = [v + t0 for v in values] if f.since_start else values
     return Steps(columns)

@@ -91,18 +91,25 @@ def test_the_cli_process_puts_large_tensors_in_huge_pages_unless_told_not_to():
 
 def test_mlflow_run_without_env_manager_builds_the_pinned_requirements():
     """A bare `mlflow run .` (pyenv present) builds its virtualenv from python_env.yaml: the
-    MLproject names it, and MLflow reads from it exactly the pins of requirements.txt (before, it
-    built an environment with none of them and the entry point died on `import yaml`)."""
-    from mlflow.projects import env_type
-    from mlflow.projects._project_spec import load_project
-    from mlflow.utils.environment import _PythonEnv
-    from mlflow.utils.requirements_utils import _parse_requirements
+    MLproject names it, and its dependencies are exactly the pins of requirements.txt (before, it
+    built an environment with none of them and the entry point died on `import yaml`). Read as
+    MLflow's documented MLproject and python_env.yaml formats say, and a `-r FILE` line as pip's
+    requirement-file format does."""
+    import yaml
 
     from conftest import REPO
 
-    project = load_project(str(REPO))
-    assert project.env_type == env_type.PYTHON and project.env_config_path == str(REPO / "python_env.yaml")
-    env = _PythonEnv.from_yaml(project.env_config_path)
-    got = {r.req_str for r in _parse_requirements(env.dependencies, is_constraint=False, base_dir=str(REPO))}
-    pins = {line for line in (REPO / "requirements.txt").read_text().splitlines() if line and not line.startswith("#")}
-    assert got == pins and "torch==2.14.1" in got
+    project = yaml.safe_load((REPO / "MLproject").read_text())
+    assert project["python_env"] == "python_env.yaml" and "conda_env" not in project and "docker_env" not in project
+    env = yaml.safe_load((REPO / project["python_env"]).read_text())
+
+    def pins(lines, base):
+        for line in lines:
+            line = line.split("#", 1)[0].strip()
+            if line.startswith("-r"):
+                yield from pins((base / line[2:].strip()).read_text().splitlines(), base)
+            elif line:
+                yield line
+    got = set(pins(env["dependencies"], REPO))
+    expected = {line for line in (REPO / "requirements.txt").read_text().splitlines() if line and not line.startswith("#")}
+    assert got == expected and "torch==2.14.1" in got

@@ -107,7 +107,7 @@ def test_a_difference_is_called_only_when_the_intervals_separate():
 
 
 def test_numbers_with_intervals_read_as_people_write_them():
-    from pipeline.analysis.report import human, with_ci
+    from pipeline.analysis.claims import human, with_ci
     assert with_ci({"test_acc": 0.96213, "test_acc_ci": 0.0081}, "test_acc") == "0.962 ± 0.008"
     assert with_ci({"throughput": 129837.2, "throughput_ci": 2110.0}, "throughput") == "129,837 ± 2,110"
     assert human(129837.2) == "129,837" and human(38404, "step_memory_bytes") == "38.4 kB"
@@ -122,7 +122,7 @@ def _claim_rows(memory):
 
 
 def test_claims_get_verdicts_from_the_numbers(ctx_factory):
-    from pipeline.analysis.report import claims
+    from pipeline.analysis.claims import claims
     ctx = ctx_factory()
     out = claims(ctx, _claim_rows((600, 4800, 38400)), "classification")
     assert [c["verdict"] for c in out] == ["holds"] * 4 + ["measured against the control sweep"]
@@ -143,14 +143,14 @@ def test_claims_get_verdicts_from_the_numbers(ctx_factory):
 
 
 def test_the_shuffle_off_control_is_named_as_such(ctx_factory):
-    from pipeline.analysis.report import claims
+    from pipeline.analysis.claims import claims
     ctx = ctx_factory({"train": {"shuffle": False}})
     (shuffle,) = [c for c in claims(ctx, _claim_rows((600, 4800, 38400)), "classification") if "Shuffling" in c["claim"]]
     assert shuffle["verdict"] == "this is the control" and "stored order" in shuffle["numbers"]
 
 
 def test_a_batch_size_that_missed_the_target_says_so_in_the_stability_claim(ctx_factory):
-    from pipeline.analysis.report import claims
+    from pipeline.analysis.claims import claims
     rows = _claim_rows((600, 4800, 38400))
     rows[-1].update({"time_to_target_s": None, "samples_to_target": None, "reached": 1, "n": 3})
     numbers = claims(ctx_factory(), rows, "classification")[3]["numbers"]
@@ -160,7 +160,8 @@ def test_a_batch_size_that_missed_the_target_says_so_in_the_stability_claim(ctx_
 def test_a_sweep_of_one_batch_size_measures_no_claim_and_separates_it_from_nothing(ctx_factory):
     """`dvc exp run -S 'train.batch_sizes=[256]'` makes a sweep of one size: every claim compares
     sizes, so none gets a verdict from it, and the conclusions do not say it beats other sizes."""
-    from pipeline.analysis.report import _bullets, claims
+    from pipeline.analysis.claims import claims
+    from pipeline.analysis.report import _bullets
     ctx = ctx_factory()
     rows = _claim_rows((600, 4800, 38400))[-1:]
     out = claims(ctx, rows, "classification")
@@ -192,7 +193,7 @@ def test_each_batch_size_of_a_sweep_gets_the_ui_colour_of_its_group_and_colours_
 
 
 def test_plotted_intervals_stop_where_the_figure_can_no_longer_be():
-    from pipeline.analysis.report import bounded_yerr
+    from pipeline.analysis.plots import bounded_yerr
     # 3 seeds: the t-interval of 0.3 +- 0.4 s would reach -0.1 s; an accuracy of 0.96 +- 0.05 would pass 1.
     pts = [{"batch_size": 4, "t": 0.3, "t_ci": 0.4}, {"batch_size": 16, "t": 0.15, "t_ci": 0.1},
            {"batch_size": 64, "t": 2.0, "t_ci": float("nan")}]
@@ -205,14 +206,14 @@ def test_plotted_intervals_stop_where_the_figure_can_no_longer_be():
 def test_noise_scale_plot_leaves_a_gap_where_the_estimate_is_not_measurable(ctx_factory, monkeypatch):
     import math
 
-    from pipeline.analysis import report
+    from pipeline.analysis import plots
     ctx = ctx_factory()
     folder = ctx.train_dir(4, 0)
     folder.mkdir(parents=True)
     (folder / "noise.csv").write_text("samples,b_simple\n4,12.5\n44,-17.4\n84,0.0\n124,30.0\n")
     drawn = {}
-    monkeypatch.setattr(report, "_save", lambda fig, path: drawn.update(lines=fig.axes[0].lines))
-    report.plot_noise_scale(ctx, [{"batch_size": 4, "seeds": [0]}], [], "classification")
+    monkeypatch.setattr(plots, "_save", lambda fig, path: drawn.update(lines=fig.axes[0].lines))
+    plots.plot_noise_scale(ctx, [{"batch_size": 4, "seeds": [0]}], [], "classification")
     (line,) = drawn["lines"]
     y = list(line.get_ydata())
     # On the log axis a value <= 0 would plunge to the bottom; it is a gap (nan) instead.

@@ -16,7 +16,8 @@ STAGES = ("prepare", "train", "evaluate", "compare")
 # a stage writes.
 # Nor does where the trainings run (pipeline/stages/remote.py, the Ray executor: the same files
 # either way, as its params section, executor, is no stage's param).
-NOT_SHAPING = ("pipeline/tracking/", "pipeline/tools/", "pipeline/__main__.py", "pipeline/lock.py", "pipeline/procs.py",
+NOT_SHAPING = ("pipeline/tracking/", "pipeline/tools/", "pipeline/__main__.py", "pipeline/launcher.py",
+               "pipeline/lock.py", "pipeline/procs.py",
                "pipeline/stages/remote.py")
 SHAPING_ANYWAY = ("pipeline/mlflow_ui.py",)  # the report's colours are the MLflow UI's
 # The network's file is model.code (a built-in's: nets.py), a dep by interpolation, so that a

@@ -64,6 +64,15 @@ def test_make_run_then_the_documented_commands_keep_dvc_and_mlflow_agreeing(clon
     learning rate, back to the baseline, an experiment with another batch-size list, a forced
     retrain. After each, git, `dvc status` and the store tell one story."""
     venv = BIN.parent
+    child = _make_run(clone, venv)
+    _reproduce(clone, child)
+    _other_params_then_back(clone)
+    _another_batch_size_list(clone)
+    parents, children = _forced_retrain(clone)
+    _clean_then_make_run(clone, venv, parents, children)
+
+
+def _make_run(clone, venv) -> str:
     sh(["make", "run", f"VENV={venv}"], clone, timeout=900)
     # Nothing git tracks is touched; dvc.lock is the one new file; outputs are DVC's, not git's.
     assert _git_status(clone) == {"?? dvc.lock"}
@@ -76,7 +85,10 @@ def test_make_run_then_the_documented_commands_keep_dvc_and_mlflow_agreeing(clon
     again = sh(["dvc", "repro"], clone)
     assert "Data and pipelines are up to date" in again.stdout and "Running stage" not in again.stdout
 
-    child = children[0].info.run_id
+    return children[0].info.run_id
+
+
+def _reproduce(clone, child):
     assert "reproduced exactly" in sh(["python", "-m", "pipeline", "reproduce", child], clone).stdout
     _commit(clone, "results")
     assert "reproduced exactly" in sh(["python", "-m", "pipeline", "reproduce", child], clone).stdout
@@ -86,6 +98,9 @@ def test_make_run_then_the_documented_commands_keep_dvc_and_mlflow_agreeing(clon
     assert refused.returncode == 3 and "code differs" in refused.stderr
     sh(["git", "checkout", "pipeline/core/models.py"], clone)
 
+
+
+def _other_params_then_back(clone):
     # Other params: a new sweep, and only the stages they shape run. Back to the first: restored
     # from DVC's run-cache, no new run.
     _set(clone, "train", "lr", 0.002)
@@ -101,6 +116,8 @@ def test_make_run_then_the_documented_commands_keep_dvc_and_mlflow_agreeing(clon
     assert _up_to_date(clone)
     assert _git_status(clone) <= {" M dvc.lock"}
 
+
+def _another_batch_size_list(clone):
     # Another batch-size list is another sweep, each parent holding what its comparison describes.
     sh(["dvc", "exp", "run", "-S", "train.batch_sizes=[32]", "--name", "bs32"], clone)
     client, parents, children = _store(clone)
@@ -121,6 +138,8 @@ def test_make_run_then_the_documented_commands_keep_dvc_and_mlflow_agreeing(clon
     sh(["dvc", "plots", "show"], clone)
     assert (clone / "dvc_plots" / "index.html").is_file()
 
+
+def _forced_retrain(clone):
     # A deliberate retrain replaces the run of the same identity: one finished run per batch size.
     sh(["git", "checkout", "params.yaml"], clone)
     sh(["dvc", "repro", "-f", "-s", "train@16"], clone)
@@ -139,7 +158,10 @@ def test_make_run_then_the_documented_commands_keep_dvc_and_mlflow_agreeing(clon
     first = next(p for p in parents if p.data.params["train.lr"] == "0.003" and p.data.params["train.batch_sizes"] == "16,64")
     under = [c for c in children if c.data.tags["mlflow.parentRunId"] == first.info.run_id]
     assert sorted(c.data.params["batch_size"] for c in under) == ["16", "64"]
+    return parents, children
 
+
+def _clean_then_make_run(clone, venv, parents, children):
     # `make clean && make run`: every stage, compare included, is restored from DVC's cache; the
     # store gains nothing; DVC's "Use `dvc push`" line is not shown.
     sh(["make", "clean"], clone)
@@ -153,6 +175,13 @@ def test_make_run_then_the_documented_commands_keep_dvc_and_mlflow_agreeing(clon
 
 def test_mlflow_run_goes_through_dvc_and_its_run_is_the_parent(clone):
     mlflow = [str(BIN / "mlflow"), "run", ".", "--env-manager", "local", "--experiment-name", "test"]
+    parent = _mlflow_run_sweep(clone, mlflow)
+    _single_stage_of_a_done_sweep(clone, mlflow, parent)
+    _bad_values_refused(clone, mlflow)
+    _linear_example_then_back(clone, mlflow, parent)
+
+
+def _mlflow_run_sweep(clone, mlflow):
     out = sh(mlflow + ["-P", "batch_sizes=16,64", "-P", "lr=0.002"], clone, timeout=900)
     assert "dvc exp run -S train.lr=0.002" in out.stderr and "succeeded" in out.stderr
     # Quiet: DVC's warning for each output not made yet ("… It won't be created") is not passed on.
@@ -166,7 +195,10 @@ def test_mlflow_run_goes_through_dvc_and_its_run_is_the_parent(clone):
     assert parent.data.tags.get("mlflow.project.entryPoint") == "main"
     assert {c.data.tags["mlflow.parentRunId"] for c in children} == {parent.info.run_id}
     assert {a.path for a in client.list_artifacts(parent.info.run_id, "compare")} >= {"compare/report.html"}
+    return parent
 
+
+def _single_stage_of_a_done_sweep(clone, mlflow, parent):
     # A single stage of a sweep already done: nothing trains, its run points to the parent.
     sh(mlflow + ["-e", "train", "-P", "batch_size=16"], clone)
     client, runs = runs_of(_uri(clone))
@@ -175,6 +207,8 @@ def test_mlflow_run_goes_through_dvc_and_its_run_is_the_parent(clone):
     assert len(launch) == 1 and launch[0].data.tags["mlflow.parentRunId"] == parent.info.run_id
     assert len(_store(clone)[2]) == 2
 
+
+def _bad_values_refused(clone, mlflow):
     # Bad values stop before any work, with one line; the run `mlflow run` made says why.
     for bad_value, said in (("params_file=nosuch.yaml", "'nosuch.yaml' not found"), ("lr=-1", "train.lr")):
         bad = sh(mlflow + ["-P", bad_value], clone, check=False)
@@ -187,6 +221,8 @@ def test_mlflow_run_goes_through_dvc_and_its_run_is_the_parent(clone):
         == [False, False, True, True]
     assert len(_store(clone)[2]) == 2 and _up_to_date(clone)
 
+
+def _linear_example_then_back(clone, mlflow, parent):
     # The README's linear example (fewer epochs), then back to the baseline: its batch sizes'
     # folders leave the workspace and dvc.lock, every training stage is restored, nothing new
     # reaches the store.

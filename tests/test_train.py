@@ -53,24 +53,7 @@ def test_sweep_in_process_files_children_under_one_parent(ctx_factory, monkeypat
     keys = [set(c.data.metrics) for c in children]
     assert keys[0] == keys[1] and {"train/loss", "val/acc", "test_acc", "throughput"} <= keys[0]
     for child in children:
-        bs = int(child.data.params["batch_size"])
-        steps = summaries[bs]["steps"]
-        assert steps == 2 * math.ceil(1257 / bs)
-        history = client.get_metric_history(child.info.run_id, "train/loss")
-        # Fewer steps than tracking.max_points: one point per optimizer step, at samples seen.
-        assert len(history) == steps
-        assert max(m.step for m in history) == 2 * 1257
-        assert len(client.get_metric_history(child.info.run_id, "test_acc")) == 1
-        for tag in ("batchlab.git_commit", "batchlab.version.torch", "batchlab.version.mlflow",
-                    "batchlab.version.dvc"):
-            assert tag in child.data.tags
-        assert child.data.params["seed"] == "0"
-        assert child.data.params["data.hash"] == parent.data.params["data.hash"]
-        assert "device" in child.data.params
-        artifacts = {a.path for a in client.list_artifacts(child.info.run_id, "outputs")}
-        assert "outputs/steps.csv" in artifacts
-        assert {a.path for a in client.list_artifacts(child.info.run_id, "evaluate")} >= {
-            "evaluate/evaluation.png", "evaluate/metrics.json"}
+        _check_training_run(client, child, parent, summaries)
     assert {a.path for a in client.list_artifacts(parent.info.run_id, "compare")} >= {
         "compare/report.html", "compare/sweep.csv"}
     assert "sweep/best_test_acc" in client.get_run(parent.info.run_id).data.metrics
@@ -79,6 +62,28 @@ def test_sweep_in_process_files_children_under_one_parent(ctx_factory, monkeypat
     report = (ctx.compare_dir / "report.html").read_text()
     assert "Fastest to the target" in report and "data:image/png;base64," in report
     assert len(result["rows"]) == 2
+
+
+def _check_training_run(client, child, parent, summaries):
+    """One training's run: one point per step at samples seen, its test figure, tags, params, files."""
+    bs = int(child.data.params["batch_size"])
+    steps = summaries[bs]["steps"]
+    assert steps == 2 * math.ceil(1257 / bs)
+    history = client.get_metric_history(child.info.run_id, "train/loss")
+    # Fewer steps than tracking.max_points: one point per optimizer step, at samples seen.
+    assert len(history) == steps
+    assert max(m.step for m in history) == 2 * 1257
+    assert len(client.get_metric_history(child.info.run_id, "test_acc")) == 1
+    for tag in ("batchlab.git_commit", "batchlab.version.torch", "batchlab.version.mlflow",
+                "batchlab.version.dvc"):
+        assert tag in child.data.tags
+    assert child.data.params["seed"] == "0"
+    assert child.data.params["data.hash"] == parent.data.params["data.hash"]
+    assert "device" in child.data.params
+    artifacts = {a.path for a in client.list_artifacts(child.info.run_id, "outputs")}
+    assert "outputs/steps.csv" in artifacts
+    assert {a.path for a in client.list_artifacts(child.info.run_id, "evaluate")} >= {
+        "evaluate/evaluation.png", "evaluate/metrics.json"}
 
 
 def test_logged_model_is_a_logged_model_with_signature(ctx_factory):

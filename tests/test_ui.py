@@ -117,7 +117,7 @@ def test_reports_fit_1000_pixels_for_classification_and_regression(sweep, tmp_pa
 
 
 def test_mlflow_ui_opens_on_the_batch_size_runs_and_the_loss_chart(sweep):
-    from pipeline.core.data import read_manifest
+    from pipeline.context import read_manifest
     from pipeline.mlflow_ui import batch_size_colour
     from pipeline.tracking.publish import TAG_SWEEP
     from pipeline.tracking.sweep import open_view

@@ -17,8 +17,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..config import DataError, DataParams
-from ..context import MANIFEST, read_manifest, swap_dir  # noqa: F401  (read_manifest, as before)
+from ..config import DataError
+from ..context import MANIFEST, read_manifest, swap_dir
 
 SPLITS = ("train", "val", "test")
 

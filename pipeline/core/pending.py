@@ -17,6 +17,9 @@ ON_HOST = tuple(f.name for f in FIELDS if not f.on_device)
 
 class Pending:
     def __init__(self):
+        self._empty()
+
+    def _empty(self) -> None:
         self.host: dict[str, list] = {name: [] for name in ON_HOST}
         self.device: dict[str, list[torch.Tensor]] = {f.name: [] for f in ON_DEVICE}
         self.noise: list[tuple[int, torch.Tensor]] = []  # (0-based index of the step, B_simple)
@@ -46,5 +49,5 @@ class Pending:
         ratios = torch.stack([v for _, v in self.noise]).double().tolist() if self.noise else []
         first, samples = columns["step"][0], columns["samples"]
         noise = [(samples[index + 1 - first], v) for (index, _), v in zip(self.noise, ratios)]
-        self.__init__()
+        self._empty()
         return Steps(columns), noise

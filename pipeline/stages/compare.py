@@ -4,7 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from ..analysis import report
+from ..analysis import claims, plots, report
 from ..analysis.stats import FIGURES, aggregate, choose_lr, conclusions, dvc_metrics, read_csv, summary_metrics
 from ..config import DataError
 from ..context import OUT_DIR, Context, read_json, read_manifest, write_atomic, write_json
@@ -89,7 +89,7 @@ def run(ctx: Context) -> dict[str, Any]:
     concl = conclusions(rows, runs, task, n_train=manifest["splits"]["train"]["n"],
                         budget_bytes=p.compare.memory_mb * 2**20, lr_choice=chosen if p.train.lr_grid else None)
     ctx.check_params_unchanged("compare")
-    images = report.make_plots(ctx, rows, runs, task, concl)
+    images = plots.make_plots(ctx, rows, runs, task, concl)
     present = [k for k in FIGURES if any(k in r for r in rows)]
     write_atomic(out / "sweep.csv", _csv(rows, ["batch_size", "lr", "n", "reached"] +
                                          [c for k in present for c in (k, f"{k}_ci")]))
@@ -103,7 +103,7 @@ def run(ctx: Context) -> dict[str, Any]:
     # What the sweep's parent run shows, as a record of its own (pipeline.tracking publishes it).
     write_json(out / "summary.json", {
         "sweep_key": key, "metrics": summary_metrics(concl), "rows": rows, "figures": list(FIGURES), "files": files,
-        "tags": {"batchlab.recommendation": report.recommendation_text(ctx, concl, task),
+        "tags": {"batchlab.recommendation": claims.recommendation_text(ctx, concl, task),
                  "batchlab.batch_sizes": list(p.train.batch_sizes), "batchlab.seeds": list(p.train.seeds)}})
     publish_comparison(ctx, view)
     return {"rows": rows, "runs": runs, "conclusions": concl}

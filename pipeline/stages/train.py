@@ -134,8 +134,8 @@ def _identity(job: Job, meta: dict[str, Any]) -> dict[str, Any]:
     record and the same MLflow run), and what its run shows besides the files."""
     import uuid
     from ..tracking.points import window_for
-    t = job.ctx.params.tracking
-    window = meta.get("window") or window_for(job.total_steps, t.max_points, t.full_history)
+    tracking = job.ctx.params.tracking
+    window = meta.get("window") or window_for(job.total_steps, tracking.max_points, tracking.full_history)
     return {"record": meta.get("record") or uuid.uuid4().hex, "created": meta.get("created") or _now(),
             "name": job.name, "sweep_key": job.sweep_key, "batch_size": job.batch_size, "seed": job.seed,
             "lr": job.lr, "window": window, "n_in": job.data.n_features, "n_out": job.data.n_outputs,

@@ -128,18 +128,10 @@ def find(p: Params, n_in: int, n_out: int, task: str, device: torch.device, star
             found.trials.append(Trial(bs, False, int(per_sample * bs), "predicted over budget, not run"))
             log(f"  batch size {bs}: predicted {per_sample * bs / 2**20:,.0f} MiB, over budget: not run")
             return False
-        try:
-            peak = step_peak(p, n_in, n_out, task, bs, device)
-        except torch.cuda.OutOfMemoryError:
-            torch.cuda.empty_cache()
-            found.trials.append(Trial(bs, False, 0, "CUDA out of memory"))
-            log(f"  batch size {bs}: CUDA out of memory")
-            return False
-        except RuntimeError as err:  # the CPU allocator's own failure
-            if "memory" not in str(err).lower():
-                raise
-            found.trials.append(Trial(bs, False, 0, "allocation failed"))
-            log(f"  batch size {bs}: allocation failed")
+        peak, failure = _peak(p, n_in, n_out, task, bs, device)
+        if peak is None:
+            found.trials.append(Trial(bs, False, 0, failure))
+            log(f"  batch size {bs}: {failure}")
             return False
         if found.largest is None or bs > found.largest:
             per_sample = peak / bs  # the largest measured step predicts best
@@ -167,6 +159,19 @@ def find(p: Params, n_in: int, n_out: int, task: str, device: torch.device, star
             log(f"  batch size 1: {note}; the search starts at 2")
             start = 2
     return _search(attempt, found, start, limit)
+
+
+def _peak(p: Params, n_in, n_out: int, task: str, bs: int, device: torch.device) -> tuple[int | None, str]:
+    """``step_peak`` at ``bs``, or None and why the memory ran out."""
+    try:
+        return step_peak(p, n_in, n_out, task, bs, device), ""
+    except torch.cuda.OutOfMemoryError:
+        torch.cuda.empty_cache()
+        return None, "CUDA out of memory"
+    except RuntimeError as err:  # the CPU allocator's own failure
+        if "memory" not in str(err).lower():
+            raise
+        return None, "allocation failed"
 
 
 def _search(attempt, found: Found, start: int, limit: int) -> Found:
@@ -203,7 +208,7 @@ def check_arguments(device: torch.device, start: int, limit: int, budget_bytes: 
 def run(ctx, start: int, limit: int, budget_mb: float | None) -> Found:
     """Searches and logs into an experiment of its own (``<experiment>-find-batch-size``): the
     sweep's experiment holds sweeps only. Bad arguments stop before any run is made."""
-    from ..core.data import read_manifest
+    from ..context import read_manifest
     from ..core.system import pick_device
 
     p = ctx.params

@@ -13,8 +13,8 @@ import math
 import torch
 
 from ..config import parse_params
-from ..context import Context
-from ..core.data import load_prepared, read_manifest, streams
+from ..context import Context, read_manifest
+from ..core.data import load_prepared, streams
 from ..core.engine import TrainSpec, fit
 from ..core.models import build_model, code_sha256
 from ..core.transforms import BatchAugment

@@ -1,6 +1,6 @@
 """Batch-wise metrics in MLflow while a run trains: best effort, through the public client.
 
-The loop hands its step chunks to ``LiveMetrics`` (the loop's sink); window means go to a queue
+The loop hands its steps to ``LiveMetrics`` (the loop's sink); window means go to a queue
 that one thread sends with ``MlflowClient.log_batch``. The thread, not the loop, waits on the
 store. The first error ends live logging for the run with one line: every step is in the run's
 files, and publishing them afterwards (the stage's end, or ``python -m pipeline sync``) sends

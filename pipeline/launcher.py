@@ -20,8 +20,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from ..__main__ import main as cli
-from ..config import BUILTIN_MODELS, ParamsError, load_params
+from .__main__ import main as cli
+from .config import BUILTIN_MODELS, ParamsError, load_params
 
 STAGE_ENTRIES = ("main", "prepare", "train", "evaluate", "compare")
 
@@ -72,7 +72,7 @@ def dvc_command(entry: str, params_file: str, batch_size: int | None, sets: list
     if params.model.target is not None or params.model.name not in BUILTIN_MODELS:
         if str(Path.cwd()) not in sys.path:
             sys.path.insert(0, str(Path.cwd()))
-        from ..core.models import check_model
+        from .core.models import check_model
         check_model(params.model, Path.cwd(), build=True)
     flat, changed = params.flat(), dict.fromkeys(o.split("=", 1)[0] for o in overrides)
     in_file = _keys_in(Path("params.yaml"))
@@ -94,9 +94,9 @@ def dvc_command(entry: str, params_file: str, batch_size: int | None, sets: list
 def publish(launch_run: str | None) -> None:
     """After DVC: publish what the store lacks (outputs DVC restored from its cache included); a
     run `mlflow run` made that did not become the sweep's parent is tagged to point to it."""
-    from ..context import Context
-    from ..core.models import rebuild_trained
-    from ..tracking.sweep import publish_sweep
+    from .context import Context
+    from .core.models import rebuild_trained
+    from .tracking.sweep import publish_sweep
     ctx = Context.from_environment(load_params("params.yaml"))
     ctx.parent_run_id = launch_run
     publish_sweep(ctx, rebuild_trained)
@@ -107,7 +107,7 @@ def _refused(note: str) -> None:
     (`mlflow run` itself exits 1: its CLI maps any failed entry point to 1; this process's own
     exit status is 2.)"""
     if os.environ.get("MLFLOW_RUN_ID"):
-        from ..tracking.client import mark_refused
+        from .tracking.client import mark_refused
         mark_refused(os.environ["MLFLOW_RUN_ID"], note)
 
 
@@ -115,7 +115,7 @@ def launch_experiment() -> str | None:
     """The experiment `mlflow run` made its run in (MLFLOW_EXPERIMENT_ID), by name."""
     if not os.environ.get("MLFLOW_EXPERIMENT_ID"):
         return None
-    from ..tracking.client import experiment_name
+    from .tracking.client import experiment_name
     return experiment_name(os.environ["MLFLOW_EXPERIMENT_ID"])
 
 
@@ -164,8 +164,8 @@ def run_stage_entry(argv: list[str]) -> int:
         print(f"error: {err}", file=sys.stderr)
         _refused(f"refused before any work: {err}")
         return 2
-    from ..procs import Busy
-    from ..lock import dvc_busy, hold
+    from .procs import Busy
+    from .lock import dvc_busy, hold
     try:
         hold(Path.cwd(), "`mlflow run`")
         if dvc_busy(Path.cwd()):

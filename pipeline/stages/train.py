@@ -8,7 +8,7 @@ from __future__ import annotations
 import io
 import math
 import os
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -116,17 +116,25 @@ def run(ctx: Context, batch_size: int, *, log_to_mlflow: bool = True,
 
 def run_one(job: Job, view=None, tags: dict[str, str] | None = None) -> dict[str, Any]:
     """One training, its MLflow run live when ``view`` is given; ``tags`` are added to its identity."""
-    from ..tracking.sweep import training_run
     with trainer_lock(job):
         saved = job.checkpoint.load() if job.ctx.params.train.resume else None
         identity = _identity(job, (saved or {}).get("meta", {}))
         identity["tags"] |= tags or {}
-        with StopSignals() as signals, \
-                training_run(view, job.ctx, identity, job.data.manifest, signals.holding) as tracked:
-            summary, model = _train(job, identity, tracked.sink or NullSink(), signals)
-        if job.dist.main:
+        with StopSignals() as signals, _tracking(view, job, identity, signals) as tracked:
+            sink = tracked.sink if tracked is not None and tracked.sink is not None else NullSink()
+            summary, model = _train(job, identity, sink, signals)
+        if tracked is not None and job.dist.main:
             tracked.publish(job.out, model)
         return summary
+
+
+def _tracking(view, job: Job, identity: dict[str, Any], signals: StopSignals):
+    """The training's MLflow run where there is a store to talk to: MLflow is imported only then
+    (not by torchrun's other ranks, nor by a training without tracking)."""
+    if view is None:
+        return nullcontext(None)
+    from ..tracking.sweep import training_run
+    return training_run(view, job.ctx, identity, job.data.manifest, signals.holding)
 
 
 def _identity(job: Job, meta: dict[str, Any]) -> dict[str, Any]:

@@ -154,7 +154,12 @@ def _train(args, ctx) -> None:
     executor = train
     if ctx.params.executor.name == "ray":
         from .stages import remote as executor  # Ray is imported only when asked for
-    for summary in executor.run(ctx, args.batch_size, seeds=seeds):
+        executor.check(ctx, args.batch_size)
+    searched = train.search(ctx, args.batch_size)
+    if searched is not None:
+        from .stages.lr_search import line
+        print(line(searched))
+    for summary in executor.run(ctx, args.batch_size, seeds=seeds, lr=searched and searched["chosen"]):
         if os.environ.get("RANK", "0") == "0":
             print(_train_line(summary))
 

@@ -129,13 +129,25 @@ class ModelParams(_TargetSection):
 
 
 class TrainParams(_Section):
-    batch_sizes: tuple[int, ...] = (4, 16, 64, 256)
-    epochs: int = Field(10, ge=1)
+    batch_sizes: tuple[int, ...] = (4, 8, 16, 32, 64, 128, 256)
+    # A run trains until it reaches target_value (stop_at_target) or has taken max_steps steps
+    # (and, where epochs > 0, at most that many epochs): a budget in steps, so that a large batch
+    # gets as many updates as a small one (Shallue et al. 2018). A run that stops short is censored.
+    max_steps: int = Field(2000, ge=1)
+    epochs: int = Field(0, ge=0)
+    stop_at_target: bool = True
     optimizer: Literal["sgd", "adam"] = "adam"
-    lr: float = Field(1e-3, gt=0)
-    # Learning rates tried at every batch size, each with every seed: each batch size is then
-    # judged at its own best (chosen on validation), as Shallue et al. (2018) compare batch sizes.
-    # Empty: every run trains at ``lr``. lr_scaling, when set, scales each of them.
+    # The learning rate at base_batch_size; lr_scaling gives every batch size its starting rate.
+    lr: float = Field(1e-2, gt=0)
+    # Every batch size at its own tuned rate (lr_search): rates lr_search_factor apart around the
+    # starting rate, tried with the first seed, widened while the best is at an edge (at most
+    # lr_search_trials), chosen on steps to target_value on the validation split; the other seeds
+    # then train at the chosen rate.
+    lr_search: bool = True
+    lr_search_factor: float = Field(2.0, gt=1)
+    lr_search_trials: int = Field(7, ge=3)
+    # Or a fixed grid: every rate with every seed, each batch size judged at its best on
+    # validation. Either way lr_scaling, when set, scales each rate.
     lr_grid: tuple[float, ...] = ()
     momentum: float = Field(0.0, ge=0, lt=1)
     weight_decay: float = Field(0.0, ge=0)
@@ -166,17 +178,18 @@ class TrainParams(_Section):
     pin_memory: bool = False
     persistent_workers: bool = False
     # Learning-rate scaling with batch size (Goyal et al. 2017) and warm-up.
-    lr_scaling: Literal["none", "linear", "sqrt"] = "none"
+    lr_scaling: Literal["none", "linear", "sqrt"] = "sqrt"
     base_batch_size: int = Field(32, ge=1)
     warmup_epochs: float = Field(0.0, ge=0)
-    # Validation every N optimizer steps; 0 = about ten times per epoch.
+    # Validation every N optimizer steps; 0: each 10 % further on (steps to a target read to a few percent).
     eval_every_steps: int = Field(0, ge=0)
-    target_metric: Literal["val_acc", "val_loss"] = "val_acc"
-    target_value: float = 0.95
-    # Gradient noise scale (McCandlish et al. 2018), measured every N steps.
+    # The goal: target_value (the headline, where a run stops), and easier targets on the way
+    # (curve_targets): the critical batch size is reported for each, as a curve.
+    target_metric: Literal["val_acc", "val_loss"] = "val_loss"
+    target_value: float = 0.2
+    curve_targets: tuple[float, ...] = (0.5, 0.4, 0.3)
+    # Gradient noise scale (McCandlish et al. 2018), measured where a run reaches each target.
     noise_scale: bool = True
-    noise_scale_every: int = Field(10, ge=1)
-    noise_scale_ema: float = Field(0.9, ge=0, lt=1)
     # Checkpoint every N optimizer steps (0: at every epoch end) and resume from it.
     checkpoint_every_steps: int = Field(0, ge=0)
     resume: bool = True
@@ -197,7 +210,7 @@ class TrainParams(_Section):
     def _augment(cls, v: tuple[Any, ...]) -> tuple[Any, ...]:
         return _transform_specs(v)
 
-    @field_validator("batch_sizes", "seeds", "lr_grid", mode="before")
+    @field_validator("batch_sizes", "seeds", "lr_grid", "curve_targets", mode="before")
     @classmethod
     def _list(cls, v: Any, info) -> Any:
         """One number, or a comma-separated string (`-P lr_grid=0.001,0.002`), as a list."""
@@ -205,7 +218,8 @@ class TrainParams(_Section):
             return (v,)
         if isinstance(v, str):
             items = [s.strip() for s in v.strip("[]").split(",") if s.strip()]
-            return tuple(items if info.field_name == "lr_grid" else (_int_item(s, f"train.{info.field_name}") for s in items))
+            return tuple(items if info.field_name in ("lr_grid", "curve_targets")
+                         else (_int_item(s, f"train.{info.field_name}") for s in items))
         return v
 
     @field_validator("batch_sizes")
@@ -232,6 +246,24 @@ class TrainParams(_Section):
         if any(not (lr > 0 and math.isfinite(lr)) for lr in v) or len(set(v)) != len(v):
             raise ValueError("needs distinct positive learning rates (or [] for train.lr alone)")
         return tuple(sorted(v))
+
+    @model_validator(mode="after")
+    def _targets(self) -> "TrainParams":
+        easier = (lambda v: v > self.target_value) if self.target_metric == "val_loss" else (lambda v: v < self.target_value)
+        bad = [v for v in self.curve_targets if not (math.isfinite(v) and easier(v))]
+        if bad or len(set(self.curve_targets)) != len(self.curve_targets):
+            side = "above" if self.target_metric == "val_loss" else "below"
+            raise ValueError(f"train.curve_targets={list(self.curve_targets)}: each must be distinct and easier than "
+                             f"train.target_value={self.target_value:g} (allowed: {self.target_metric} values {side} it)")
+        return self
+
+    def targets(self) -> list[float]:
+        """The targets from the easiest to the headline (target_value)."""
+        return sorted(self.curve_targets, reverse=self.target_metric == "val_loss") + [self.target_value]
+
+    def searches(self) -> bool:
+        """Is each batch size's learning rate found by a search (not a grid, not fixed)?"""
+        return self.lr_search and not self.lr_grid
 
     def trials(self, seeds: tuple[int, ...] | None = None) -> list[tuple[float | None, int]]:
         """Every (learning rate, seed) a batch size trains, the learning rate None without a grid."""

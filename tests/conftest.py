@@ -19,7 +19,8 @@ BIN = Path(sys.executable).parent
 SMALL = {
     "data": {"name": "digits"},
     "model": {"name": "mlp", "hidden_sizes": [32]},
-    "train": {"batch_sizes": [16, 64], "seeds": [0], "epochs": 2, "lr": 0.003, "noise_scale_every": 5,
+    "train": {"batch_sizes": [16, 64], "seeds": [0], "epochs": 2, "lr": 0.003, "lr_search": False, "lr_scaling": "none",
+              "stop_at_target": False, "target_metric": "val_acc", "curve_targets": [],
               "target_value": 0.8},
     "tracking": {"experiment": "test"},
 }

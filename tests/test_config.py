@@ -15,7 +15,8 @@ def test_defaults_are_valid_and_match_params_yaml():
 @pytest.mark.parametrize("raw, needle", [
     ({"train": {"lr": -1}}, "train.lr=-1"),
     ({"train": {"lr": 0}}, "greater than 0"),
-    ({"train": {"epochs": 0}}, "train.epochs=0"),
+    ({"train": {"max_steps": 0}}, "train.max_steps=0"),
+    ({"train": {"curve_targets": [0.1]}}, "train.curve_targets=[0.1]"),
     ({"train": {"batch_sizes": [8, 0]}}, "positive integers"),
     ({"train": {"batch_sizes": [8, 8]}}, "distinct"),
     ({"train": {"batch_sizes": [8, "x"]}}, "train.batch_sizes"),
@@ -105,7 +106,7 @@ def test_any_configuration_parses_or_gives_one_line_error(entries):
     except ParamsError as err:
         assert str(err) and "\n" not in str(err)
     else:
-        assert p.train.lr > 0 and p.train.epochs >= 1 and all(b >= 1 for b in p.train.batch_sizes)
+        assert p.train.lr > 0 and p.train.epochs >= 0 and p.train.max_steps >= 1 and all(b >= 1 for b in p.train.batch_sizes)
 
 
 def test_named_configurations_are_valid():

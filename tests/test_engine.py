@@ -98,7 +98,7 @@ def test_lr_scaling_and_warmup():
     p = TrainParams(lr=0.1, base_batch_size=32, lr_scaling="linear", warmup_epochs=1)
     assert scaled_lr(p, 128) == pytest.approx(0.4)
     assert scaled_lr(TrainParams(lr=0.1, base_batch_size=32, lr_scaling="sqrt"), 128) == pytest.approx(0.2)
-    assert scaled_lr(TrainParams(lr=0.1), 128) == 0.1
+    assert scaled_lr(TrainParams(lr=0.1, lr_scaling="none"), 128) == 0.1
     lrs = [lr_at(p, 128, s, 10) for s in range(12)]
     assert lrs[0] == pytest.approx(0.04) and lrs[9] == pytest.approx(0.4) and lrs[11] == pytest.approx(0.4)
     assert all(a < b for a, b in zip(lrs[:10], lrs[1:10]))

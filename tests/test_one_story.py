@@ -134,7 +134,7 @@ def _another_batch_size_list(clone):
     assert max(len(line) for line in shown) <= 120 and "…" not in "\n".join(shown)
     header = next(line for line in shown if "Experiment" in line)
     assert "train.batch_sizes" in header and "rec_bs" in header
-    assert "rec_acc" in sh(["dvc", "metrics", "show", "--json"], clone).stdout
+    assert "rec_test_acc" in sh(["dvc", "metrics", "show", "--json"], clone).stdout
     sh(["dvc", "plots", "show"], clone)
     assert (clone / "dvc_plots" / "index.html").is_file()
 

@@ -60,7 +60,7 @@ def test_sweep_in_process_files_children_under_one_parent(ctx_factory, monkeypat
     assert "final_train_loss" in keys[0]
     assert not {"batch_size", "world_size"} & keys[0]
     report = (ctx.compare_dir / "report.html").read_text()
-    assert "Fastest to the target" in report and "data:image/png;base64," in report
+    assert "Critical batch size" in report and "data:image/png;base64," in report
     assert len(result["rows"]) == 2
 
 

@@ -7,7 +7,7 @@ import math
 from typing import Any
 
 from ..context import Context
-from .stats import separated
+from .stats import NEAR, separated
 
 
 def human(v: Any, key: str = "") -> str:
@@ -41,15 +41,36 @@ def with_ci(row: dict[str, Any], key: str) -> str:
         return f"{human(row[key], key)} ± {human(ci, key)}"
     if abs(row[key]) >= 1000:
         return f"{row[key]:,.0f} ± {ci:,.0f}"
-    digits = max(0, min(6, -math.floor(math.log10(ci)))) if ci > 0 else 3  # one significant digit of the interval
-    return f"{row[key]:.{digits}f} ± {ci:.{digits}f}"
+    return f"{plus_minus(row[key], ci)}"
+
+
+def plus_minus(value: float, ci: float) -> str:
+    """``0.954 ± 0.104``: two significant digits of the interval, and at least three of the
+    mean, so that rounding never changes which of two figures is larger."""
+    if ci <= 0 or not math.isfinite(ci):
+        return human(value)
+    need = [1 - math.floor(math.log10(ci))]
+    if value:
+        need.append(2 - math.floor(math.log10(abs(value))))
+    digits = max(0, min(8, max(need)))
+    return f"{value:,.{digits}f} ± {ci:,.{digits}f}"
+
+
+def interval_text(lo: float, hi: float) -> str:
+    """``0.947 to 0.972``, at the precision that keeps the two ends apart."""
+    width = abs(hi - lo)
+    digits = max(0, min(8, 1 - math.floor(math.log10(width)))) if width > 0 else 3
+    if abs(lo) >= 100 and abs(hi) >= 100:
+        digits = 0
+    return f"{lo:,.{digits}f} to {hi:,.{digits}f}"
 
 
 # ------------------------------------------------------------------ what the sweep says
 
-def target_text(ctx: Context) -> str:
+def target_text(ctx: Context, value: float | str | None = None) -> str:
     t = ctx.params.train
-    return f"{t.target_metric} {'≥' if t.target_metric == 'val_acc' else '≤'} {t.target_value:g}"
+    value = t.target_value if value is None else float(value)
+    return f"{t.target_metric} {'≥' if t.target_metric == 'val_acc' else '≤'} {value:g}"
 
 
 def sizes_text(sizes) -> str:
@@ -57,39 +78,51 @@ def sizes_text(sizes) -> str:
     return sizes[0] if len(sizes) == 1 else f"{', '.join(sizes[:-1])} and {sizes[-1]}"
 
 
+def test_text(concl: dict[str, Any], bs: int, task: str) -> str:
+    """A batch size's test figure with its interval over seeds and test examples."""
+    t = (concl.get("test") or {}).get(bs)
+    label = "test accuracy" if task == "classification" else "test MSE"
+    if not t:
+        return f"{label} —"
+    if t["seeds"] < 2:
+        return (f"{label} {human(t['value'])} (95 % interval {interval_text(t['lo'], t['hi'])} over the "
+                f"{t['examples']} test examples only: intervals over seeds need at least two)")
+    return (f"{label} {human(t['value'])} (95 % interval {interval_text(t['lo'], t['hi'])} over {t['seeds']} seeds "
+            f"and {t['examples']} test examples)")
+
+
 def recommendation_text(ctx: Context, concl: dict[str, Any], task: str, markup: bool = False) -> str:
-    """The sweep's answer in one sentence: which batch size, why, and what it and the largest
-    batch that fits the memory cost."""
+    """The sweep's answer in one sentence: which batch size and rate, why (validation only), what it
+    costs, and its test figure (reported, never used to choose)."""
     rec, fit = concl["recommended"], concl["largest_fit"]
-    if rec is None:
-        return "No recommendation: no batch size has a test score."
-    row, score = rec["row"], rec["score"]
+    if rec.get("batch_size") is None:
+        return f"No recommendation (not determined): {rec['why']}."
+    row = rec["row"]
     b = (lambda x: f"<b>{x}</b>") if markup else str
-    label = "test accuracy" if score == "test_acc" else "test MSE"
-    others = [x for x in rec["not_worse"] if x != rec["batch_size"]]
-    pool = (f"the least among the batch sizes whose {label} is not worse ({sizes_text(rec['not_worse'])}: intervals overlap)"
-            if others else f"the only batch size with the best {label}")
-    if rec["basis"] == "time_to_target_s":
-        why = (f"it reaches {target_text(ctx)} in {with_ci(row, 'time_to_target_s')} s of training, {pool}"
-               + (f"; tied on time with {sizes_text(rec['ties'])}" if rec["ties"] else ""))
-    else:
-        why = (f"no batch size with the best {label} reached {target_text(ctx)} in every seed; of those, it runs the "
-               f"most samples per second ({with_ci(row, 'throughput')})")
-    cost = (f"{label} {with_ci(row, score)}, {human(row.get('step_memory_bytes'), 'step_memory_bytes')} a step")
+    lr = f" at lr {row['lr_effective']:.3g}" if row.get("lr_effective") else ""
+    near = [x for x in rec.get("near", []) if x != rec["batch_size"]]
+    ties = (f" (as quick within {NEAR:.0%}: {sizes_text(near)}; the smallest of them takes the fewest samples "
+            f"and the least memory)" if near else "")
+    ties += f"; intervals overlap with {sizes_text(rec['ties'])}" if rec["ties"] else ""
+    stalls = (f", measured {with_ci(row, 'wall_to_target_s')} s with stalls" if row.get("wall_to_target_s") is not None
+              else "")
+    why = (f"it reaches {target_text(ctx)} on the validation split in {with_ci(row, 'steps_to_target')} steps, "
+           f"{with_ci(row, 'time_to_target_s')} s of steady steps{stalls}: the least time among the batch sizes that "
+           f"reached it in every seed{ties}")
+    cost = f"{human(row.get('step_memory_bytes'), 'step_memory_bytes')} a step (computed)"
     if fit is None:
         big = ""
     elif fit["whole_split"]:
         big = (f"; the largest batch that fits {fit['budget_bytes'] / 2**20:,.0f} MiB is the whole training split "
-               f"({fit['batch_size']:,} samples, about {human(fit['bytes'], 'step_memory_bytes')} a step)")
+               f"({fit['batch_size']:,} samples)")
     else:
-        big = (f"; the largest batch that fits {fit['budget_bytes'] / 2**20:,.0f} MiB is about {fit['batch_size']:,} "
-               f"({human(fit['bytes'], 'step_memory_bytes')} a step" + (", extrapolated from the sizes measured)"
-                                                                if fit["batch_size"] > fit["measured_up_to"] else ")"))
-    lr = f" at lr {row['lr']:g}" if ctx.params.train.lr_grid and row.get("lr") else ""
+        big = (f"; the largest batch that fits {fit['budget_bytes'] / 2**20:,.0f} MiB is about {fit['batch_size']:,}"
+               + (" (extrapolated from the sizes measured)" if fit["batch_size"] > fit["measured_up_to"] else ""))
     edge = next((side for side, (_, sizes) in grid_edges(ctx, concl).items() if rec["batch_size"] in sizes), None)
     if edge:
-        lr += f" (the grid's {edge} rate: a wider train.lr_grid may change this answer)"
-    return f"Use batch size {b(rec['batch_size'])}{lr}: {why} ({cost}){big}."
+        lr += f" (the {edge} rate tried: a wider search may change this answer)"
+    return (f"Use batch size {b(rec['batch_size'])}{lr}: {why} ({cost}){big}. Reported, not chosen on: "
+            f"{test_text(concl, rec['batch_size'], task)}.")
 
 
 def _steps_up(rows, key: str) -> list[tuple[dict, dict]]:
@@ -116,19 +149,23 @@ SHUFFLE = "Shuffling matters: shuffled batches keep the model from learning the 
 RULES = {
     THROUGHPUT: "holds where samples/s rises at every step up in batch size and the smallest and largest "
                 "intervals separate; does not hold where it falls (intervals separate); else inconclusive",
-    TO_TARGET: "holds where seconds to target fall at every step up, the smallest and largest intervals separate "
+    TO_TARGET: "seconds to target are steps to target times the steady step (each batch size at its tuned rate); "
+               "holds where they fall at every step up, the smallest and largest intervals separate "
                "and no larger batch size misses a target a smaller one reached; does not hold where a larger "
                "one takes longer (intervals separate) or misses it; else inconclusive",
-    MEMORY: "holds where a step's memory rises at every step up in batch size; does not hold where it falls",
-    UNSTABLE: "holds where the smallest batch size's per-step loss spread is above the largest's and its seconds "
-              "to target too (intervals separate, or only the smallest missed the target); partly where only "
-              "the spread is; does not hold where the spread is not above (intervals separate); else inconclusive",
+    MEMORY: "on a GPU, the allocator's measured peak; on a CPU, the bytes a step's tensors hold, computed (a "
+            "process's resident memory does not resolve them); holds where it rises at every step up in batch "
+            "size; does not hold where it falls",
+    UNSTABLE: "tested by divergence, which can fail: the learning rates tried for each batch size (its search "
+              "or the grid) whose loss became non-finite or ended above where it started; holds where a smaller "
+              "batch size diverged at a rate a larger one trained at; does not hold where a larger one diverged "
+              "at a rate a smaller one trained at; not determined where no rate diverged",
     SHUFFLE: "holds where the shuffled sweep's test score beats the shuffle-off control's (intervals separate) "
              "at the same batch size; measured by two sweeps that differ in train.shuffle alone",
 }
 
 
-def claims(ctx: Context, rows, task) -> list[dict[str, str]]:
+def claims(ctx: Context, rows, task, concl=None) -> list[dict[str, str]]:
     """The tutorial's claims, each with its rule, the sweep's numbers and the verdict the rule
     gives. Each compares batch sizes, so a sweep of one batch size measures none of them."""
     if len(rows) < 2:
@@ -145,14 +182,8 @@ def claims(ctx: Context, rows, task) -> list[dict[str, str]]:
                 f"{first['batch_size']}, {with_ci(last, 'throughput')} at {last['batch_size']} ({ratio:,.1f}x)",
                 "verdict": "holds" if rises and sep else "does not hold here" if falls and sep else "inconclusive"})
     out.append(_to_target_claim(rows))
-    direction_up, direction_down = _monotone(rows, "step_memory_bytes", True), _monotone(rows, "step_memory_bytes", False)
-    out.append({
-        "claim": MEMORY,
-        "numbers": f"a step holds {with_ci(first, 'step_memory_bytes')} at batch size {first['batch_size']}, "
-                   f"{with_ci(last, 'step_memory_bytes')} at {last['batch_size']} "
-                   f"({human(first.get('bytes_per_sample'))} bytes per sample)",
-        "verdict": "holds" if direction_up else "does not hold here" if direction_down else "inconclusive"})
-    out.append(_stability_claim(rows, task))
+    out.append(_memory_claim(ctx, rows))
+    out.append(_stability_claim(ctx, concl))
     out.append(_shuffle_claim(ctx, rows, task))
     return [c | {"rule": RULES[c["claim"]]} for c in out]
 
@@ -182,24 +213,51 @@ def _to_target(row) -> str:
     return f"target reached in {row.get('reached', 0)}/{row.get('n', '?')} seeds"
 
 
-def _stability_claim(rows, task) -> dict[str, str]:
+def _memory_claim(ctx: Context, rows) -> dict[str, str]:
     first, last = rows[0], rows[-1]
-    score = "test_acc" if task == "classification" else "test_mse"
-    has_spread = first.get("loss_noise") is not None and last.get("loss_noise") is not None
-    sep = has_spread and separated(first, last, "loss_noise")
-    noisier = sep and first["loss_noise"] > last["loss_noise"]
-    calmer = sep and first["loss_noise"] < last["loss_noise"]
-    if first.get("time_to_target_s") is None:
-        slower = last.get("time_to_target_s") is not None
+    gpu = ctx.params.train.device == "cuda" or (ctx.params.train.device == "auto" and _cuda())
+    key, how = ("peak_memory_bytes", "measured: the allocator's peak") if gpu else \
+        ("step_memory_bytes", "computed: the bytes of the step's tensors, not a measurement")
+    up, down = _monotone(rows, key, True), _monotone(rows, key, False)
+    verdict = "holds" if up else "does not hold here" if down else "inconclusive"
+    return {"claim": MEMORY, "numbers": f"a step holds {with_ci(first, key)} at batch size {first['batch_size']}, "
+                                        f"{with_ci(last, key)} at {last['batch_size']} ({how})",
+            "verdict": verdict + ("" if gpu else " (computed)")}
+
+
+def _cuda() -> bool:
+    import torch
+    return torch.cuda.is_available()
+
+
+def diverged_rates(concl) -> dict[int, tuple[set[float], set[float]]]:
+    """Per batch size, the effective rates tried that diverged and those that trained."""
+    out = {}
+    for bs, found in (concl.get("searches") or {}).items():
+        bad = {round(t["lr_effective"], 12) for t in found["trials"] if t["diverged"]}
+        good = {round(t["lr_effective"], 12) for t in found["trials"] if not t["diverged"]}
+        out[bs] = (bad, good)
+    return out
+
+
+def _stability_claim(ctx: Context, concl) -> dict[str, str]:
+    """Divergence across the rates tried: a smaller batch size failing where a larger one trains."""
+    tried = diverged_rates(concl or {})
+    if not tried:
+        return {"claim": UNSTABLE, "numbers": "no learning-rate search in this sweep (train.lr_search)",
+                "verdict": "not determined (no rates tried)"}
+    smaller_fails = [(a, b) for a in tried for b in tried if a < b and tried[a][0] & tried[b][1]]
+    larger_fails = [(a, b) for a in tried for b in tried if a < b and tried[b][0] & tried[a][1]]
+    numbers = "; ".join(f"batch size {bs}: diverged at {', '.join(f'{x:.3g}' for x in sorted(bad)) or 'none'} "
+                        f"of {len(bad) + len(good)} rates" for bs, (bad, good) in sorted(tried.items()))
+    if not any(bad for bad, _ in tried.values()):
+        verdict = "not determined: no rate diverged at any batch size"
+    elif smaller_fails and not larger_fails:
+        verdict = "holds"
+    elif larger_fails and not smaller_fails:
+        verdict = "does not hold here"
     else:
-        slower = (last.get("time_to_target_s") is not None and first["time_to_target_s"] > last["time_to_target_s"]
-                  and separated(first, last, "time_to_target_s"))
-    numbers = (f"per-step loss spread (last epoch, relative) {with_ci(first, 'loss_noise')} at batch size "
-               f"{first['batch_size']} vs {with_ci(last, 'loss_noise')} at {last['batch_size']}; "
-               f"{score} {with_ci(first, score)} vs {with_ci(last, score)}; seconds to target "
-               f"{_to_target(first)} vs {_to_target(last)}")
-    verdict = ("holds" if noisier and slower else "partly: noisier, not slower to the target" if noisier
-               else "does not hold here" if calmer else "inconclusive")
+        verdict = "inconclusive"
     return {"claim": UNSTABLE, "numbers": numbers, "verdict": verdict}
 
 
@@ -218,45 +276,86 @@ def _shuffle_claim(ctx: Context, rows, task) -> dict[str, str]:
 
 
 def critical_story(ctx: Context, rows, concl) -> str:
-    """One critical batch size, with its interval and the evidence."""
-    crit, noise, span = concl["critical"], concl["noise_at_target"], concl["noise_at_target_range"]
+    """The critical batch size at the headline target: the fit with its interval, or "not
+    determined" and why; the model-free figure; the noise scale with what it can and cannot say."""
+    key = concl["targets"][-1]
+    crit, noise = concl["critical"], concl["noise"][key]
     used = sizes_text(crit["sizes"]) if crit["sizes"] else "none"
     if crit["status"] == "fitted":
         hi = "∞" if math.isinf(crit["hi"]) else f"{crit['hi']:,.0f}"
-        fit = (f"Critical batch size <b>{crit['value']:,.0f}</b> (95 % bootstrap interval over seeds "
-               f"{crit['lo']:,.0f} to {hi}): the fit S = S_min (1 + B_crit / B) (McCandlish et al. 2018) to the "
-               f"steps to target of batch sizes {used} gives S_min = {crit['s_min']:,.0f} steps. Well below "
-               f"B_crit, doubling the batch nearly halves the steps; well above it, the steps stay near S_min "
-               f"and the extra samples are wasted.")
-    elif crit["status"] == "above":
-        fit = (f"Steps to target still halve with the batch size up to {max(crit['sizes'])}: the critical batch "
-               f"size lies above the sweep (batch sizes used: {used}); add larger batch sizes to place it.")
-    elif crit["status"] == "below":
-        fit = (f"Larger batches never saved steps here: the critical batch size lies below {min(crit['sizes'])}, "
-               f"the smallest batch size swept (used: {used}).")
+        fit = (f"Critical batch size at {target_text(ctx, key)}: <b>{crit['value']:,.0f}</b> (95 % interval "
+               f"{crit['lo']:,.0f} to {hi}, over seeds, the learning-rate choice"
+               + (" and leaving one batch size out" if crit.get("leave_one_out") else
+                  "; leaving one batch size out needs four sizes and is not covered") +
+               f"). The fit S = S_min (1 + B_crit / B) (McCandlish et al. 2018) to the steps of batch sizes {used} "
+               f"gives S_min = {crit['s_min']:,.1f} steps and E_min = S_min·B_crit = {crit['e_min']:,.0f} samples. "
+               f"Well below B_crit, doubling the batch nearly halves the steps; well above it, the steps stay near "
+               f"S_min and the extra samples are wasted.")
     else:
-        fit = (f"No critical batch size fitted: the fit needs three batch sizes that reached {target_text(ctx)} in "
-               f"every seed, and this sweep has {len(crit['sizes'])} ({used}).")
-    if noise:
-        fit += (f" The check from another measurement: the gradient noise scale B_simple where training reached "
-                f"the target is {noise:,.0f} (median over batch sizes; {span[0]:,.0f} to {span[1]:,.0f}), the "
-                f"figure theory expects B_crit to be near")
-        if crit["status"] == "fitted" and crit["lo"] <= noise <= crit["hi"]:
-            fit += ": it lies within the fit's interval, and the two agree."
-        elif crit["status"] == "fitted" and crit["value"] > 0:
-            ratio = max(noise, crit["value"]) / min(noise, crit["value"])
-            fit += (f"; it differs from the fit by a factor of {ratio:,.1f}. B_simple stands for the noise scale only "
-                    f"where the loss's curvature is alike in every direction (McCandlish et al. 2018, section 2.2) "
-                    f"and is itself noisy at small batches; the fit is made from the outcome that matters (steps "
-                    f"to the target), so the recommendation rests on it.")
+        fit = (f"Critical batch size at {target_text(ctx, key)}: <b>not determined</b>: {crit['why']} "
+               f"(batch sizes that reached it in every seed: {used}).")
+    free = crit.get("model_free")
+    if free is not None:
+        if math.isinf(free):
+            fit += (f" Model-free: steps stay within {OVER} of linear scaling up to the largest batch size that "
+                    f"reached the target ({max(crit['sizes'])}): the 20 % critical batch size is above it.")
         else:
-            fit += "."
+            fit += (f" Model-free (Zhang et al. 2024): steps exceed linear scaling from batch size "
+                    f"{crit['sizes'][0]} by {OVER} at batch size {free:,.0f} (interval "
+                    f"{_bound(crit['model_free_lo'])} to {_bound(crit['model_free_hi'])}).")
+    if noise["median"]:
+        fit += (f" The gradient noise scale B_simple where runs reached the target: {noise['median']:,.0f} (median of "
+                f"{noise['n']} of {noise['of']} runs; {noise['range'][0]:,.0f} to {noise['range'][1]:,.0f}), from "
+                f"gradients at fixed parameters with B_big ≫ B_small. It describes SGD's raw gradients; "
+                f"{ctx.params.train.optimizer.capitalize()}'s preconditioned updates"
+                if ctx.params.train.optimizer == "adam" else
+                f" The gradient noise scale B_simple where runs reached the target: {noise['median']:,.0f} (median of "
+                f"{noise['n']} of {noise['of']} runs). For plain SGD without momentum")
+        fit += (" loosen its link with B_crit, so it is a reference, not a second estimate."
+                if ctx.params.train.optimizer == "adam" else
+                " theory expects B_crit near it where the curvature is alike in every direction.")
+    elif noise["of"]:
+        fit += " The gradient noise scale could not be determined where runs reached the target."
     return fit
 
 
+OVER = "20 %"
+
+
+def _bound(v) -> str:
+    return "∞" if v is None or math.isinf(v) else f"{v:,.0f}"
+
+
+def curve_rows(ctx: Context, concl) -> list[dict[str, str]]:
+    """The critical batch size at every target, for the report's table."""
+    out = []
+    for key, c in concl["critical_by_target"].items():
+        fitted = c["status"] == "fitted"
+        res = ", ".join(f"{b}: {v:+.0%}".replace("-0%", "+0%") for b, v in c["residuals"].items()) or "—"
+        out.append({"target": target_text(ctx, key),
+                    "b_crit": (f"{c['value']:,.0f} ({_bound(c['lo'])} to {_bound(c['hi'])})" if fitted
+                               else f"not determined: {c['why']}"),
+                    "s_min": f"{c['s_min']:,.1f}" if fitted else "—",
+                    "e_min": f"{c['e_min']:,.0f}" if fitted and c["e_min"] else "—",
+                    "residuals": res,
+                    "model_free": "—" if c["model_free"] is None else f"> {max(c['sizes'])}" if math.isinf(c["model_free"])
+                    else f"{c['model_free']:,.0f}",
+                    "b_simple": human(concl["noise"][key]["median"])})
+    return out
+
+
 def grid_edges(ctx: Context, concl) -> dict[str, tuple[float, list[int]]]:
-    """Batch sizes whose chosen rate is the grid's lowest or highest: the optimum may lie outside."""
+    """Batch sizes whose chosen rate is the lowest or highest tried (grid or search): the optimum
+    may lie outside."""
     choice, grid = concl.get("lr_choice"), ctx.params.train.lr_grid
+    if concl.get("searches"):
+        out: dict[str, tuple[float, list[int]]] = {}
+        for bs, found in concl["searches"].items():
+            rates = [t["lr"] for t in found["trials"]]
+            if found["at_edge"]:
+                side = "lowest" if found["chosen"] == min(rates) else "highest"
+                out[side] = (found["chosen"], out.get(side, (0, []))[1] + [bs])
+        return out
     if not choice or len(grid) < 2:
         return {}
     out = {}

@@ -44,8 +44,10 @@ def plot_loss_vs_samples(ctx: Context, rows, runs, task, concl=None) -> str:
     fig, ax = _pyplot().subplots(figsize=(7, 4.5))
     for r in rows:
         curves = [read_csv(ctx.train_dir(r["batch_size"], seed, r.get("lr")) / "steps.csv") for seed in r["seeds"]]
-        x = np.array(curves[0]["samples"])
-        smooth = np.array([_smooth(np.array(c["loss"])) for c in curves])
+        # Runs stop at the target, each after its own number of steps: the band spans them while all run.
+        n = min(len(c["loss"]) for c in curves)
+        x = np.array(curves[0]["samples"][:n])
+        smooth = np.array([_smooth(np.array(c["loss"][:n])) for c in curves])
         colour = _colour(rows, r["batch_size"])
         ax.plot(x, smooth.mean(0), label=f"bs={r['batch_size']}", lw=1.2, color=colour)
         if len(curves) > 1:
@@ -86,13 +88,25 @@ def _per_batch_size(ctx, rows, name, key, ylabel, log_y=False, hi: float = math.
     _save(fig, ctx.compare_dir / f"{name}.png")
 
 
+def _with_test_interval(rows, concl, key: str) -> list[dict]:
+    """Rows whose ``key`` interval is the comparison's (seeds and test examples resampled), drawn as
+    a symmetric bar of half its width around the mean."""
+    test = (concl or {}).get("test") or {}
+    return [r | ({key: test[r["batch_size"]]["value"], f"{key}_ci": (test[r["batch_size"]]["hi"]
+                                                                    - test[r["batch_size"]]["lo"]) / 2}
+                 if r["batch_size"] in test else {}) for r in rows]
+
+
 def plot_accuracy(ctx, rows, runs, task, concl=None) -> str:
+    how = ("95 % interval over seeds and test examples" if (concl or {}).get("test")
+           else "95 % interval over the seeds")
     if task == "classification":
-        _per_batch_size(ctx, rows, "accuracy_vs_batch_size", "test_acc", "test accuracy", hi=1.0)
-        return ("Test accuracy of each batch size's final models, mean and 95 % interval over the seeds: "
-                "higher is better; overlapping bars are not a difference.")
-    _per_batch_size(ctx, rows, "accuracy_vs_batch_size", "test_mse", "test MSE")
-    return "Test mean squared error of each batch size's final models (mean, 95 % interval): lower is better."
+        _per_batch_size(ctx, _with_test_interval(rows, concl, "test_acc"), "accuracy_vs_batch_size", "test_acc",
+                        "test accuracy", hi=1.0)
+        return (f"Test accuracy of each batch size's models (each where its run stopped), mean and {how}: "
+                f"reported, not used to choose; overlapping bars are not a difference.")
+    _per_batch_size(ctx, _with_test_interval(rows, concl, "test_mse"), "accuracy_vs_batch_size", "test_mse", "test MSE")
+    return f"Test mean squared error of each batch size's models (mean, {how}): lower is better; reported only."
 
 
 def plot_throughput(ctx, rows, runs, task, concl=None) -> str:
@@ -105,8 +119,9 @@ def plot_time_to_target(ctx, rows, runs, task, concl=None) -> str:
     t = ctx.params.train
     _per_batch_size(ctx, rows, "time_to_target_vs_batch_size", "time_to_target_s",
                     f"seconds to {t.target_metric} {t.target_value:g}")
-    return ("Wall seconds of training until validation first reached the target (every seed); a batch size "
-            "without a point missed it in at least one seed.")
+    return ("Seconds to the target: steps to target times the steady (median) step, so that a shared "
+            "machine's stalls do not move it (the measured seconds are in the table); a batch size without a point "
+            "missed the target in at least one seed.")
 
 
 def plot_memory(ctx, rows, runs, task, concl=None) -> str:
@@ -136,7 +151,7 @@ def plot_steps_to_target(ctx, rows, runs, task, concl=None) -> str:
             ax.axhline(s_min, color="k", ls=":", lw=0.8, label=f"S_min = {s_min:,.0f} steps")
             lo, hi = crit["lo"], min(crit["hi"], grid[-1])
             ax.axvspan(max(lo, grid[0]), hi, color="tab:blue", alpha=0.12, lw=0, label="B_crit, 95 % interval")
-        noise = (concl or {}).get("noise_at_target")
+        noise = (concl or {}).get("noise", {}).get((concl or {}).get("targets", [""])[-1], {}).get("median")
         if noise:
             ax.axvline(noise, color="tab:red", lw=0.8, ls="-.", label=f"noise scale at target = {noise:,.0f}")
         ax.legend(fontsize=8)
@@ -148,23 +163,29 @@ def plot_steps_to_target(ctx, rows, runs, task, concl=None) -> str:
            title="Steps to target and the critical batch size")
     ax.set_xticks([r["batch_size"] for r in rows], [str(r["batch_size"]) for r in rows])
     _save(fig, ctx.compare_dir / "steps_to_target.png")
-    return ("Optimizer steps to the target against batch size, with the fit S = S_min (1 + B_crit / B) "
-            "(McCandlish et al. 2018). Below B_crit doubling the batch nearly halves the steps (dashed line); "
-            "above it the steps approach S_min and bigger batches stop paying. The band is B_crit's 95 % "
-            "bootstrap interval over seeds; the red line is the gradient noise scale where training reached "
-            "the target, the figure theory expects B_crit to be near.")
+    return ("Optimizer steps to the headline target against batch size (each at its tuned rate), with the fit "
+            "S = S_min (1 + B_crit / B) (McCandlish et al. 2018) where it is determined. Below B_crit doubling the "
+            "batch nearly halves the steps (dashed line); above it the steps approach S_min and bigger batches stop "
+            "paying. The band is B_crit's 95 % interval (seeds, learning-rate choice, one batch size left out); the "
+            "red line is the gradient noise scale where runs reached the target (a reference under Adam).")
 
 
 def plot_lr(ctx, rows, runs, task, concl=None) -> str:
-    choice = (concl or {}).get("lr_choice")
+    choice, found = (concl or {}).get("lr_choice"), (concl or {}).get("searches")
     fig, ax = _pyplot().subplots(figsize=(6, 4))
-    pts = [(r["batch_size"], r["lr"]) for r in rows if r.get("lr")]
-    if choice:
+    pts = [(r["batch_size"], r.get("lr_effective") or r["lr"]) for r in rows if r.get("lr")]
+    if found:
+        for bs, f in found.items():
+            ax.scatter([bs] * len(f["trials"]), [t["lr_effective"] for t in f["trials"]], marker="x", color="0.6",
+                       s=20, zorder=1)
+        ax.scatter([], [], marker="x", color="0.6", label="tried (search, first seed)")
+    elif choice:
         for bs, c in choice.items():
             ax.scatter([bs] * len(c["by_lr"]), [x["lr"] for x in c["by_lr"]], marker="x", color="0.6", s=20, zorder=1)
         ax.scatter([], [], marker="x", color="0.6", label="tried (train.lr_grid)")
     if pts:
-        ax.plot(*zip(*pts), "o-", color="0.2", label="chosen (best on validation)" if choice else "train.lr", zorder=2)
+        ax.plot(*zip(*pts), "o-", color="0.2", label="chosen (best on validation)" if choice or found else "train.lr",
+                zorder=2)
         b0, lr0 = pts[0]
         xs = np.array([b for b, _ in pts], dtype=float)
         ax.plot(xs, lr0 * xs / b0, "--", color="tab:orange", lw=0.9, label="linear rule (lr ∝ B)")
@@ -174,8 +195,8 @@ def plot_lr(ctx, rows, runs, task, concl=None) -> str:
     ax.set_xticks([r["batch_size"] for r in rows], [str(r["batch_size"]) for r in rows])
     ax.legend(fontsize=8)
     _save(fig, ctx.compare_dir / "lr_vs_batch_size.png")
-    if not choice:
-        return ("Every batch size trained at train.lr: set train.lr_grid to compare each at its own best rate "
+    if not (choice or found):
+        return ("Every batch size trained at train.lr: set train.lr_search to compare each at its own best rate "
                 "(the rules are drawn from the smallest batch size for reference).")
     return ("Each batch size's best learning rate (chosen on validation; crosses: every rate tried) against the "
             "linear and square-root scaling rules drawn from the smallest batch size. For Adam the best rate "
@@ -185,22 +206,19 @@ def plot_lr(ctx, rows, runs, task, concl=None) -> str:
 def plot_noise_scale(ctx, rows, runs, task, concl=None) -> str:
     fig, ax = _pyplot().subplots(figsize=(7, 4))
     for r in rows:
-        noise = read_csv(ctx.train_dir(r["batch_size"], r["seeds"][0], r.get("lr")) / "noise.csv")
-        if noise.get("samples"):
-            # A value <= 0 (the unbiased |G|² estimate fell below 0) is not measurable: a gap in
-            # the line, where a log axis would otherwise draw it as a plunge to the bottom.
-            values = [v if v > 0 else math.nan for v in noise["b_simple"]]
-            ax.plot(noise["samples"], values, label=f"bs={r['batch_size']}", lw=1,
-                    color=_colour(rows, r["batch_size"]))
-    ax.set(xlabel="samples seen", ylabel="B_simple", yscale="log",
-           title="Gradient noise scale (McCandlish et al. 2018)")
+        mine = [x for x in runs if x["batch_size"] == r["batch_size"]]
+        pts = sorted((c["samples"], c["b_simple"]) for x in mine for c in (x.get("targets") or {}).values()
+                     if c.get("b_simple"))
+        if pts:
+            ax.plot(*zip(*pts), "o", label=f"bs={r['batch_size']}", ms=4, color=_colour(rows, r["batch_size"]))
+    ax.set(xlabel="samples seen", ylabel="B_simple", xscale="log", yscale="log",
+           title="Gradient noise scale where runs reached each target")
     if ax.lines:
         ax.legend()
     _save(fig, ctx.compare_dir / "noise_scale.png")
-    return ("The gradient noise scale B_simple during training (first seed of each batch size): batch sizes "
-            "well below it use each sample efficiently; it grows as the loss falls. A gap in a line is where "
-            "the estimate was 0 or below (the gradient's signal lost in its noise: not measurable there), "
-            "frequent at small batch sizes.")
+    return ("The gradient noise scale B_simple where each run reached each target (every seed), measured from "
+            "micro-batches at fixed parameters: it grows as the loss falls. Raw gradients: under Adam a reference "
+            "for B_crit, not an estimate of it.")
 
 
 PLOTS = {"loss_vs_samples": plot_loss_vs_samples, "accuracy_vs_batch_size": plot_accuracy,

@@ -24,11 +24,11 @@ from .compute import Precision, make_optimizer, prepare_model, warm_up, warm_up_
 from .data import Split
 from .dist import Dist, all_sum
 from .memory import step_memory
-from .noise import NoiseScale
+from .noise import measure
 from .pending import Pending
 from .signals import Interrupted, NonFiniteLoss, StopSignals
 from .system import sync
-from .variants import DataParallelStep, NoiseScaleStep
+from .variants import DataParallelStep
 
 
 class StepSink(Protocol):
@@ -78,17 +78,17 @@ class LoopState:
     epoch: int = 0            # position of the next batch: epoch ...
     batch: int = 0            # ... and batch within it
     seconds: float = 0.0      # wall seconds in optimizer steps (validation excluded)
-    target: dict | None = None  # first validation point that reached the target
+    crossings: dict = field(default_factory=dict)  # target (as text) -> where validation first reached it
     history: StepLog = field(default_factory=StepLog)
 
     def state_dict(self) -> dict[str, Any]:
         return {"step": self.step, "samples": self.samples, "epoch": self.epoch, "batch": self.batch,
-                "seconds": self.seconds, "target": self.target, "history": self.history.state_dict()}
+                "seconds": self.seconds, "crossings": self.crossings, "history": self.history.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.step, self.samples = int(state["step"]), int(state["samples"])
         self.epoch, self.batch = int(state["epoch"]), int(state["batch"])
-        self.seconds, self.target = float(state["seconds"]), state["target"]
+        self.seconds, self.crossings = float(state["seconds"]), dict(state["crossings"])
         self.history.load_state_dict(state["history"])
 
 
@@ -98,10 +98,21 @@ class FitResult:
     steps: int
     samples: int
     train_seconds: float      # wall seconds in optimizer steps (validation excluded)
-    target: dict | None       # first validation point that reached the target, or None
-    noise_scale: float | None
+    crossings: dict           # target (as text) -> its crossing (``Trainer.validate``); missed ones absent
+    headline: str             # the key of train.target_value in ``crossings``
     resumed_from_step: int
+    budget: int = 0           # the steps the run was allowed
     step_memory_bytes: int = 0  # what a step holds for its batch (``memory.step_memory``)
+
+    @property
+    def target(self) -> dict | None:
+        """Where the run reached train.target_value, or None."""
+        return self.crossings.get(self.headline)
+
+    @property
+    def noise_scale(self) -> float | None:
+        """B_simple measured where the run reached train.target_value."""
+        return (self.target or {}).get("b_simple")
 
 
 # ------------------------------------------------------------------ schedule and figures
@@ -121,8 +132,40 @@ def lr_at(p: TrainParams, batch_size: int, step: int, steps_per_epoch: int) -> f
     return peak
 
 
-def eval_interval(p: TrainParams, steps_per_epoch: int) -> int:
-    return p.eval_every_steps or max(1, math.ceil(steps_per_epoch / 10))
+def next_eval(p: TrainParams, step: int) -> int:
+    """The step of the validation after ``step``: every ``eval_every_steps``, or by default 10 %
+    further on (steps to a target are then read to a few percent at any training length, with
+    about 25 validations per tenfold of steps)."""
+    if p.eval_every_steps:
+        return (step // p.eval_every_steps + 1) * p.eval_every_steps
+    return max(step + 1, math.ceil(step * 1.1))
+
+
+def budget_steps(p: TrainParams, steps_per_epoch: int) -> int:
+    """The steps a run may take: train.max_steps, capped by train.epochs where that is set."""
+    return min(p.max_steps, p.epochs * steps_per_epoch) if p.epochs else p.max_steps
+
+
+def target_key(value: float) -> str:
+    return f"{value:g}"
+
+
+def crossing(metric: str, target: float, before: dict | None, after: dict) -> dict[str, float]:
+    """Where the validation curve crossed ``target`` between two validations: step, samples and
+    step seconds interpolated (a loss in its logarithm, where it falls about evenly; an accuracy
+    linearly). Without an earlier validation, the validation that reached it."""
+    w = 1.0
+    if before is not None and before["step"] != after["step"]:
+        a, b = before[metric], after[metric]
+        if metric == "val_loss" and a > 0 and b > 0 and target > 0:
+            a, b, target = math.log(a), math.log(b), math.log(target)
+        if a != b:
+            w = min(1.0, max(0.0, (a - target) / (a - b)))
+
+    def at(key: str) -> float:
+        return float(after[key]) if w == 1.0 else float(before[key]) + w * (after[key] - before[key])
+    return {"step": at("step"), "samples": at("samples"), "seconds": at("train_seconds"),
+            "eval_step": after["step"], "value": after[metric]}
 
 
 @torch.no_grad()
@@ -166,7 +209,8 @@ def _loss(task: str, reduction: str = "mean") -> nn.Module:
 
 def fit(model: nn.Module, spec: TrainSpec, hooks: Hooks | None = None, *, flush_every: int = 500,
         max_seconds: float | None = None) -> FitResult:
-    """Train ``model`` for ``params.epochs`` epochs at ``spec.batch_size``; resume from the
+    """Train ``model`` at ``spec.batch_size`` until it reaches train.target_value (where
+    train.stop_at_target) or has taken its budget of steps (``budget_steps``); resume from the
     checkpoint if it holds this configuration. ``max_seconds`` stops after that much step time
     (bench cells)."""
     p = spec.params
@@ -176,7 +220,7 @@ def fit(model: nn.Module, spec: TrainSpec, hooks: Hooks | None = None, *, flush_
     s = t.state
     clock = time.time() - time.perf_counter()  # perf_counter -> wall clock, for timestamps
     out_of_time = False
-    while s.epoch < p.epochs and not out_of_time:
+    while not (t.done or out_of_time):
         epoch, t_last = s.epoch, time.perf_counter()
         for b, (xb, yb) in enumerate(t.batches.epoch(epoch, s.batch), start=s.batch):
             # -- set the learning rate
@@ -204,14 +248,15 @@ def fit(model: nn.Module, spec: TrainSpec, hooks: Hooks | None = None, *, flush_
                 t.flush()
             # -- validate, checkpoint, stop where a signal asks to
             t.after_step(epoch_end=s.epoch > epoch)
-            # -- termination
+            # -- termination: the target reached, the budget spent, or the bench's time up
             out_of_time = max_seconds is not None and s.seconds >= max_seconds
-            if out_of_time:
+            if t.done or out_of_time:
                 break
             t_last = time.perf_counter()
         t.flush()
-        if not out_of_time and s.epoch < p.epochs:
+        if not (t.done or out_of_time):
             t.save()
+    t.validate_last()
     # A signal after the last step is left recorded: the run's outputs are written whole.
     return t.result()
 
@@ -229,11 +274,13 @@ class Trainer:
         self.net = prepare_model(self.model, p, device)
         self.batches = Batches(spec.train, p, spec.batch_size, device, spec.dist, spec.augment)
         self.per_epoch = self.batches.per_epoch
-        self.every_eval = eval_interval(p, self.per_epoch)
+        self.budget = budget_steps(p, self.per_epoch)
+        self.next_eval = next_eval(p, 0)
+        self.targets = p.targets()
         self.lr = lr_at(p, spec.batch_size, 0, self.per_epoch)
         self.optimizer = make_optimizer(p, self.model, self.lr)
         self.pending = Pending()
-        self.noise, self.variant = self._variant()
+        self.variant = self._variant()
         self.val = spec.val.to(device)
         self.state = LoopState()
         self.resumed_from = 0
@@ -242,16 +289,17 @@ class Trainer:
             warm_up_compiled(self.net, self.model, self.criterion, self.batches, self.precision)
 
     def _variant(self):
-        """The step that replaces the plain one: data-parallel under torchrun, else the
-        noise-scale step where it is asked for; and the noise-scale estimator."""
-        spec, p = self.spec, self.p
+        """The step that replaces the plain one: data-parallel under torchrun."""
+        spec = self.spec
         if spec.dist.world > 1:
-            return None, DataParallelStep(self.net, self.optimizer, self.precision, _loss(spec.task, "sum"), spec.dist)
-        if not (p.noise_scale and spec.batch_size >= 2):
-            return None, None
-        noise = NoiseScale(p.noise_scale_ema)
-        return noise, NoiseScaleStep(self.net, self.model, self.criterion, self.optimizer, self.precision,
-                                     p.noise_scale_every, noise, self.pending)
+            return DataParallelStep(self.net, self.optimizer, self.precision, _loss(spec.task, "sum"), spec.dist)
+        return None
+
+    @property
+    def done(self) -> bool:
+        """The budget is spent, or the headline target reached where the run stops there."""
+        s = self.state
+        return s.step >= self.budget or (self.p.stop_at_target and target_key(self.p.target_value) in s.crossings)
 
     def set_lr(self, lr: float) -> float:
         if lr != self.lr:
@@ -271,10 +319,9 @@ class Trainer:
             signals.check()  # a signal during set-up stops here: nothing trained since the checkpoint
 
     def after_step(self, epoch_end: bool) -> None:
-        """Validate on schedule and at the epoch's end; checkpoint on schedule, or before
-        stopping where a signal asked to."""
+        """Validate on schedule; checkpoint on schedule, or before stopping where a signal asked to."""
         s, p, signals = self.state, self.p, self.hooks.signals
-        if s.step % self.every_eval == 0 or epoch_end:
+        if s.step >= self.next_eval:
             self.validate(epoch_end)
         stop = signals is not None and signals.requested is not None
         if stop or (p.checkpoint_every_steps and s.step % p.checkpoint_every_steps == 0 and not epoch_end):
@@ -291,29 +338,52 @@ class Trainer:
             t0 = time.perf_counter()
             sync(self.batches.device)
             self.state.seconds += time.perf_counter() - t0
-        steps, noise = self.pending.drain(self.spec.dist.world)
+        steps = self.pending.drain(self.spec.dist.world)
         if self.p.stop_on_nonfinite:
             check_finite(steps, self.spec.batch_size)
         self.state.history.extend(steps)
         self.hooks.sink.steps(steps)
         if self.hooks.progress is not None:
             self.hooks.progress.update(len(steps))
-        for samples, value in noise:
-            self.state.history.noise.append((samples, value))
-            self.hooks.sink.point("train/noise_scale", value, samples)
 
-    def validate(self, epoch_end: bool) -> None:
+    def validate(self, epoch_end: bool = False) -> None:
+        """Validate; a target reached for the first time gets its crossing (interpolated between
+        this validation and the one before) and, where asked for, the noise scale measured there."""
         self.flush()
         s, p = self.state, self.p
+        self.next_eval = next_eval(p, s.step)
         v_loss, v_acc = evaluate_split(self.model, self.val, self.criterion, self.spec.task)
-        s.history.evals.append({"step": s.step, "samples": s.samples, "val_loss": v_loss, "val_acc": v_acc,
-                                "train_seconds": s.seconds, "epoch_end": epoch_end})
+        now = {"step": s.step, "samples": s.samples, "val_loss": v_loss, "val_acc": v_acc,
+               "train_seconds": s.seconds, "epoch_end": epoch_end}
+        before = s.history.evals[-1] if s.history.evals else None
+        s.history.evals.append(now)
         self.hooks.sink.point("val/loss", v_loss, s.samples)
         if self.spec.task == "classification":
             self.hooks.sink.point("val/acc", v_acc, s.samples)
-        value = v_acc if p.target_metric == "val_acc" else v_loss
-        if s.target is None and reached(p.target_metric, value, p.target_value):
-            s.target = {"step": s.step, "samples": s.samples, "seconds": s.seconds, "value": value}
+        for value in self.targets:
+            key = target_key(value)
+            if key not in s.crossings and reached(p.target_metric, now[p.target_metric], value):
+                s.crossings[key] = crossing(p.target_metric, value, before, now) | self._noise_scale()
+                if "b_simple" in s.crossings[key]:
+                    s.history.noise.append((s.samples, s.crossings[key]["b_simple"]))
+                    self.hooks.sink.point("train/noise_scale", s.crossings[key]["b_simple"], s.samples)
+
+    def validate_last(self) -> None:
+        """The run's last state validated (its final figures), unless it just was."""
+        evals = self.state.history.evals
+        if not evals or evals[-1]["step"] != self.state.step:
+            self.validate()
+
+    def _noise_scale(self) -> dict[str, float]:
+        """B_simple at the model as it is (``noise.measure``); {} where not asked for, under
+        torchrun, or where the training split streams from its file."""
+        spec = self.spec
+        if not self.p.noise_scale or spec.dist.world > 1 or not isinstance(spec.train.x, torch.Tensor):
+            return {}
+        x, y = spec.train.x, spec.train.y
+        if x.device != self.batches.device:
+            x, y = x.to(self.batches.device), y.to(self.batches.device)
+        return measure(self.model, self.criterion, x, y, seed=self.p.seed * 1_000_003 + self.state.step)
 
     def save(self) -> None:
         if self.hooks.checkpoint is None:
@@ -323,7 +393,6 @@ class Trainer:
             self.hooks.checkpoint.save({
                 "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "loop": self.state.state_dict(), "rng": torch.get_rng_state(),
-                "noise_state": self.noise.state_dict() if self.noise is not None else None,
                 "scaler": self.precision.scaler.state_dict() if self.precision.scaler is not None else None})
 
     def resume(self) -> None:
@@ -333,8 +402,7 @@ class Trainer:
             self.optimizer.load_state_dict(saved["optimizer"])
             self.lr = self.optimizer.param_groups[0]["lr"]
             self.state.load_state_dict(saved["loop"])
-            if self.noise is not None and saved.get("noise_state"):
-                self.noise.load_state_dict(saved["noise_state"], self.val.x.device)
+            self.next_eval = next_eval(self.p, self.state.step)
             torch.set_rng_state(saved["rng"])
             if self.precision.scaler is not None and saved.get("scaler"):
                 self.precision.scaler.load_state_dict(saved["scaler"])
@@ -358,6 +426,5 @@ class Trainer:
 
     def result(self) -> FitResult:
         s = self.state
-        b_simple = s.history.noise[-1][1] if s.history.noise else None
-        return FitResult(s.history, s.step, s.samples, s.seconds, s.target, b_simple, self.resumed_from,
-                         self.step_bytes())
+        return FitResult(s.history, s.step, s.samples, s.seconds, dict(s.crossings), target_key(self.p.target_value),
+                         self.resumed_from, self.budget, self.step_bytes())

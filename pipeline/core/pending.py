@@ -22,7 +22,6 @@ class Pending:
     def _empty(self) -> None:
         self.host: dict[str, list] = {name: [] for name in ON_HOST}
         self.device: dict[str, list[torch.Tensor]] = {f.name: [] for f in ON_DEVICE}
-        self.noise: list[tuple[int, torch.Tensor]] = []  # (0-based index of the step, B_simple)
 
     def __len__(self) -> int:
         return len(self.host["step"])
@@ -35,9 +34,8 @@ class Pending:
             if figures[f.name] is not None:
                 self.device[f.name].append(figures[f.name].detach())
 
-    def drain(self, world: int) -> tuple[Steps, list[tuple[int, float]]]:
-        """The pending steps, and the noise-scale values at the samples seen after their steps;
-        empties the buffers."""
+    def drain(self, world: int) -> Steps:
+        """The pending steps; empties the buffers."""
         held = [f for f in ON_DEVICE if self.device[f.name]]
         stacked = torch.cat([torch.stack(self.device[f.name]).to(torch.float64) for f in held])
         values = all_sum(stacked, world).tolist()  # per-rank shares -> global figures
@@ -45,9 +43,5 @@ class Pending:
         for i, f in enumerate(held):
             part = values[i * n:(i + 1) * n]
             columns[f.name] = [round(v) for v in part] if f.kind is int else part
-        # Noise values are one rank's (never all-reduced): read in one more transfer, not one each.
-        ratios = torch.stack([v for _, v in self.noise]).double().tolist() if self.noise else []
-        first, samples = columns["step"][0], columns["samples"]
-        noise = [(samples[index + 1 - first], v) for (index, _), v in zip(self.noise, ratios)]
         self._empty()
-        return Steps(columns), noise
+        return Steps(columns)

@@ -31,23 +31,36 @@ def collect(ctx: Context, sweep_key: str | None = None) -> list[dict[str, Any]]:
                                 f"describes; rerun train@{bs} (dvc repro)")
             runs.append({**summary, **{k: v for k, v in metrics.items() if k not in ("batch_size", "seed", "lr")},
                          "batch_size": bs, "seed": seed, "lr": summary.get("lr", ctx.params.train.lr),
-                         "noise_at_target": noise_at_target(folder / "noise.csv", summary.get("samples_to_target"))})
+                         "outcome_file": ctx.eval_dir(bs, seed, lr) / "per_example.csv"})
     return runs
 
 
-def noise_at_target(path: Path, samples: int | None) -> float | None:
-    """The run's gradient noise scale where it reached the target: its last positive estimate at
-    or before that many samples (an estimate <= 0 is not measurable)."""
-    if samples is None or not path.is_file():
-        return None
-    cols = read_csv(path)
-    values = [v for n, v in zip(cols.get("samples", []), cols.get("b_simple", [])) if n <= samples and v > 0]
-    return values[-1] if values else None
+def searches(ctx: Context) -> dict[int, dict[str, Any]]:
+    """Each batch size's learning-rate search (``lr_search.json``), where its rate was searched."""
+    out = {}
+    for bs in ctx.params.train.batch_sizes:
+        path = ctx.train_dir(bs) / "lr_search.json"
+        if ctx.params.train.searches():
+            out[bs] = read_json(_need(path, f"train@{bs}"))
+    return out
+
+
+def outcomes(runs: list[dict[str, Any]]) -> dict[int, dict[int, Any]]:
+    """{batch size: {seed: each test example's outcome}} of the chosen runs."""
+    import numpy as np
+    out: dict[int, dict[int, Any]] = {}
+    for r in runs:
+        path = r["outcome_file"]
+        if path.is_file():
+            cols = read_csv(path)
+            out.setdefault(r["batch_size"], {})[r["seed"]] = np.array(next(iter(cols.values())), dtype=float)
+    return out
 
 
 RUN_COLUMNS = ("batch_size", "lr", "seed", "final_val_acc", "final_val_loss", "test_acc", "test_mse", "test_loss",
-               "throughput", "train_seconds", "time_to_target_s", "steps_to_target", "step_memory_bytes", "peak_memory_bytes", "noise_scale",
-               "noise_at_target", "loss_noise", "weight", "bias")
+               "throughput", "train_seconds", "steps_to_target", "time_to_target_s", "wall_to_target_s", "stall_share",
+               "censored", "budget_steps", "step_memory_bytes", "peak_memory_bytes", "noise_scale", "loss_noise",
+               "weight", "bias")
 
 
 def _csv(rows: list[dict[str, Any]], columns: list[str]) -> str:
@@ -74,6 +87,21 @@ def prune_stale(ctx: Context) -> list[Path]:
     return gone
 
 
+def critical_csv(concl: dict[str, Any]) -> str:
+    """The critical batch size at every target: the curve, with its fit and interval."""
+    cols = ["target", "status", "b_crit", "lo", "hi", "s_min", "e_min", "b_crit_20pct", "b_simple", "sizes", "why"]
+    rows = []
+    for key, c in concl["critical_by_target"].items():
+        fitted = c["status"] == "fitted"
+        rows.append({"target": key, "status": c["status"], "b_crit": c["value"] if fitted else None,
+                     "lo": c["lo"] if fitted else None, "hi": c["hi"] if fitted else None,
+                     "s_min": c["s_min"] if fitted else None, "e_min": c["e_min"] if fitted else None,
+                     "b_crit_20pct": c["model_free"] if c["model_free"] is not None and c["model_free"] != float("inf") else None,
+                     "b_simple": concl["noise"][key]["median"], "sizes": " ".join(map(str, c["sizes"])),
+                     "why": (c.get("why") or "").replace(",", ";")})
+    return _csv(rows, cols)
+
+
 def run(ctx: Context) -> dict[str, Any]:
     p = ctx.params
     prune_stale(ctx)
@@ -81,16 +109,22 @@ def run(ctx: Context) -> dict[str, Any]:
     key = p.sweep_key(manifest["data_hash"])
     every = collect(ctx, key)
     task = manifest["task"]
-    # Each batch size at its own best learning rate (validation only); without a grid, its one rate.
-    chosen = choose_lr(every, p.train.target_metric)
+    # Each batch size at its own best learning rate (validation only): a grid's choice here, a
+    # search's in the train stage; without either, its one rate.
+    targets = [f"{v:g}" for v in p.train.targets()]
+    chosen = choose_lr(every, targets[-1])
     runs = [r for r in every if r["lr"] == chosen[r["batch_size"]]["lr"]]
     rows = aggregate(runs)
     out = ctx.compare_dir
     concl = conclusions(rows, runs, task, n_train=manifest["splits"]["train"]["n"],
-                        budget_bytes=p.compare.memory_mb * 2**20, lr_choice=chosen if p.train.lr_grid else None)
+                        budget_bytes=p.compare.memory_mb * 2**20, targets=targets,
+                        lr_choice=chosen if p.train.lr_grid else None, searches=searches(ctx), outcomes=outcomes(runs))
+    for r in every:
+        r.pop("outcome_file", None)
     ctx.check_params_unchanged("compare")
     images = plots.make_plots(ctx, rows, runs, task, concl)
     present = [k for k in FIGURES if any(k in r for r in rows)]
+    write_atomic(out / "critical.csv", critical_csv(concl))
     write_atomic(out / "sweep.csv", _csv(rows, ["batch_size", "lr", "n", "reached"] +
                                          [c for k in present for c in (k, f"{k}_ci")]))
     write_atomic(out / "runs.csv", _csv(every, [c for c in RUN_COLUMNS if any(c in r for r in every)]))
@@ -99,7 +133,7 @@ def run(ctx: Context) -> dict[str, Any]:
     view = open_view(ctx)  # one client for the report's link and the publishing after it
     write_atomic(out / "report.html", report.html(ctx, rows, runs, concl, images, manifest,
                                                   key=key, parent_url=parent_link(view, ctx, manifest)))
-    files = ["sweep.csv", "runs.csv", "metrics.json", "report.html", *[img.name for img, _ in images]]
+    files = ["sweep.csv", "runs.csv", "critical.csv", "metrics.json", "report.html", *[img.name for img, _ in images]]
     # What the sweep's parent run shows, as a record of its own (pipeline.tracking publishes it).
     write_json(out / "summary.json", {
         "sweep_key": key, "metrics": summary_metrics(concl), "rows": rows, "figures": list(FIGURES), "files": files,

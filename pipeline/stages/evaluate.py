@@ -8,7 +8,7 @@ import torch
 
 from ..analysis.scores import score
 from ..config import DataError
-from ..context import Context, read_json, write_json
+from ..context import Context, csv_text, read_json, write_atomic, write_json
 from ..core.data import load_prepared
 from ..core.models import build_model, loss_fn, rebuild_trained
 
@@ -52,6 +52,13 @@ def run_one(ctx: Context, data, batch_size: int, seed: int, lr: float | None = N
                                "train_record": read_json(record)["record"] if record.is_file() else None}
     folder = ctx.eval_dir(batch_size, seed, lr)
     folder.mkdir(parents=True, exist_ok=True)
+    # Each test example's outcome: the comparison's intervals resample test examples too.
+    if data.task == "classification":
+        hit = (out.argmax(1) == test.y).to(torch.int64).tolist()
+        write_atomic(folder / "per_example.csv", csv_text({"correct": hit}))
+    else:
+        err = (out.reshape(-1) - test.y.reshape(-1)).pow(2).tolist()
+        write_atomic(folder / "per_example.csv", csv_text({"sq_error": err}))
     if data.task == "classification":
         metrics |= score(data.task, test.y.numpy(), out.argmax(1).numpy(), folder)[0]
     else:

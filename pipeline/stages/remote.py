@@ -29,8 +29,15 @@ from . import train
 INSTALL = "pip install -r requirements-ray.txt"
 
 
+def check(ctx: Context, batch_size: int) -> None:
+    """Before any work (a learning-rate search included): the params, Ray and its cluster."""
+    _check(ctx, batch_size)
+    _ray()
+    check_reachable(ctx.env.get("RAY_ADDRESS") or None)
+
+
 def run(ctx: Context, batch_size: int, seeds: tuple[int, ...] | None = None,
-        log_to_mlflow: bool = True) -> list[dict[str, Any]]:
+        log_to_mlflow: bool = True, lr: float | None = None) -> list[dict[str, Any]]:
     """What ``train.run`` does, each training a Ray task; the summaries, in the same order."""
     _check(ctx, batch_size)
     ray = _ray()
@@ -52,8 +59,11 @@ def run(ctx: Context, batch_size: int, seeds: tuple[int, ...] | None = None,
     try:
         e = ctx.params.executor
         task = ray.remote(_train_task).options(num_cpus=e.cpus, num_gpus=e.gpus, name=f"train-bs{batch_size}")
-        trials = ctx.params.train.trials(seeds)
-        refs = [task.remote(ctx, batch_size, seed, lr, log_to_mlflow) for lr, seed in trials]
+        trials = ([(lr, s) for s in seeds or ctx.params.train.seeds] if lr is not None
+                  else ctx.params.train.trials(seeds))
+        search = ctx.train_dir(batch_size) / "lr_search.json"
+        found = search.read_bytes() if lr is not None and search.is_file() else None
+        refs = [task.remote(ctx, batch_size, seed, rate, log_to_mlflow, found) for rate, seed in trials]
         try:
             results = ray.get(refs)
         except ray.exceptions.RayTaskError as err:  # the training's own error, as a local run raises it
@@ -62,8 +72,9 @@ def run(ctx: Context, batch_size: int, seeds: tuple[int, ...] | None = None,
             for ref in refs:
                 ray.cancel(ref)
             raise
-        for (lr, seed), (summary, files) in zip(trials, results):
-            _unpack(ctx.train_dir(batch_size, seed, lr), files)
+        grid = bool(ctx.params.train.lr_grid)
+        for (rate, seed), (summary, files) in zip(trials, results):
+            _unpack(ctx.train_dir(batch_size, seed, rate if grid else None), files)
         return [summary for summary, _ in results]
     finally:
         ray.shutdown()
@@ -102,7 +113,8 @@ def check_reachable(address: str | None, timeout: float = 5.0) -> None:
                           f"nothing was trained. Start it (ray start --head ...) or unset RAY_ADDRESS") from None
 
 
-def _train_task(ctx: Context, batch_size: int, seed: int, lr: float | None, log_to_mlflow: bool):
+def _train_task(ctx: Context, batch_size: int, seed: int, lr: float | None, log_to_mlflow: bool,
+                search: bytes | None = None):
     """One training on a Ray worker: the local code path, its run folder written on this node
     and returned as files."""
     import dataclasses
@@ -118,7 +130,10 @@ def _train_task(ctx: Context, batch_size: int, seed: int, lr: float | None, log_
     scratch = Path(tempfile.mkdtemp(prefix="batchlab-"))
     try:
         here = dataclasses.replace(ctx, outputs=scratch)
-        (job,) = [j for j in train.prepare_jobs(here, batch_size, (seed,)) if j.lr == lr]
+        if search is not None:  # the driver's learning-rate search, recorded with the run as locally
+            write_atomic(here.train_dir(batch_size) / "lr_search.json", search)
+        jobs = train.prepare_jobs(here, batch_size, (seed,), lr if search is not None else None)
+        (job,) = [j for j in jobs if j.lr == lr]
         view = None
         if log_to_mlflow:
             from ..tracking.sweep import open_view

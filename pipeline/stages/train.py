@@ -23,7 +23,7 @@ from ..core import dist
 from ..core.batches import batch_bounds
 from ..core.checkpoint import Checkpoint
 from ..core.data import Prepared, load_prepared, streams
-from ..core.engine import FitResult, Hooks, NullSink, TrainSpec, eval_interval, fit, scaled_lr
+from ..core.engine import FitResult, Hooks, NullSink, TrainSpec, budget_steps, fit, scaled_lr
 from ..core.memory import PeakMemory
 from ..core.models import build_model, code_sha256
 from ..core.signals import StopSignals
@@ -44,7 +44,7 @@ class Job:
     dist: dist.Dist
     sweep_key: str
     checkpoint: Checkpoint
-    lr: float | None = None  # the grid's learning rate of this run; None: train.lr (no grid)
+    lr: float | None = None  # the run's rate (from a grid or the search); None: train.lr
 
     @property
     def train(self):
@@ -52,12 +52,17 @@ class Job:
         return self.ctx.params.train.for_run(self.seed, self.lr)
 
     @property
+    def grid_lr(self) -> float | None:
+        """The rate that names the run and its folder: a grid's runs differ in it, a searched one's not."""
+        return self.lr if self.ctx.params.train.lr_grid else None
+
+    @property
     def name(self) -> str:
-        return run_name(self.batch_size, self.seed, self.lr)
+        return run_name(self.batch_size, self.seed, self.grid_lr)
 
     @property
     def out(self) -> Path:
-        return self.ctx.train_dir(self.batch_size, self.seed, self.lr)
+        return self.ctx.train_dir(self.batch_size, self.seed, self.grid_lr)
 
     @property
     def per_epoch(self) -> int:
@@ -65,7 +70,8 @@ class Job:
 
     @property
     def total_steps(self) -> int:
-        return self.per_epoch * self.ctx.params.train.epochs
+        """The step budget (the run may stop sooner, at its target)."""
+        return budget_steps(self.ctx.params.train, self.per_epoch)
 
 
 def check_batch_size(ctx: Context, batch_size: int, n_train: int) -> None:
@@ -76,8 +82,10 @@ def check_batch_size(ctx: Context, batch_size: int, n_train: int) -> None:
                           f"(allowed: at most {n_train}, the training split's size)")
 
 
-def prepare_jobs(ctx: Context, batch_size: int, seeds: tuple[int, ...] | None = None) -> list[Job]:
-    """Everything checked and placed before any run is created: one job per (learning rate, seed)."""
+def prepare_jobs(ctx: Context, batch_size: int, seeds: tuple[int, ...] | None = None,
+                 lr: float | None = None) -> list[Job]:
+    """Everything checked and placed before any run is created: one job per (learning rate, seed),
+    every seed at ``lr`` where the rate was searched."""
     # Before any parallel work: OpenMP's threads take the setting from the thread that starts them.
     set_flush_denormal(ctx.params.train.flush_denormal)
     data = load_prepared(ctx.data_dir, ("train", "val"),
@@ -95,18 +103,27 @@ def prepare_jobs(ctx: Context, batch_size: int, seeds: tuple[int, ...] | None = 
     n_params = sum(q.numel() for q in build_model(ctx.params.model, data.sample_shape, data.n_outputs).parameters())
     set_threads(ctx.params.train.threads, work=-(-batch_size // d.world) * n_params, device=device.type)
     key = ctx.params.sweep_key(data.data_hash)
+    trials = [(lr, s) for s in seeds or ctx.params.train.seeds] if lr is not None else ctx.params.train.trials(seeds)
+    grid = bool(ctx.params.train.lr_grid)
     return [Job(ctx, batch_size, seed, data, device, d, key,
-                Checkpoint(ctx.checkpoint(batch_size, seed, lr),
+                Checkpoint(ctx.checkpoint(batch_size, seed, rate if grid else None),
                            {"sweep": key, "batch_size": batch_size, "seed": seed, "world": d.world}
-                           | ({} if lr is None else {"lr": lr})), lr)
-            for lr, seed in ctx.params.train.trials(seeds)]
+                           | ({} if rate is None else {"lr": rate})), rate)
+            for rate, seed in trials]
+
+
+def search(ctx: Context, batch_size: int) -> dict[str, Any] | None:
+    """The learning-rate search of ``batch_size`` (``lr_search``), before its runs; None where its
+    rate is not searched."""
+    from . import lr_search
+    return lr_search.run(ctx, batch_size)
 
 
 def run(ctx: Context, batch_size: int, *, log_to_mlflow: bool = True,
-        seeds: tuple[int, ...] | None = None) -> list[dict[str, Any]]:
-    """Every (learning rate, seed) of the sweep at ``batch_size`` (or of ``seeds``), here, one
-    after another; the summaries, in that order."""
-    jobs = prepare_jobs(ctx, batch_size, seeds)
+        seeds: tuple[int, ...] | None = None, lr: float | None = None) -> list[dict[str, Any]]:
+    """Every (learning rate, seed) of the sweep at ``batch_size`` (or of ``seeds``; every one at
+    ``lr`` where the rate was searched), here, one after another; the summaries, in that order."""
+    jobs = prepare_jobs(ctx, batch_size, seeds, lr)
     view = None
     if log_to_mlflow and jobs[0].dist.main:  # only rank 0 talks to MLflow and writes outputs
         from ..tracking.sweep import open_view
@@ -208,7 +225,7 @@ def _run_params(job: Job, window: int) -> dict[str, Any]:
     return shaping | {
         "batch_size": job.batch_size, "seed": job.seed, "lr": t.lr, "data.hash": job.data.data_hash,
         "lr_effective": scaled_lr(t, job.batch_size), "steps_per_epoch": job.per_epoch,
-        "total_steps": job.total_steps, "eval_every_steps_effective": eval_interval(t, job.per_epoch),
+        "budget_steps": job.total_steps,
         "log_window_steps": window, "device": device_name(job.device), "threads": threads(),
         "world_size": job.dist.world,
         "data_path": "stream" if job.data.train.norm is not None else t.loader, "model.code_sha256": code_sha256(job.ctx.params.model, job.ctx.workdir)}
@@ -218,38 +235,46 @@ def _summary(job: Job, model: torch.nn.Module, result: FitResult, peak_bytes: in
     hist, t, target = result.history, job.train, result.target
     last = hist.evals[-1] if hist.evals else {}
     full = [sec for sec, n in zip(hist.seconds, hist.batch) if n == job.batch_size and math.isfinite(sec)]
+    # The steady step: the median of full batches' steps. Times to a target are steps times it, so
+    # that stalls of a shared machine (which a median leaves out) do not decide a verdict; the
+    # measured seconds stand beside them.
     step_s = float(np.median(full)) if full else None
+    tail = hist.loss[-max(10, len(hist.loss) // 10):]
     summary: dict[str, Any] = {
         "batch_size": job.batch_size,
         "seed": job.seed,
         "lr": t.lr,
         "steps": result.steps,
         "samples": result.samples,
-        "epochs": t.epochs,
+        "budget_steps": result.budget,
         "train_seconds": result.train_seconds,
-        # Samples per second of a steady step: the batch over the median step's seconds. The
-        # total (samples over train_seconds) counts start-up too and, for a run of a few dozen
-        # steps, varies more between seeds than between batch sizes.
         "step_seconds": step_s,
         "throughput": job.batch_size / step_s if step_s else result.samples / max(result.train_seconds, 1e-9),
         "overall_throughput": result.samples / max(result.train_seconds, 1e-9),
         "peak_memory_bytes": peak_bytes,
         "step_memory_bytes": result.step_memory_bytes,
         "bytes_per_sample": result.step_memory_bytes / job.batch_size,
-        "final_train_loss": float(np.mean(hist.loss[-job.per_epoch:])) if hist.loss else None,
-        # How noisy training is: the per-step loss's spread over the last epoch, relative to its mean.
-        "loss_noise": (float(np.std(hist.loss[-job.per_epoch:]) / max(np.mean(hist.loss[-job.per_epoch:]), 1e-12))
-                       if hist.loss else None),
+        "final_train_loss": float(np.mean(tail)) if tail else None,
+        # How noisy training is: the per-step loss's spread over its last tenth, relative to its mean.
+        "loss_noise": float(np.std(tail) / max(np.mean(tail), 1e-12)) if tail else None,
         "final_val_loss": last.get("val_loss"),
         "target_reached": target is not None,
+        # Stopped short of the target: censored at its budget, never silently a slow run.
+        "censored": target is None,
         "steps_to_target": target["step"] if target else None,
         "samples_to_target": target["samples"] if target else None,
-        "time_to_target_s": target["seconds"] if target else None,
+        "time_to_target_s": target["step"] * step_s if target and step_s else None,
+        "wall_to_target_s": target["seconds"] if target else None,
+        "targets": {k: {"step": c["step"], "samples": c["samples"], "seconds": c["seconds"],
+                        "b_simple": c.get("b_simple"), "g2": c.get("g2"), "trace": c.get("trace")}
+                    for k, c in result.crossings.items()},
         "noise_scale": result.noise_scale,
         "lr_effective": scaled_lr(t, job.batch_size),
         "resumed_from_step": result.resumed_from_step,
         "world_size": job.dist.world,
     }
+    if target and step_s and target["seconds"] > 0:
+        summary["stall_share"] = max(0.0, 1 - summary["time_to_target_s"] / target["seconds"])
     if job.data.task == "classification":
         summary["final_val_acc"] = last.get("val_acc")
     else:
@@ -272,6 +297,9 @@ def _write_outputs(job: Job, model, result: FitResult, summary, identity: dict[s
         torch.save(job.data.val.x[:2].detach().cpu().clone(), buf)  # the MLflow model's input example
         write_atomic(tmp / "input_example.pt", buf.getvalue())
         write_json(tmp / "params.json", job.ctx.params.model_dump(mode="json"))
+        search = job.ctx.train_dir(job.batch_size) / "lr_search.json"
+        if search.is_file() and job.ctx.params.train.searches():
+            write_atomic(tmp / "lr_search.json", search.read_bytes())  # how its rate was chosen
         write_json(tmp / "run.json", identity | {"steps_t0": t0, "end_time": _now()})
 
 

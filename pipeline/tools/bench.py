@@ -77,7 +77,7 @@ class TutorialDataset(torch.utils.data.Dataset):
 # the rows compare data paths alone.
 # The logging cells outlast the live logger's send interval, so that its sends fall inside them.
 LOGGING_CELL_MIN = SEND_SECONDS + 1
-PARAMS = TrainParams(epochs=1000, lr=1e-3, optimizer="adam", noise_scale=False)
+PARAMS = TrainParams(max_steps=10**9, stop_at_target=False, lr=1e-3, optimizer="adam", noise_scale=False)
 
 
 def _model(device) -> tuple[nn.Module, torch.optim.Optimizer]:
@@ -111,10 +111,9 @@ def _compute_rate(x, y, bs, device, seconds: float) -> float:
 def _pipeline_rate(train: Split, val: Split, bs, device, seconds, sink, p=PARAMS) -> tuple[float, int]:
     model, _ = _model(device)
     if hasattr(sink, "windows"):
-        # The window a default run on this data gets at this batch size (train.epochs epochs,
-        # tracking.max_points points per metric): the points per step a user's run sends live.
-        sink.windows.window = window_for(TrainParams().epochs * -(-N_SAMPLES // bs), TrackingParams().max_points,
-                                         False)
+        # The window a default run gets (its budget of train.max_steps, tracking.max_points points
+        # per metric): the points per step a user's run sends live.
+        sink.windows.window = window_for(TrainParams().max_steps, TrackingParams().max_points, False)
     with PeakMemory(device) as mem:
         rate = fit_rate(model, train, val, p, bs, device, seconds, Hooks(sink))
     return rate, mem.peak_bytes
@@ -171,8 +170,7 @@ def run_bench(batch_sizes: list[int], seconds: float, repeats: int, device: torc
 
 
 def _overheads(train, val, device, per: float, repeats: int, logged, policy, tracked: bool) -> dict[str, Any]:
-    """What logging costs at batch size 8, and the noise-scale steps at 64: the same loop with each
-    on and off, interleaved."""
+    """What logging costs at batch size 8: the same loop with it on and off, interleaved."""
     # Logging overhead at batch size 8: the same loop with logging on and off, interleaved.
     on, off, drains = [], [], []
     policy(8)
@@ -183,19 +181,11 @@ def _overheads(train, val, device, per: float, repeats: int, logged, policy, tra
             done = time.perf_counter()
         drains.append(time.perf_counter() - done)
         off.append(_pipeline_rate(train, val, 8, device, cell, NullSink())[0])
-    noisy, quiet = [], []
-    with_noise = PARAMS.model_copy(update={"noise_scale": True})
-    policy(64)
-    for _ in range(repeats):
-        noisy.append(_pipeline_rate(train, val, 64, device, per * 2, NullSink(), with_noise)[0])
-        quiet.append(_pipeline_rate(train, val, 64, device, per * 2, NullSink())[0])
     logging = None if not on else {
         "batch_size": 8, "fraction": 1 - statistics.median(on) / statistics.median(off),
         "on_samples_per_s": statistics.median(on), "off_samples_per_s": statistics.median(off),
         "drain_seconds_after_training": statistics.median(drains)}
-    return {"logging_overhead": logging,
-            "noise_scale_overhead": {"batch_size": 64, "every_steps": with_noise.noise_scale_every,
-                                     "fraction": 1 - statistics.median(noisy) / statistics.median(quiet)}}
+    return {"logging_overhead": logging}
 
 
 def _rows(rates, memory, batch_sizes, cores: int, n_params: int, device) -> list[dict[str, Any]]:
@@ -244,9 +234,6 @@ def table(result: dict[str, Any]) -> str:
         lines.append(f"{row['ranks']} ranks (torchrun, gloo, 1 thread each) at global batch {row['batch_size']}: "
                      f"{row['samples_per_s']:,.0f} samples/s vs {row['one_rank_samples_per_s']:,.0f} on one rank "
                      f"= {row['scaling_efficiency']:.0%} scaling efficiency")
-    ns = result["noise_scale_overhead"]
-    lines.append(f"gradient-noise-scale estimate (every {ns['every_steps']} steps) costs {ns['fraction']:+.1%} "
-                 f"at batch size {ns['batch_size']}; the rows above run without it")
     from .imagebench import lines as image_lines
     from .stagebench import lines as stage_lines
     lines += image_lines(result.get("images"))

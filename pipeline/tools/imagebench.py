@@ -21,7 +21,7 @@ from .rates import fit_rate, loader_rate
 
 WORKERS = (0, 1, 2)
 N_PER_CLASS, SIZE = 250, 32
-PARAMS = TrainParams(epochs=1000, lr=1e-3, optimizer="adam", noise_scale=False)
+PARAMS = TrainParams(max_steps=10**9, stop_at_target=False, lr=1e-3, optimizer="adam", noise_scale=False)
 
 
 def _cnn() -> nn.Module:

@@ -60,7 +60,7 @@ def run(ctx: Context, run_id: str, log=print) -> bool:
     torch.manual_seed(seed)
     model = build_model(params.model, data.sample_shape, data.n_outputs)
     augment = BatchAugment(params.train.augment, seed) if params.train.augment else None
-    log(f"re-running {run_id}: batch size {batch_size}, seed {seed}{'' if lr is None else f', lr {lr:g}'}, {recorded.data.params.get('total_steps')} steps")
+    log(f"re-running {run_id}: batch size {batch_size}, seed {seed}{'' if lr is None else f', lr {lr:g}'}, up to {recorded.data.params.get('budget_steps')} steps")
     result = fit(model, TrainSpec(data.train, data.val, params.train.for_run(seed, lr), batch_size, data.task, device,
                                   augment=augment))
     return _compare(_recorded_steps(client, run_id), result.history, log)

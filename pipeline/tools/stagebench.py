@@ -89,7 +89,8 @@ def mnist_sized(sizes: tuple[int, ...] = (15_000, 60_000), batch_size: int = 512
             write_idx(proj / "raw" / "MNIST" / "raw", images, labels, "train")
             write_idx(proj / "raw" / "MNIST" / "raw", images[:1000], labels[:1000], "t10k")
             _project(proj, {"data": {"name": "mnist", "root": "raw"}, "model": {"name": "mlp", "hidden_sizes": [128]},
-                            "train": {"batch_sizes": [batch_size], "seeds": [0], "epochs": epochs},
+                            "train": {"batch_sizes": [batch_size], "seeds": [0], "epochs": epochs,
+                                      "max_steps": 10**9, "stop_at_target": False, "lr_search": False},
                             "tracking": {"experiment": "bench-mnist-sized"}})
             run_stage(proj, "prepare")
             wall, peak = run_stage(proj, "train", "--batch-size", str(batch_size))

@@ -178,7 +178,7 @@ class SweepPublisher(TrackingClient):
         self.client.set_tag(parent, PUBLISHED + "compare", stamp)
 
 
-TRAIN_FILES = ("steps.csv", "evals.csv", "noise.csv", "summary.json", "model.pt")
+TRAIN_FILES = ("steps.csv", "evals.csv", "noise.csv", "summary.json", "model.pt", "lr_search.json")
 EVAL_FILES = ("metrics.json", "report.json", "predictions.csv", "evaluation.png")
 # Summary keys that are settings or bookkeeping, not results: params and tags hold them.
 _NOT_METRICS = ("batch_size", "seed", "lr", "epochs", "lr_effective", "world_size", "resumed_from_step")

@@ -11,7 +11,7 @@ from typing import Any
 
 from ..context import Context
 from .claims import (claims, critical_story, curve_rows, grid_edges, human, interval_text, recommendation_text,
-                     sizes_text, target_text, with_ci)
+                     sizes_text, target_text, ties_text, with_ci)
 
 TEMPLATE = Path(__file__).with_name("templates") / "report.html"
 
@@ -67,7 +67,10 @@ def _bullets(ctx: Context, concl: dict[str, Any], rows) -> list[str]:
     by = {r["batch_size"]: r for r in rows}
     budget = f"{ctx.params.train.max_steps:,} steps" + (f" or {ctx.params.train.epochs} epochs" if ctx.params.train.epochs else "")
     censored = "; ".join(f"batch size {bs} seed {seed}" for bs, seed, _ in concl["censored"])
-    return [
+    rec = concl["recommended"]
+    close = ([f"Beside the answer (batch size {rec['batch_size']}): {ties_text(rec)}."]
+             if rec.get("batch_size") is not None else [])
+    return close + [
         (f"<span class=missed>Missed {target_text(ctx)} within its budget ({budget}) in at least one seed: batch "
          f"size {sizes_text(missed)} (censored runs: {censored}).</span>" if missed else
          f"Every batch size reached {target_text(ctx)} in every seed, at its own tuned learning rate, within its "

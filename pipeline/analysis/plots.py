@@ -221,9 +221,42 @@ def plot_noise_scale(ctx, rows, runs, task, concl=None) -> str:
             "for B_crit, not an estimate of it.")
 
 
+def plot_critical_curve(ctx, rows, runs, task, concl=None) -> str:
+    """B_crit (with its interval) and B_simple at every target, from the easiest to the headline."""
+    concl = concl or {}
+    fig, ax = _pyplot().subplots(figsize=(6, 4))
+    keys = concl.get("targets") or []
+    crit = concl.get("critical_by_target") or {}
+    fitted = [(i, crit[k]) for i, k in enumerate(keys) if crit.get(k, {}).get("status") == "fitted"]
+    if fitted:
+        ax.errorbar([i for i, _ in fitted], [c["value"] for _, c in fitted],
+                    yerr=[[c["value"] - c["lo"] for _, c in fitted], [c["hi"] - c["value"] for _, c in fitted]],
+                    fmt="o-", color="tab:blue", capsize=4, label="B_crit (fit), 95 % interval")
+    noise = [(i, concl["noise"][k]["median"]) for i, k in enumerate(keys) if (concl.get("noise") or {}).get(k, {}).get("median")]
+    if noise:
+        ax.plot(*zip(*noise), "s--", color="tab:red", lw=0.8, label="B_simple (median over runs)")
+    missing = [i for i, k in enumerate(keys) if crit.get(k, {}).get("status") != "fitted"]
+    for i in missing:
+        ax.annotate("not determined", (i, 0.5), xycoords=("data", "axes fraction"), ha="center", rotation=90,
+                    color="0.4", fontsize=8)
+    ax.set_xticks(range(len(keys)), [f"{ctx.params.train.target_metric}\n{'≥' if ctx.params.train.target_metric == 'val_acc' else '≤'} {k}"
+                                     for k in keys], fontsize=8)
+    ax.set(yscale="log", ylabel="batch size", title="Critical batch size at each target (easiest first)")
+    from matplotlib.ticker import ScalarFormatter
+    ax.yaxis.set_major_formatter(ScalarFormatter())
+    ax.yaxis.set_minor_formatter(ScalarFormatter())
+    if fitted or noise:
+        ax.legend(fontsize=8)
+    _save(fig, ctx.compare_dir / "critical_vs_target.png")
+    return ("The critical batch size fitted at every target, from the easiest to the headline, with its 95 % "
+            "interval (seeds, learning-rate choice, one batch size left out), and the gradient noise scale where "
+            "runs reached each target. Both tend to grow as the target gets harder (McCandlish et al. 2018).")
+
+
 PLOTS = {"loss_vs_samples": plot_loss_vs_samples, "accuracy_vs_batch_size": plot_accuracy,
          "throughput_vs_batch_size": plot_throughput, "time_to_target_vs_batch_size": plot_time_to_target,
-         "steps_to_target": plot_steps_to_target, "lr_vs_batch_size": plot_lr, "memory_vs_batch_size": plot_memory,
+         "steps_to_target": plot_steps_to_target, "critical_vs_target": plot_critical_curve,
+         "lr_vs_batch_size": plot_lr, "memory_vs_batch_size": plot_memory,
          "noise_scale": plot_noise_scale}
 
 

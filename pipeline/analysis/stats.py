@@ -159,38 +159,47 @@ def critical_batch_size(by_size: dict[int, list[float]], alternatives: dict[int,
     out |= {"value": value, "s_min": a, "e_min": a * value if math.isfinite(value) else None,
             "residuals": {b: float((a + c / b) / m - 1) for b, m in zip(sizes, means)},
             "model_free": model_free(sizes, list(means))}
+    out |= _envelope(by_size, alternatives or {}, resamples)
+    why = _undetermined(out)
+    return out | ({"status": "fitted"} if why is None else {"status": "not determined", "why": why})
+
+
+def _envelope(by_size: dict[int, list[float]], alternatives: dict[int, list[float]], resamples: int) -> dict[str, Any]:
+    """The 95 % bootstrap interval of B_crit (seeds resampled, a learning-rate alternative drawn per
+    size), widened over every leave-one-out fit; and the model-free figure's over the full set."""
+    sizes = sorted(by_size)
     rng = np.random.default_rng(0)
-    alternatives = alternatives or {}
     subsets = [sizes] + ([[b for b in sizes if b != left] for left in sizes] if len(sizes) >= 4 else [])
     los, his, free = [], [], []
     for subset in subsets:
         draws = []
         for _ in range(resamples):
-            sample = {b: float(np.mean(rng.choice(by_size[b], size=len(by_size[b]))))
-                      * float(rng.choice(alternatives.get(b) or [1.0])) for b in subset}
-            x = np.array(subset, dtype=float)
-            y = np.array([sample[b] for b in subset])
-            draws.append(_b_crit(*fit_steps(x, y)))
+            y = np.array([float(np.mean(rng.choice(by_size[b], size=len(by_size[b]))))
+                          * float(rng.choice(alternatives.get(b) or [1.0])) for b in subset])
+            draws.append(_b_crit(*fit_steps(np.array(subset, dtype=float), y)))
             if subset is sizes:
                 free.append(model_free(subset, list(y)))
         draws.sort()
         los.append(draws[int(0.025 * resamples)])
         his.append(draws[int(math.ceil(0.975 * resamples)) - 1])
     free.sort()
-    out |= {"lo": min(los), "hi": max(his), "leave_one_out": len(subsets) > 1,
+    return {"lo": min(los), "hi": max(his), "leave_one_out": len(subsets) > 1,
             "model_free_lo": free[int(0.025 * resamples)], "model_free_hi": free[int(math.ceil(0.975 * resamples)) - 1]}
-    worst = max(sizes, key=lambda b: abs(out["residuals"][b]))
-    if abs(out["residuals"][worst]) > RESIDUAL_LIMIT:
-        why = f"the fit misses batch size {worst} by {out['residuals'][worst]:+.0%}"
-    elif not math.isfinite(value) or value > sizes[-1]:
-        why = f"it lies above the largest batch size swept ({sizes[-1]}): add larger ones"
-    elif value < sizes[0]:
-        why = f"it lies below the smallest batch size swept ({sizes[0]}): add smaller ones"
-    elif not math.isfinite(out["hi"]) or out["lo"] <= 0:
-        why = "its interval is unbounded"
-    else:
-        why = None
-    return out | ({"status": "fitted"} if why is None else {"status": "not determined", "why": why})
+
+
+def _undetermined(fit: dict[str, Any]) -> str | None:
+    """Why a fit does not determine B_crit, or None where it does."""
+    sizes, value, residuals = fit["sizes"], fit["value"], fit["residuals"]
+    worst = max(sizes, key=lambda b: abs(residuals[b]))
+    if abs(residuals[worst]) > RESIDUAL_LIMIT:
+        return f"the fit misses batch size {worst} by {residuals[worst]:+.0%}"
+    if not math.isfinite(value) or value > sizes[-1]:
+        return f"it lies above the largest batch size swept ({sizes[-1]}): add larger ones"
+    if value < sizes[0]:
+        return f"it lies below the smallest batch size swept ({sizes[0]}): add smaller ones"
+    if not math.isfinite(fit["hi"]) or fit["lo"] <= 0:
+        return "its interval is unbounded"
+    return None
 
 
 def lr_alternatives(runs: list[dict[str, Any]], searches: dict[int, dict[str, Any]], target: str,

@@ -209,10 +209,9 @@ def _loss(task: str, reduction: str = "mean") -> nn.Module:
 
 def fit(model: nn.Module, spec: TrainSpec, hooks: Hooks | None = None, *, flush_every: int = 500,
         max_seconds: float | None = None) -> FitResult:
-    """Train ``model`` at ``spec.batch_size`` until it reaches train.target_value (where
-    train.stop_at_target) or has taken its budget of steps (``budget_steps``); resume from the
-    checkpoint if it holds this configuration. ``max_seconds`` stops after that much step time
-    (bench cells)."""
+    """Train ``model`` at ``spec.batch_size`` until train.target_value (where stop_at_target) or
+    the budget (``budget_steps``), resuming from a checkpoint of this configuration.
+    ``max_seconds`` stops after that much step time (bench cells)."""
     p = spec.params
     torch.manual_seed(p.seed)
     t = Trainer(model, spec, hooks or Hooks())

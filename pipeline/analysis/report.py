@@ -30,7 +30,8 @@ GLOSSARY = {
                     "do not decide a verdict; 'measured' is the wall time of the steps, stalls included, and "
                     "'stalls' the share of it the steady steps do not explain",
     "samples/s": "the batch size over the median optimizer step's seconds: the steady rate (validation, start-up "
-                 "and checkpoints excluded); overall_throughput in runs.csv is all samples over all step time",
+                 "and checkpoints excluded); 'waited': samples over the loop's wall time, everything included "
+                 "(summary.json's overheads say what took the rest)",
     "step memory": "what one training step holds for its batch (batch, saved activations, outputs), computed",
     "noise scale": "B_simple = tr(Σ)/|G|², the gradient noise scale, measured where the run reached the target "
                    "from micro-batches at fixed parameters (B_big ≫ B_small, averaged, with the finite-data "
@@ -54,6 +55,8 @@ def _cell(concl, r, key: str) -> str:
     if key == "test":
         t = (concl.get("test") or {}).get(r["batch_size"])
         return "—" if not t else f"{human(t['value'])}<br><span class=ci>{interval_text(t['lo'], t['hi'])}</span>"
+    if key == "throughput" and r.get("loop_throughput") is not None:
+        return f"{with_ci(r, key)}<br><span class=ci>waited {human(r['loop_throughput'])}</span>"
     if key in ("time_to_target_s", "wall_to_target_s") and r.get(key) is not None:
         ms = with_ci({"v": r[key] * 1000, "v_ci": r.get(f"{key}_ci", math.nan) * 1000}, "v")
         stalls = (f"<br><span class=ci>{r['stall_share']:.0%} stalls</span>" if key == "wall_to_target_s"
@@ -62,7 +65,7 @@ def _cell(concl, r, key: str) -> str:
     return with_ci(r, key)
 
 
-def _bullets(ctx: Context, concl: dict[str, Any], rows) -> list[str]:
+def _bullets(ctx: Context, concl: dict[str, Any], rows, runs=()) -> list[str]:
     top, missed = concl["highest_throughput"], concl["missed_target"]
     by = {r["batch_size"]: r for r in rows}
     budget = f"{ctx.params.train.max_steps:,} steps" + (f" or {ctx.params.train.epochs} epochs" if ctx.params.train.epochs else "")
@@ -79,7 +82,20 @@ def _bullets(ctx: Context, concl: dict[str, Any], rows) -> list[str]:
         f"{with_ci(by[top['batch_size']], 'throughput')}" + (f" (tied with {sizes_text(top['ties'])})" if top["ties"] else "")
         + ".",
         "Test figures are reported with intervals over seeds and test examples; no choice is made on them.",
-    ]
+    ] + _overheads(runs)
+
+
+def _overheads(runs) -> list[str]:
+    """What a training's loop spent besides its optimizer steps, in shares of its wall time."""
+    shares = [r["overheads"] for r in runs if r.get("overheads")]
+    if not shares:
+        return []
+    import statistics
+    parts = ", ".join(f"{name.replace('_', ' ')} {statistics.median(s[name] for s in shares):.0%}"
+                      for name in ("validation", "noise_scale", "checkpoint", "other"))
+    total = statistics.median(r["overhead_share"] for r in runs if r.get("overhead_share") is not None)
+    return [f"The loop's wall time besides the optimizer steps: {total:.0%} (median over runs: {parts}); the "
+            f"'waited' samples/s under each rate counts it."]
 
 
 def _critical_section(ctx: Context, rows, concl) -> str:
@@ -175,7 +191,7 @@ def html(ctx: Context, rows, runs, concl, images: list[tuple[Path, str]], manife
         title=html_lib.escape(f"{p.data.name} / {p.model.label} / {p.train.optimizer}"), setup=html_lib.escape(setup),
         ident=ident,
         recommendation=recommendation_text(ctx, concl, task, markup=True),
-        conclusions="\n".join(f"<li>{b}</li>" for b in _bullets(ctx, concl, rows)),
+        conclusions="\n".join(f"<li>{b}</li>" for b in _bullets(ctx, concl, rows, runs)),
         claims=checked, critical=_critical_section(ctx, rows, concl), learning_rates=_lr_section(ctx, concl),
         table_head=head, table_body=body,
         glossary="\n".join(f"<dt>{html_lib.escape(k)}</dt><dd>{html_lib.escape(v)}</dd>" for k, v in GLOSSARY.items()),

@@ -22,7 +22,8 @@ def read_csv(path: Path) -> dict[str, list[float]]:
 
 
 # Figures summarised per batch size as mean and 95 % interval over the seeds.
-FIGURES = ("test_acc", "test_mse", "test_loss", "throughput", "step_seconds", "overall_throughput",
+FIGURES = ("test_acc", "test_mse", "test_loss", "throughput", "loop_throughput", "overhead_share", "step_seconds",
+           "overall_throughput",
            "train_seconds", "time_to_target_s", "wall_to_target_s", "stall_share", "steps_to_target", "samples_to_target",
            "step_memory_bytes",
            "bytes_per_sample", "peak_memory_bytes", "noise_scale", "final_val_acc",

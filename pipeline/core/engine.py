@@ -103,6 +103,7 @@ class FitResult:
     resumed_from_step: int
     budget: int = 0           # the steps the run was allowed
     step_memory_bytes: int = 0  # what a step holds for its batch (``memory.step_memory``)
+    loop: dict = field(default_factory=dict)  # this process's loop: wall seconds, step seconds, each extra's
 
     @property
     def target(self) -> dict | None:
@@ -216,6 +217,7 @@ def fit(model: nn.Module, spec: TrainSpec, hooks: Hooks | None = None, *, flush_
     torch.manual_seed(p.seed)
     t = Trainer(model, spec, hooks or Hooks())
     t.start()
+    t.clock_loop()
     s = t.state
     clock = time.time() - time.perf_counter()  # perf_counter -> wall clock, for timestamps
     out_of_time = False
@@ -283,6 +285,9 @@ class Trainer:
         self.val = spec.val.to(device)
         self.state = LoopState()
         self.resumed_from = 0
+        # Where this process's loop spends its wall time besides the steps (``loop_figures``).
+        self.spent = {"validation": 0.0, "noise_scale": 0.0, "checkpoint": 0.0}
+        self._loop_start, self._seconds_at_start = 0.0, 0.0
         warm_up(self.model, p, self.criterion, self.batches)
         if p.compile != "none":
             warm_up_compiled(self.net, self.model, self.criterion, self.batches, self.precision)
@@ -299,6 +304,21 @@ class Trainer:
         """The budget is spent, or the headline target reached where the run stops there."""
         s = self.state
         return s.step >= self.budget or (self.p.stop_at_target and target_key(self.p.target_value) in s.crossings)
+
+    def clock_loop(self) -> None:
+        self._loop_start, self._seconds_at_start = time.perf_counter(), self.state.seconds
+
+    def loop_figures(self) -> dict[str, float]:
+        """This process's loop: its wall seconds, the optimizer steps' share of them, and each
+        extra's (validation, noise-scale measurement, checkpoints); ``other`` is the rest (reading
+        back figures, the progress bar, the live log)."""
+        wall = time.perf_counter() - self._loop_start
+        steps = self.state.seconds - self._seconds_at_start
+        out = {"loop_seconds": wall, "step_seconds_total": steps}
+        if wall > 0:
+            out |= {f"share_{k}": v / wall for k, v in self.spent.items()}
+            out["share_other"] = max(0.0, 1 - steps / wall - sum(self.spent.values()) / wall)
+        return out
 
     def set_lr(self, lr: float) -> float:
         if lr != self.lr:
@@ -351,6 +371,7 @@ class Trainer:
         self.flush()
         s, p = self.state, self.p
         self.next_eval = next_eval(p, s.step)
+        t0 = time.perf_counter()
         v_loss, v_acc = evaluate_split(self.model, self.val, self.criterion, self.spec.task)
         now = {"step": s.step, "samples": s.samples, "val_loss": v_loss, "val_acc": v_acc,
                "train_seconds": s.seconds, "epoch_end": epoch_end}
@@ -359,10 +380,13 @@ class Trainer:
         self.hooks.sink.point("val/loss", v_loss, s.samples)
         if self.spec.task == "classification":
             self.hooks.sink.point("val/acc", v_acc, s.samples)
+        self.spent["validation"] += time.perf_counter() - t0
         for value in self.targets:
             key = target_key(value)
             if key not in s.crossings and reached(p.target_metric, now[p.target_metric], value):
+                t0 = time.perf_counter()
                 s.crossings[key] = crossing(p.target_metric, value, before, now) | self._noise_scale()
+                self.spent["noise_scale"] += time.perf_counter() - t0
                 if "b_simple" in s.crossings[key]:
                     s.history.noise.append((s.samples, s.crossings[key]["b_simple"]))
                     self.hooks.sink.point("train/noise_scale", s.crossings[key]["b_simple"], s.samples)
@@ -388,11 +412,13 @@ class Trainer:
         if self.hooks.checkpoint is None:
             return
         self.flush()
+        t0 = time.perf_counter()
         if self.spec.dist.main:
             self.hooks.checkpoint.save({
                 "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "loop": self.state.state_dict(), "rng": torch.get_rng_state(),
                 "scaler": self.precision.scaler.state_dict() if self.precision.scaler is not None else None})
+        self.spent["checkpoint"] += time.perf_counter() - t0
 
     def resume(self) -> None:
         saved = self.hooks.checkpoint.load() if self.hooks.checkpoint and self.p.resume else None
@@ -425,5 +451,6 @@ class Trainer:
 
     def result(self) -> FitResult:
         s = self.state
+        loop = self.loop_figures()  # before step_bytes, which is not the loop's
         return FitResult(s.history, s.step, s.samples, s.seconds, dict(s.crossings), target_key(self.p.target_value),
-                         self.resumed_from, self.budget, self.step_bytes())
+                         self.resumed_from, self.budget, self.step_bytes(), loop)

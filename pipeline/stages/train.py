@@ -273,6 +273,16 @@ def _summary(job: Job, model: torch.nn.Module, result: FitResult, peak_bytes: in
         "resumed_from_step": result.resumed_from_step,
         "world_size": job.dist.world,
     }
+    loop = result.loop
+    if loop.get("loop_seconds"):
+        # What the user waited through besides the steps, in shares of this process's loop wall time.
+        summary["loop_seconds"] = loop["loop_seconds"]
+        # Samples this process trained (a resumed run's loop started at its checkpoint), over its wall.
+        done_here = result.samples if not result.resumed_from_step else \
+            job.batch_size * (result.steps - result.resumed_from_step)
+        summary["loop_throughput"] = done_here / loop["loop_seconds"]
+        summary["overhead_share"] = max(0.0, 1 - loop["step_seconds_total"] / loop["loop_seconds"])
+        summary["overheads"] = {k.removeprefix("share_"): v for k, v in loop.items() if k.startswith("share_")}
     if target and step_s and target["seconds"] > 0:
         summary["stall_share"] = max(0.0, 1 - summary["time_to_target_s"] / target["seconds"])
     if job.data.task == "classification":

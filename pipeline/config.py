@@ -188,7 +188,7 @@ class TrainParams(_Section):
     target_metric: Literal["val_acc", "val_loss"] = "val_loss"
     target_value: float = 0.2
     curve_targets: tuple[float, ...] = (0.5, 0.4, 0.3)
-    # Gradient noise scale (McCandlish et al. 2018), measured where a run reaches each target.
+    # Gradient noise scale (McCandlish et al. 2018) of each trained model, measured after its loop.
     noise_scale: bool = True
     # Checkpoint every N optimizer steps (0: at every epoch end) and resume from it.
     checkpoint_every_steps: int = Field(0, ge=0)

@@ -316,13 +316,13 @@ def critical_story(ctx: Context, rows, concl) -> str:
                     f"{crit['sizes'][0]} by {OVER} at batch size {free:,.0f} (interval "
                     f"{_bound(crit['model_free_lo'])} to {_bound(crit['model_free_hi'])}).")
     if noise["median"]:
-        fit += (f" The gradient noise scale B_simple where runs reached the target: {noise['median']:,.0f} (median of "
-                f"{noise['n']} of {noise['of']} runs; {noise['range'][0]:,.0f} to {noise['range'][1]:,.0f}), from "
-                f"gradients at fixed parameters with B_big ≫ B_small. It describes SGD's raw gradients; "
+        fit += (f" The gradient noise scale B_simple of the models where runs stopped at the target: {noise['median']:,.0f} "
+                f"(median of {noise['n']} of {noise['of']} runs; {noise['range'][0]:,.0f} to {noise['range'][1]:,.0f}), "
+                f"from gradients at fixed parameters with B_big ≫ B_small. It describes SGD's raw gradients; "
                 f"{ctx.params.train.optimizer.capitalize()}'s preconditioned updates"
                 if ctx.params.train.optimizer == "adam" else
-                f" The gradient noise scale B_simple where runs reached the target: {noise['median']:,.0f} (median of "
-                f"{noise['n']} of {noise['of']} runs). For plain SGD without momentum")
+                f" The gradient noise scale B_simple of the models where runs stopped at the target: "
+                f"{noise['median']:,.0f} (median of {noise['n']} of {noise['of']} runs). For plain SGD without momentum")
         fit += (" loosen its link with B_crit, so it is a reference, not a second estimate."
                 if ctx.params.train.optimizer == "adam" else
                 " theory expects B_crit near it where the curvature is alike in every direction.")

@@ -207,18 +207,17 @@ def plot_noise_scale(ctx, rows, runs, task, concl=None) -> str:
     fig, ax = _pyplot().subplots(figsize=(7, 4))
     for r in rows:
         mine = [x for x in runs if x["batch_size"] == r["batch_size"]]
-        pts = sorted((c["samples"], c["b_simple"]) for x in mine for c in (x.get("targets") or {}).values()
-                     if c.get("b_simple"))
+        pts = sorted((x["samples"], x["noise_scale"]) for x in mine if x.get("noise_scale"))
         if pts:
             ax.plot(*zip(*pts), "o", label=f"bs={r['batch_size']}", ms=4, color=_colour(rows, r["batch_size"]))
     ax.set(xlabel="samples seen", ylabel="B_simple", xscale="log", yscale="log",
-           title="Gradient noise scale where runs reached each target")
+           title="Gradient noise scale where each run stopped")
     if ax.lines:
         ax.legend()
     _save(fig, ctx.compare_dir / "noise_scale.png")
-    return ("The gradient noise scale B_simple where each run reached each target (every seed), measured from "
-            "micro-batches at fixed parameters: it grows as the loss falls. Raw gradients: under Adam a reference "
-            "for B_crit, not an estimate of it.")
+    return ("The gradient noise scale B_simple of each run's trained model (every seed; where runs stop at the "
+            "target, at the target), measured from micro-batches at fixed parameters, against the samples the run "
+            "took. Raw gradients: under Adam a reference for B_crit, not an estimate of it.")
 
 
 def plot_critical_curve(ctx, rows, runs, task, concl=None) -> str:
@@ -250,7 +249,7 @@ def plot_critical_curve(ctx, rows, runs, task, concl=None) -> str:
     _save(fig, ctx.compare_dir / "critical_vs_target.png")
     return ("The critical batch size fitted at every target, from the easiest to the headline, with its 95 % "
             "interval (seeds, learning-rate choice, one batch size left out), and the gradient noise scale where "
-            "runs reached each target. Both tend to grow as the target gets harder (McCandlish et al. 2018).")
+            "runs stopped at the headline target. B_crit tends to grow as the target gets harder (McCandlish et al. 2018).")
 
 
 PLOTS = {"loss_vs_samples": plot_loss_vs_samples, "accuracy_vs_batch_size": plot_accuracy,

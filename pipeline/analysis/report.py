@@ -33,9 +33,9 @@ GLOSSARY = {
                  "and checkpoints excluded); 'waited': samples over the loop's wall time, everything included "
                  "(summary.json's overheads say what took the rest)",
     "step memory": "what one training step holds for its batch (batch, saved activations, outputs), computed",
-    "noise scale": "B_simple = tr(Σ)/|G|², the gradient noise scale, measured where the run reached the target "
-                   "from micro-batches at fixed parameters (B_big ≫ B_small, averaged, with the finite-data "
-                   "correction); '—' where its draws disagree by more than 1.5x",
+    "noise scale": "B_simple = tr(Σ)/|G|², the gradient noise scale of the trained model (where runs stop at the "
+                   "target, at the target), from micro-batches at fixed parameters after the loop (B_big ≫ B_small, "
+                   "averaged, with the finite-data correction); '—' where its draws disagree by more than 1.5x",
 }
 
 
@@ -91,11 +91,14 @@ def _overheads(runs) -> list[str]:
     if not shares:
         return []
     import statistics
-    parts = ", ".join(f"{name.replace('_', ' ')} {statistics.median(s[name] for s in shares):.0%}"
-                      for name in ("validation", "noise_scale", "checkpoint", "other"))
+    parts = ", ".join(f"{name} {statistics.median(s.get(name, 0.0) for s in shares):.0%}"
+                      for name in ("validation", "checkpoint", "other"))
     total = statistics.median(r["overhead_share"] for r in runs if r.get("overhead_share") is not None)
+    noise = [r["noise_scale_seconds"] for r in runs if r.get("noise_scale_seconds") is not None]
+    after = (f" After the loop, the noise-scale measurement took {statistics.median(noise) * 1000:,.0f} ms a run "
+             f"(median)." if noise else "")
     return [f"The loop's wall time besides the optimizer steps: {total:.0%} (median over runs: {parts}); the "
-            f"'waited' samples/s under each rate counts it."]
+            f"'waited' samples/s under each rate counts it.{after}"]
 
 
 def _critical_section(ctx: Context, rows, concl) -> str:

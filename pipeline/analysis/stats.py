@@ -316,8 +316,8 @@ def recommend(rows: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def noise_by_target(runs: list[dict[str, Any]], targets: list[str]) -> dict[str, dict[str, Any]]:
-    """B_simple where runs reached each target: the median over the runs where it was determined,
-    and how many were."""
+    """B_simple measured at each target (where runs stop at the headline target, at that one): the
+    median over the runs where it was determined, and how many were."""
     out = {}
     for key in targets:
         values = [(r.get("targets") or {}).get(key, {}).get("b_simple") for r in runs]

@@ -24,7 +24,6 @@ from .compute import Precision, make_optimizer, prepare_model, warm_up, warm_up_
 from .data import Split
 from .dist import Dist, all_sum
 from .memory import step_memory
-from .noise import measure
 from .pending import Pending
 from .signals import Interrupted, NonFiniteLoss, StopSignals
 from .system import sync
@@ -110,10 +109,6 @@ class FitResult:
         """Where the run reached train.target_value, or None."""
         return self.crossings.get(self.headline)
 
-    @property
-    def noise_scale(self) -> float | None:
-        """B_simple measured where the run reached train.target_value."""
-        return (self.target or {}).get("b_simple")
 
 
 # ------------------------------------------------------------------ schedule and figures
@@ -286,7 +281,7 @@ class Trainer:
         self.state = LoopState()
         self.resumed_from = 0
         # Where this process's loop spends its wall time besides the steps (``loop_figures``).
-        self.spent = {"validation": 0.0, "noise_scale": 0.0, "checkpoint": 0.0}
+        self.spent = {"validation": 0.0, "checkpoint": 0.0}
         self._loop_start, self._seconds_at_start = 0.0, 0.0
         warm_up(self.model, p, self.criterion, self.batches)
         if p.compile != "none":
@@ -310,7 +305,7 @@ class Trainer:
 
     def loop_figures(self) -> dict[str, float]:
         """This process's loop: its wall seconds, the optimizer steps' share of them, and each
-        extra's (validation, noise-scale measurement, checkpoints); ``other`` is the rest (reading
+        extra's (validation, checkpoints); ``other`` is the rest (reading
         back figures, the progress bar, the live log)."""
         wall = time.perf_counter() - self._loop_start
         steps = self.state.seconds - self._seconds_at_start
@@ -367,7 +362,7 @@ class Trainer:
 
     def validate(self, epoch_end: bool = False) -> None:
         """Validate; a target reached for the first time gets its crossing (interpolated between
-        this validation and the one before) and, where asked for, the noise scale measured there."""
+        this validation and the one before)."""
         self.flush()
         s, p = self.state, self.p
         self.next_eval = next_eval(p, s.step)
@@ -384,29 +379,13 @@ class Trainer:
         for value in self.targets:
             key = target_key(value)
             if key not in s.crossings and reached(p.target_metric, now[p.target_metric], value):
-                t0 = time.perf_counter()
-                s.crossings[key] = crossing(p.target_metric, value, before, now) | self._noise_scale()
-                self.spent["noise_scale"] += time.perf_counter() - t0
-                if "b_simple" in s.crossings[key]:
-                    s.history.noise.append((s.samples, s.crossings[key]["b_simple"]))
-                    self.hooks.sink.point("train/noise_scale", s.crossings[key]["b_simple"], s.samples)
+                s.crossings[key] = crossing(p.target_metric, value, before, now)
 
     def validate_last(self) -> None:
         """The run's last state validated (its final figures), unless it just was."""
         evals = self.state.history.evals
         if not evals or evals[-1]["step"] != self.state.step:
             self.validate()
-
-    def _noise_scale(self) -> dict[str, float]:
-        """B_simple at the model as it is (``noise.measure``); {} where not asked for, under
-        torchrun, or where the training split streams from its file."""
-        spec = self.spec
-        if not self.p.noise_scale or spec.dist.world > 1 or not isinstance(spec.train.x, torch.Tensor):
-            return {}
-        x, y = spec.train.x, spec.train.y
-        if x.device != self.batches.device:
-            x, y = x.to(self.batches.device), y.to(self.batches.device)
-        return measure(self.model, self.criterion, x, y, seed=self.p.seed * 1_000_003 + self.state.step)
 
     def save(self) -> None:
         if self.hooks.checkpoint is None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import io
 import math
 import os
+import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -209,12 +210,35 @@ def _train(job: Job, identity: dict[str, Any], sink, signals: StopSignals) -> tu
     with PeakMemory(job.device) as mem, tqdm(total=job.total_steps, desc=f"train {job.name}",
                                              unit="step", disable=None, leave=False) as bar:
         result = fit(model, spec, Hooks(sink, checkpoint, signals, bar if job.dist.main else None))
-    summary = _summary(job, model, result, mem.peak_bytes)
+    noise = noise_scale(job, model, result)
+    summary = _summary(job, model, result, mem.peak_bytes) | noise
     if job.dist.main:
         job.ctx.check_params_unchanged(f"train@{job.batch_size}")
         _write_outputs(job, model, result, summary, identity)
         job.checkpoint.remove()
     return summary, model
+
+
+def noise_scale(job: Job, model: torch.nn.Module, result: FitResult) -> dict[str, Any]:
+    """B_simple of the trained model (``noise.measure``), after the loop: where the run stopped at
+    train.target_value that is the model where it reached the target, and the measurement is also
+    put on that target's crossing. Its seconds are kept: the stage pays them, the loop does not.
+    Not measured where not asked for, under torchrun, or where the training split streams."""
+    from ..core.models import loss_fn
+    from ..core.noise import measure
+    train = job.data.train
+    if not job.train.noise_scale or job.dist.world > 1 or train.norm is not None:
+        return {"noise_scale": None}
+    t0 = time.perf_counter()
+    x, y = train.x.to(job.device), train.y.to(job.device)
+    got = measure(model.train(), loss_fn(job.data.task), x, y, seed=job.seed)
+    out = {"noise_scale": got.get("b_simple"), "noise_scale_seconds": time.perf_counter() - t0,
+           "noise_scale_at_target": result.target is not None and job.train.stop_at_target}
+    if out["noise_scale"] is not None:
+        result.history.noise.append((result.samples, out["noise_scale"]))
+        if out["noise_scale_at_target"]:
+            result.target.update({k: got[k] for k in ("b_simple", "g2", "trace")})
+    return out
 
 
 def _run_params(job: Job, window: int) -> dict[str, Any]:
@@ -268,7 +292,6 @@ def _summary(job: Job, model: torch.nn.Module, result: FitResult, peak_bytes: in
         "targets": {k: {"step": c["step"], "samples": c["samples"], "seconds": c["seconds"],
                         "b_simple": c.get("b_simple"), "g2": c.get("g2"), "trace": c.get("trace")}
                     for k, c in result.crossings.items()},
-        "noise_scale": result.noise_scale,
         "lr_effective": scaled_lr(t, job.batch_size),
         "resumed_from_step": result.resumed_from_step,
         "world_size": job.dist.world,
@@ -294,7 +317,6 @@ def _summary(job: Job, model: torch.nn.Module, result: FitResult, peak_bytes: in
 
 
 def _now() -> float:
-    import time
     return time.time()
 
 

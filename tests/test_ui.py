@@ -71,7 +71,8 @@ def test_dvc_plots_show_draws_its_vega_plot_offline(tmp_path):
 def test_report_shows_intervals_claims_and_captioned_plots(sweep):
     dom = _dom((sweep.compare_dir / "report.html").as_uri(), budget_ms=2000)
     assert "The tutorial's claims, checked" in dom and "Critical batch size" in dom
-    assert dom.count("<figcaption>") == 8 and " ± " in dom
+    from pipeline.analysis.plots import PLOTS
+    assert dom.count("<figcaption>") == len(PLOTS) == 9 and " ± " in dom
     # The answer first, then what it rests on.
     assert dom.index("Use batch size") < dom.index("Conclusions") < dom.index("Critical batch size")
 

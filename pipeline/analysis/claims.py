@@ -194,7 +194,7 @@ def claims(ctx: Context, rows, task, concl=None) -> list[dict[str, str]]:
                 f"{first['batch_size']}, {with_ci(last, 'throughput')} at {last['batch_size']} ({ratio:,.1f}x)",
                 "verdict": "holds" if rises and sep else "does not hold here" if falls and sep else "inconclusive"})
     out.append(_to_target_claim(rows))
-    out.append(_memory_claim(ctx, rows))
+    out.append(_memory_claim(rows, bool((concl or {}).get("gpu"))))
     out.append(_stability_claim(ctx, concl))
     out.append(_shuffle_claim(ctx, rows, task))
     return [c | {"rule": RULES[c["claim"]]} for c in out]
@@ -225,9 +225,9 @@ def _to_target(row) -> str:
     return f"target reached in {row.get('reached', 0)}/{row.get('n', '?')} seeds"
 
 
-def _memory_claim(ctx: Context, rows) -> dict[str, str]:
+def _memory_claim(rows, gpu: bool) -> dict[str, str]:
+    """On a GPU (the sweep's runs trained on one) the allocator's peak; on a CPU the computed bytes."""
     first, last = rows[0], rows[-1]
-    gpu = ctx.params.train.device == "cuda" or (ctx.params.train.device == "auto" and _cuda())
     key, how = ("peak_memory_bytes", "measured: the allocator's peak") if gpu else \
         ("step_memory_bytes", "computed: the bytes of the step's tensors, not a measurement")
     up, down = _monotone(rows, key, True), _monotone(rows, key, False)
@@ -235,11 +235,6 @@ def _memory_claim(ctx: Context, rows) -> dict[str, str]:
     return {"claim": MEMORY, "numbers": f"a step holds {with_ci(first, key)} at batch size {first['batch_size']}, "
                                         f"{with_ci(last, key)} at {last['batch_size']} ({how})",
             "verdict": verdict + ("" if gpu else " (computed)")}
-
-
-def _cuda() -> bool:
-    import torch
-    return torch.cuda.is_available()
 
 
 def diverged_rates(concl) -> dict[int, tuple[set[float], set[float]]]:

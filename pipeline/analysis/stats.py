@@ -358,6 +358,7 @@ def conclusions(rows: list[dict[str, Any]], runs: list[dict[str, Any]], task: st
         "censored": sorted({(r["batch_size"], r["seed"], r.get("budget_steps")) for r in runs if r.get("censored")}),
         "lr_choice": lr_choice,
         "searches": searches or {},
+        "gpu": any(r.get("device") == "cuda" for r in runs),  # where memory is measured, not computed
     }
 
 

@@ -212,10 +212,8 @@ def fit(model: nn.Module, spec: TrainSpec, hooks: Hooks | None = None, *, flush_
     torch.manual_seed(p.seed)
     t = Trainer(model, spec, hooks or Hooks())
     t.start()
-    t.clock_loop()
-    s = t.state
+    s, out_of_time = t.state, False
     clock = time.time() - time.perf_counter()  # perf_counter -> wall clock, for timestamps
-    out_of_time = False
     while not (t.done or out_of_time):
         epoch, t_last = s.epoch, time.perf_counter()
         for b, (xb, yb) in enumerate(t.batches.epoch(epoch, s.batch), start=s.batch):
@@ -300,9 +298,6 @@ class Trainer:
         s = self.state
         return s.step >= self.budget or (self.p.stop_at_target and target_key(self.p.target_value) in s.crossings)
 
-    def clock_loop(self) -> None:
-        self._loop_start, self._seconds_at_start = time.perf_counter(), self.state.seconds
-
     def loop_figures(self) -> dict[str, float]:
         """This process's loop: its wall seconds, the optimizer steps' share of them, and each
         extra's (validation, checkpoints); ``other`` is the rest (reading
@@ -331,6 +326,7 @@ class Trainer:
             # would need an agreement per step, so there the signal ends the process at once.
             signals.immediate = self.spec.dist.world > 1
             signals.check()  # a signal during set-up stops here: nothing trained since the checkpoint
+        self._loop_start, self._seconds_at_start = time.perf_counter(), self.state.seconds
 
     def after_step(self, epoch_end: bool) -> None:
         """Validate on schedule; checkpoint on schedule, or before stopping where a signal asked to."""

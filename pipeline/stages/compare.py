@@ -30,8 +30,7 @@ def collect(ctx: Context, sweep_key: str | None = None) -> list[dict[str, Any]]:
                 raise DataError(f"{folder} was trained for another sweep than params.yaml "
                                 f"describes; rerun train@{bs} (dvc repro)")
             runs.append({**summary, **{k: v for k, v in metrics.items() if k not in ("batch_size", "seed", "lr")},
-                         "batch_size": bs, "seed": seed, "lr": summary.get("lr", ctx.params.train.lr),
-                         "outcome_file": ctx.eval_dir(bs, seed, lr) / "per_example.csv"})
+                         "batch_size": bs, "seed": seed, "lr": summary.get("lr", ctx.params.train.lr)})
     return runs
 
 
@@ -45,12 +44,12 @@ def searches(ctx: Context) -> dict[int, dict[str, Any]]:
     return out
 
 
-def outcomes(runs: list[dict[str, Any]]) -> dict[int, dict[int, Any]]:
+def outcomes(ctx: Context, runs: list[dict[str, Any]]) -> dict[int, dict[int, Any]]:
     """{batch size: {seed: each test example's outcome}} of the chosen runs."""
     import numpy as np
     out: dict[int, dict[int, Any]] = {}
     for r in runs:
-        path = r["outcome_file"]
+        path = ctx.eval_dir(r["batch_size"], r["seed"], r["lr"]) / "per_example.csv"
         if path.is_file():
             cols = read_csv(path)
             out.setdefault(r["batch_size"], {})[r["seed"]] = np.array(next(iter(cols.values())), dtype=float)
@@ -118,9 +117,7 @@ def run(ctx: Context) -> dict[str, Any]:
     out = ctx.compare_dir
     concl = conclusions(rows, runs, task, n_train=manifest["splits"]["train"]["n"],
                         budget_bytes=p.compare.memory_mb * 2**20, targets=targets,
-                        lr_choice=chosen if p.train.lr_grid else None, searches=searches(ctx), outcomes=outcomes(runs))
-    for r in every:
-        r.pop("outcome_file", None)
+                        lr_choice=chosen if p.train.lr_grid else None, searches=searches(ctx), outcomes=outcomes(ctx, runs))
     ctx.check_params_unchanged("compare")
     images = plots.make_plots(ctx, rows, runs, task, concl)
     present = [k for k in FIGURES if any(k in r for r in rows)]

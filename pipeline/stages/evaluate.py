@@ -52,16 +52,14 @@ def run_one(ctx: Context, data, batch_size: int, seed: int, lr: float | None = N
                                "train_record": read_json(record)["record"] if record.is_file() else None}
     folder = ctx.eval_dir(batch_size, seed, lr)
     folder.mkdir(parents=True, exist_ok=True)
-    # Each test example's outcome: the comparison's intervals resample test examples too.
+    # Each test example's outcome (per_example.csv): the comparison's intervals resample test examples too.
     if data.task == "classification":
         hit = (out.argmax(1) == test.y).to(torch.int64).tolist()
         write_atomic(folder / "per_example.csv", csv_text({"correct": hit}))
+        metrics |= score(data.task, test.y.numpy(), out.argmax(1).numpy(), folder)[0]
     else:
         err = (out.reshape(-1) - test.y.reshape(-1)).pow(2).tolist()
         write_atomic(folder / "per_example.csv", csv_text({"sq_error": err}))
-    if data.task == "classification":
-        metrics |= score(data.task, test.y.numpy(), out.argmax(1).numpy(), folder)[0]
-    else:
         metrics |= score(data.task, test.y.numpy().ravel(), out.numpy().ravel(), folder)[0]
         metrics["weight"] = float(model.weight.detach().flatten()[0])
         metrics["bias"] = float(model.bias.detach()[0])

@@ -256,7 +256,7 @@ def _run_params(job: Job, window: int) -> dict[str, Any]:
 
 
 def _summary(job: Job, model: torch.nn.Module, result: FitResult, peak_bytes: int) -> dict[str, Any]:
-    hist, t, target = result.history, job.train, result.target
+    hist, t = result.history, job.train
     last = hist.evals[-1] if hist.evals else {}
     full = [sec for sec, n in zip(hist.seconds, hist.batch) if n == job.batch_size and math.isfinite(sec)]
     # The steady step: the median of full batches' steps. Times to a target are steps times it, so
@@ -282,6 +282,24 @@ def _summary(job: Job, model: torch.nn.Module, result: FitResult, peak_bytes: in
         # How noisy training is: the per-step loss's spread over its last tenth, relative to its mean.
         "loss_noise": float(np.std(tail) / max(np.mean(tail), 1e-12)) if tail else None,
         "final_val_loss": last.get("val_loss"),
+        "lr_effective": scaled_lr(t, job.batch_size),
+        "resumed_from_step": result.resumed_from_step,
+        "world_size": job.dist.world,
+        "device": job.device.type,
+    } | _to_target(result, step_s) | _loop(job, result)
+    if job.data.task == "classification":
+        summary["final_val_acc"] = last.get("val_acc")
+    else:
+        w, b = model.weight.detach().cpu().flatten().tolist(), model.bias.detach().cpu().tolist()
+        summary["weight"], summary["bias"] = (w[0] if len(w) == 1 else w), b[0]
+    return summary
+
+
+def _to_target(result: FitResult, step_s: float | None) -> dict[str, Any]:
+    """Where the run reached its targets: steps, samples, steady and measured seconds to the
+    headline one, and every crossing."""
+    target = result.target
+    out = {
         "target_reached": target is not None,
         # Stopped short of the target: censored at its budget, never silently a slow run.
         "censored": target is None,
@@ -292,28 +310,23 @@ def _summary(job: Job, model: torch.nn.Module, result: FitResult, peak_bytes: in
         "targets": {k: {"step": c["step"], "samples": c["samples"], "seconds": c["seconds"],
                         "b_simple": c.get("b_simple"), "g2": c.get("g2"), "trace": c.get("trace")}
                     for k, c in result.crossings.items()},
-        "lr_effective": scaled_lr(t, job.batch_size),
-        "resumed_from_step": result.resumed_from_step,
-        "world_size": job.dist.world,
     }
+    if out["time_to_target_s"] is not None and target["seconds"] > 0:
+        out["stall_share"] = max(0.0, 1 - out["time_to_target_s"] / target["seconds"])
+    return out
+
+
+def _loop(job: Job, result: FitResult) -> dict[str, Any]:
+    """What the user waited through besides the steps, in shares of this process's loop wall time."""
     loop = result.loop
-    if loop.get("loop_seconds"):
-        # What the user waited through besides the steps, in shares of this process's loop wall time.
-        summary["loop_seconds"] = loop["loop_seconds"]
-        # Samples this process trained (a resumed run's loop started at its checkpoint), over its wall.
-        done_here = result.samples if not result.resumed_from_step else \
-            job.batch_size * (result.steps - result.resumed_from_step)
-        summary["loop_throughput"] = done_here / loop["loop_seconds"]
-        summary["overhead_share"] = max(0.0, 1 - loop["step_seconds_total"] / loop["loop_seconds"])
-        summary["overheads"] = {k.removeprefix("share_"): v for k, v in loop.items() if k.startswith("share_")}
-    if target and step_s and target["seconds"] > 0:
-        summary["stall_share"] = max(0.0, 1 - summary["time_to_target_s"] / target["seconds"])
-    if job.data.task == "classification":
-        summary["final_val_acc"] = last.get("val_acc")
-    else:
-        w, b = model.weight.detach().cpu().flatten().tolist(), model.bias.detach().cpu().tolist()
-        summary["weight"], summary["bias"] = (w[0] if len(w) == 1 else w), b[0]
-    return summary
+    if not loop.get("loop_seconds"):
+        return {}
+    # Samples this process trained (a resumed run's loop started at its checkpoint), over its wall.
+    done_here = result.samples if not result.resumed_from_step else \
+        job.batch_size * (result.steps - result.resumed_from_step)
+    return {"loop_seconds": loop["loop_seconds"], "loop_throughput": done_here / loop["loop_seconds"],
+            "overhead_share": max(0.0, 1 - loop["step_seconds_total"] / loop["loop_seconds"]),
+            "overheads": {k.removeprefix("share_"): v for k, v in loop.items() if k.startswith("share_")}}
 
 
 def _now() -> float:

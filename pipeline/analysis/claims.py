@@ -204,8 +204,7 @@ def _to_target_claim(rows) -> dict[str, str]:
     reached = [r for r in rows if r.get("time_to_target_s") is not None]
     missed_after = [r["batch_size"] for r in rows if r.get("time_to_target_s") is None
                     and any(x["batch_size"] < r["batch_size"] for x in reached)]
-    numbers = "; ".join(f"{_to_target(r)} s at {r['batch_size']}" if r.get("time_to_target_s") is not None
-                        else f"{_to_target(r)} at {r['batch_size']}" for r in rows)
+    numbers = "; ".join(f"{_to_target(r)} at {r['batch_size']}" for r in rows)
     slower = any(separated(a, b, "time_to_target_s") and b["time_to_target_s"] > a["time_to_target_s"]
                  for a, b in zip(reached, reached[1:]))
     if len(reached) < 2 and not missed_after:
@@ -221,7 +220,7 @@ def _to_target_claim(rows) -> dict[str, str]:
 
 def _to_target(row) -> str:
     if row.get("time_to_target_s") is not None:
-        return with_ci(row, "time_to_target_s")
+        return seconds_text(row, "time_to_target_s")
     return f"target reached in {row.get('reached', 0)}/{row.get('n', '?')} seeds"
 
 

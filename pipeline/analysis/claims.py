@@ -91,10 +91,15 @@ def test_text(concl: dict[str, Any], bs: int, task: str) -> str:
             f"and {t['examples']} test examples)")
 
 
+def ms_text(row: dict[str, Any], key: str) -> str:
+    """A figure in seconds, with its interval, in milliseconds: ``5.89 ± 3.49``."""
+    return with_ci({"v": row[key] * 1000, "v_ci": row.get(f"{key}_ci", math.nan) * 1000}, "v")
+
+
 def seconds_text(row: dict[str, Any], key: str) -> str:
     """``5.89 ± 3.49 ms`` below a second, ``2.41 ± 0.30 s`` above."""
     if row.get(key) is not None and row[key] < 1:
-        return with_ci({"v": row[key] * 1000, "v_ci": row.get(f"{key}_ci", math.nan) * 1000}, "v") + " ms"
+        return ms_text(row, key) + " ms"
     return with_ci(row, key) + " s"
 
 

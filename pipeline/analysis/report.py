@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import base64
 import html as html_lib
-import math
 from pathlib import Path
 from string import Template
 from typing import Any
 
 from ..context import Context
-from .claims import (claims, critical_story, curve_rows, grid_edges, human, interval_text, recommendation_text,
-                     sizes_text, target_text, ties_text, with_ci)
+from .claims import (claims, critical_story, curve_rows, grid_edges, human, interval_text, ms_text,
+                     recommendation_text, sizes_text, target_text, ties_text, with_ci)
 
 TEMPLATE = Path(__file__).with_name("templates") / "report.html"
 
@@ -58,7 +57,7 @@ def _cell(concl, r, key: str) -> str:
     if key == "throughput" and r.get("loop_throughput") is not None:
         return f"{with_ci(r, key)}<br><span class=ci>waited {human(r['loop_throughput'])}</span>"
     if key in ("time_to_target_s", "wall_to_target_s") and r.get(key) is not None:
-        ms = with_ci({"v": r[key] * 1000, "v_ci": r.get(f"{key}_ci", math.nan) * 1000}, "v")
+        ms = ms_text(r, key)
         stalls = (f"<br><span class=ci>{r['stall_share']:.0%} stalls</span>" if key == "wall_to_target_s"
                   and r.get("stall_share") is not None else "")
         return ms + stalls

@@ -36,12 +36,10 @@ def collect(ctx: Context, sweep_key: str | None = None) -> list[dict[str, Any]]:
 
 def searches(ctx: Context) -> dict[int, dict[str, Any]]:
     """Each batch size's learning-rate search (``lr_search.json``), where its rate was searched."""
-    out = {}
-    for bs in ctx.params.train.batch_sizes:
-        path = ctx.train_dir(bs) / "lr_search.json"
-        if ctx.params.train.searches():
-            out[bs] = read_json(_need(path, f"train@{bs}"))
-    return out
+    if not ctx.params.train.searches():
+        return {}
+    return {bs: read_json(_need(ctx.train_dir(bs) / "lr_search.json", f"train@{bs}"))
+            for bs in ctx.params.train.batch_sizes}
 
 
 def outcomes(ctx: Context, runs: list[dict[str, Any]]) -> dict[int, dict[int, Any]]:

@@ -84,7 +84,7 @@ def test_bench_without_tracking_runs_where_mlflow_is_not_installed(tmp_path):
     code = ("import sys; sys.modules['mlflow'] = None\n"
             "from pipeline.__main__ import main\n"
             "sys.exit(main(['bench', '--no-tracking', '--batch-sizes', '64', '--seconds', '0.2',"
-            " '--repeats', '1', '--ranks', '1', '--json', 'b.json']))")
+            " '--repeats', '1', '--ranks', '1', '--no-images', '--json', 'b.json']))")
     # The inherited environment stays (a machine may find packages through PYTHONPATH); the
     # project goes first on the path.
     path = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
@@ -100,14 +100,17 @@ def test_bench_without_tracking_runs_where_mlflow_is_not_installed(tmp_path):
 
 
 @pytest.mark.slow
-def test_image_rows_measure_the_tensor_path_and_each_worker_count(monkeypatch):
+def test_cnn_rows_set_the_pipeline_beside_torchvision_and_the_limit_on_the_same_pngs(monkeypatch):
     from pipeline.tools import imagebench
-    monkeypatch.setattr(imagebench, "N_PER_CLASS", 12)
-    monkeypatch.setattr(imagebench, "SIZE", 8)
+    monkeypatch.setattr(imagebench, "N_PER_CLASS", 6)
+    monkeypatch.setattr(imagebench, "CELL_SECONDS", 0.3)
     result = imagebench.image_rows([8], seconds=0.1, repeats=1, device=torch.device("cpu"))
-    assert result["images"] == 48
+    assert result["images"] == 6 * imagebench.CLASSES  # the files torchvision reads: every one written
+    assert result["size"] == 28 and result["forward_mflop"] > 10  # the 2-conv MNIST network's work
     (row,) = result["rows"]
-    assert set(row) == {"batch_size", "tensor", "loader0", "loader1", "loader2"}
-    assert all(v > 0 for v in row.values())
+    for key in ("torchvision", "steps", "loop", "limit", *(f"torchvision{w}" for w in imagebench.WORKERS)):
+        assert row[key] > 0, key
+    assert row["limit"] == max(v for k, v in row.items() if k.startswith("compute"))
+    assert row["torchvision"] == row[f"torchvision{row['workers']}"]
     text = "\n".join(imagebench.lines(result))
-    assert "loader w=2" in text and "ImageFolder of 48 PNGs" in text
+    assert "pipe loop" in text and "loop/limit" in text and "2-conv MNIST" in text

@@ -136,7 +136,7 @@ def test_a_cuda_run_waits_for_the_card_only_when_it_drains_its_figures():
     torch's sync debug mode; there are few per validation, flush and epoch, none per step."""
     import warnings
 
-    p = TrainParams(epochs=2, seed=1, eval_every_steps=100, noise_scale=True, noise_scale_every=5)
+    p = TrainParams(epochs=2, seed=1, eval_every_steps=100)
     data = toy(4096)
     torch.cuda.set_sync_debug_mode("warn")
     try:
@@ -181,9 +181,9 @@ class StopAt:
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("every", [0, 7])
-def test_interrupt_then_resume_gives_the_uninterrupted_result(tmp_path, every, device):
-    p = TrainParams(epochs=3, checkpoint_every_steps=every, eval_every_steps=5)
+@pytest.mark.parametrize("every,eval_every", [(0, 5), (7, 5), (0, 0)])
+def test_interrupt_then_resume_gives_the_uninterrupted_result(tmp_path, every, eval_every, device):
+    p = TrainParams(epochs=3, checkpoint_every_steps=every, eval_every_steps=eval_every)
     full, model_full = _fit(p, device=device)
     ckpt = Checkpoint(tmp_path / "ck.pt", {"run": "x"})
     signals = StopSignals()
@@ -193,6 +193,9 @@ def test_interrupt_then_resume_gives_the_uninterrupted_result(tmp_path, every, d
     resumed, model_resumed = _fit(p, checkpoint=ckpt, device=device)
     assert resumed.resumed_from_step == 20
     assert resumed.history.loss == full.history.loss
+    # The resumed run validates where the uninterrupted one did: its schedule follows its last validation.
+    assert [e["step"] for e in resumed.history.evals] == [e["step"] for e in full.history.evals]
+    assert [e["val_loss"] for e in resumed.history.evals] == [e["val_loss"] for e in full.history.evals]
     for a, b in zip(model_full.state_dict().values(), model_resumed.state_dict().values()):
         assert torch.equal(a, b)
 
@@ -223,16 +226,90 @@ def test_non_finite_loss_stops_with_a_clear_message():
 
 
 def test_threads_follow_the_work_per_step_and_an_explicit_count_wins():
-    from pipeline.core.system import PARALLEL_WORK, cpu_count, set_threads
+    from pipeline.core.system import PARALLEL_FLOPS, cpu_count, set_threads, threads_reason
 
     before = torch.get_num_threads()
     try:
-        assert set_threads(0, work=PARALLEL_WORK - 1) == 1 == torch.get_num_threads()
-        assert set_threads(0, work=PARALLEL_WORK) == cpu_count() == torch.get_num_threads()
+        assert set_threads(0, work=PARALLEL_FLOPS - 1) == 1 == torch.get_num_threads()
+        assert set_threads(0, work=PARALLEL_FLOPS) == cpu_count() == torch.get_num_threads()
         assert set_threads(0) == cpu_count()  # work unknown
         assert set_threads(3, work=1) == 3 == torch.get_num_threads()
         # On a GPU the CPU only launches kernels: one thread, whatever the work; explicit still wins.
-        assert set_threads(0, work=PARALLEL_WORK, device="cuda") == 1 == torch.get_num_threads()
+        assert set_threads(0, work=PARALLEL_FLOPS, device="cuda") == 1 == torch.get_num_threads()
         assert set_threads(2, work=1, device="cuda") == 2
+        assert threads_reason(0, PARALLEL_FLOPS - 1).startswith("1: a step's forward pass is ")
+        assert threads_reason(3, 1) == "3: train.threads"
     finally:
         torch.set_num_threads(before)
+
+
+def test_a_convolutional_network_is_judged_by_its_work_not_its_parameters():
+    """The CNN and an MLP of about its parameter count: the CNN's step is worth every core at a
+    batch where the MLP's is not, because its work is in its activations."""
+    from examples.mymodels.nets import MnistCNN
+    from pipeline.core.cost import forward_flops
+    from pipeline.core.nets import MLP
+    from pipeline.core.system import PARALLEL_FLOPS
+
+    cnn, mlp = MnistCNN(1, 10), MLP(784, (1500,), 10)
+    params = [sum(q.numel() for q in m.parameters()) for m in (cnn, mlp)]
+    assert 0.8 < params[0] / params[1] < 1.25
+    f_cnn, f_mlp = forward_flops(cnn, torch.randn(2, 1, 28, 28)), forward_flops(mlp, torch.randn(2, 784))
+    assert f_mlp == pytest.approx(2 * params[1], rel=0.01)  # a linear layer: two operations a weight
+    assert 4 * f_cnn >= PARALLEL_FLOPS > 4 * f_mlp
+    # Counting leaves the model as it was: mode, parameters, random state.
+    x = torch.randn(2, 1, 28, 28)
+    state, rng = {k: v.clone() for k, v in cnn.state_dict().items()}, torch.get_rng_state()
+    forward_flops(cnn.train(), x)
+    assert cnn.training and torch.equal(rng, torch.get_rng_state())
+    assert all(torch.equal(v, cnn.state_dict()[k]) for k, v in state.items())
+
+
+def test_validations_start_untrained_and_are_spaced_by_what_they_cost():
+    """A validation as dear as several steps is spaced so that validations cost at most
+    EVAL_SHARE of the steps (by the counted cost); a cheap one comes every 10 % further on."""
+    from pipeline.core.cost import EVAL_SHARE, eval_flops, step_flops
+    from pipeline.core.engine import EVAL_CHUNK, next_eval
+
+    p = TrainParams(max_steps=400)
+    big_val = toy(4000, seed=1)
+    model = MLP(5, (8,), 3)
+    torch.manual_seed(0)
+    r = fit(model, TrainSpec(toy(), big_val, p, 2, "classification"))
+    steps = [e["step"] for e in r.history.evals]
+    assert steps[0] == 0 and steps[-1] == 400
+    from pipeline.core.cost import forward_flops
+    f = forward_flops(model, big_val.x)
+    gap = math.ceil(eval_flops(f, 4000, EVAL_CHUNK) / step_flops(f, 2) / EVAL_SHARE)
+    assert gap > 1
+    assert all(b - a >= gap for a, b in zip(steps[:-2], steps[1:-1]))  # the last is the run's end
+    assert steps[:-1] == [0] + [next_eval(p, s, gap) for s in steps[:-2]]
+    # Counted cost of the validations made, against the steps': within the share (the untrained
+    # model's validation and the last one aside).
+    assert (len(steps) - 2) * eval_flops(f, 4000, EVAL_CHUNK) <= EVAL_SHARE * 400 * step_flops(f, 2)
+    # A validation much cheaper than a step (8 rows against a batch of 64 of a wide network): 10 %
+    # further on, one step apart at first.
+    cheap = fit(MLP(5, (2048, 2048), 3), TrainSpec(toy(), toy(8, seed=1), TrainParams(max_steps=6), 64,
+                                                    "classification"))
+    assert [e["step"] for e in cheap.history.evals] == [0, 1, 2, 3, 4, 5, 6]
+
+
+def test_correct_predictions_counted_at_the_drain_match_each_steps_own_count():
+    from pipeline.core.pending import Pending
+
+    g = torch.Generator().manual_seed(0)
+    pending, direct = Pending(), []
+    for i, n in enumerate([16, 16, 5, 16, 1]):  # ragged, as an epoch's last batch is
+        out, y = torch.randn(n, 4, generator=g), torch.randint(0, 4, (n,), generator=g)
+        direct.append(int((out.argmax(1) == y).sum()))
+        pending.add(step=i + 1, samples=0, batch=n, loss=out.sum(), lr=0.1, time=0.0, seconds=0.0, correct=(out, y))
+    assert pending.held == 54 * 4
+    assert pending.drain(1).correct == direct
+    assert len(pending) == 0 and pending.held == 0
+
+
+def test_a_run_that_diverges_between_validations_names_its_step():
+    """Validation finds the model no longer finite and drains the steps, which name where the loss
+    first stopped being finite."""
+    with pytest.raises(NonFiniteLoss, match=r"loss became (nan|inf) at optimizer step \d+"):
+        _fit(TrainParams(max_steps=300, lr=1e30, optimizer="sgd"), flush_every=10**6)

@@ -29,6 +29,21 @@ class SmallCNN(nn.Module):
         return self.head(self.features(x).flatten(1))
 
 
+class MnistCNN(nn.Module):
+    """The two-convolution MNIST network of PyTorch's own examples, for 28x28 images: its work is in
+    its activations (about 24 MFLOP a forward pass, against 1.2M parameters)."""
+
+    def __init__(self, in_channels: int = 1, num_classes: int = 10):
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(in_channels, 32, 3), nn.ReLU(), nn.Conv2d(32, 64, 3), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Dropout(0.25), nn.Flatten())
+        self.head = nn.Sequential(nn.Linear(9216, 128), nn.ReLU(), nn.Dropout(0.5), nn.Linear(128, num_classes))
+
+    def forward(self, x):
+        return self.head(self.features(x))
+
+
 class _Block(nn.Module):
     def __init__(self, c_in: int, c_out: int, stride: int):
         super().__init__()

@@ -152,7 +152,6 @@ class Batches:
             self._per_chunk = max(1, self.CHUNK_ELEMENTS // (max(counts) * max(1, x[0].numel())))
         rows = min(ends[-1], max(counts) * self._per_chunk)
         self._xs = x.new_empty((rows, *x.shape[1:]))
-        self._ys = y.new_empty((rows, *y.shape[1:]))
 
     def _tensor_epoch(self, epoch: int, start: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Chunks of the epoch's order gathered into one reused buffer, batches sliced off it:
@@ -166,7 +165,9 @@ class Batches:
             chunk = self._bounds[first:first + k]
             base, end = chunk[0][0], chunk[-1][1]
             xs = torch.index_select(self.data.x, 0, rows[base:end], out=self._xs[:end - base])
-            ys = torch.index_select(self.data.y, 0, rows[base:end], out=self._ys[:end - base])
+            # Labels in a tensor of the chunk's own: the loop holds a step's labels until it counts
+            # its correct predictions (``pending``), after the reused buffer has moved on.
+            ys = torch.index_select(self.data.y, 0, rows[base:end])
             for lo, hi in chunk[max(0, start - first):]:
                 yield xs[lo - base:hi - base], ys[lo - base:hi - base]
 

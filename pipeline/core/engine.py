@@ -2,9 +2,13 @@
 checkpoint or stop. ``fit`` is the loop, read top to bottom; ``Trainer`` holds a run's parts.
 
 The loop reports to a ``StepSink``; it does not know how figures are stored or buffered.
-It syncs with the device only when it drains its pending figures (every ``flush_every``
-steps), at validation points and at checkpoints; on a GPU the wait for the queued steps at those
-points is counted as step time.
+It syncs with the device only when it drains its pending figures (every ``flush_every`` steps
+or ``FLUSH_SECONDS``), at validations and at checkpoints; on a GPU the wait for the queued steps
+at those points is counted as step time.
+
+What the loop does besides its steps is paced so that it costs a small share of the loop's wall
+time (``Trainer.loop_figures`` measures it): validations are spaced by what they cost against a
+step (``cost.eval_gap``), checkpoints are written every CHECKPOINT_SECONDS, figures drain in chunks.
 """
 from __future__ import annotations
 
@@ -21,6 +25,7 @@ from ..steplog import StepLog, Steps
 from .batches import Batches
 from .checkpoint import Checkpoint
 from .compute import Precision, make_optimizer, prepare_model, warm_up, warm_up_compiled
+from .cost import eval_gap, forward_flops
 from .data import Split
 from .dist import Dist, all_sum
 from .memory import step_memory
@@ -28,6 +33,15 @@ from .pending import Pending
 from .signals import Interrupted, NonFiniteLoss, StopSignals
 from .system import sync
 from .variants import DataParallelStep
+
+
+# Figures drain at least this often, so that a run's live metrics trail its steps by seconds.
+FLUSH_SECONDS = 2.0
+# A checkpoint (where train.checkpoint_every_steps is 0) after this many seconds of the loop: a
+# stopped run loses at most this much; a signal saves at once whatever the interval.
+CHECKPOINT_SECONDS = 60.0
+# Validation rows per forward pass.
+EVAL_CHUNK = 4096
 
 
 class StepSink(Protocol):
@@ -128,13 +142,14 @@ def lr_at(p: TrainParams, batch_size: int, step: int, steps_per_epoch: int) -> f
     return peak
 
 
-def next_eval(p: TrainParams, step: int) -> int:
+def next_eval(p: TrainParams, step: int, gap: int = 1) -> int:
     """The step of the validation after ``step``: every ``eval_every_steps``, or by default 10 %
-    further on (steps to a target are then read to a few percent at any training length, with
-    about 25 validations per tenfold of steps)."""
+    further on (about 25 validations per tenfold of steps, so steps to a target are read to a few
+    percent at any training length) but at least ``gap`` steps on (``cost.eval_gap``: validations
+    that cost more than a small share of the steps are spaced further apart)."""
     if p.eval_every_steps:
         return (step // p.eval_every_steps + 1) * p.eval_every_steps
-    return max(step + 1, math.ceil(step * 1.1))
+    return max(step + gap, math.ceil(step * 1.1))
 
 
 def budget_steps(p: TrainParams, steps_per_epoch: int) -> int:
@@ -166,22 +181,21 @@ def crossing(metric: str, target: float, before: dict | None, after: dict) -> di
 
 @torch.no_grad()
 def evaluate_split(model: nn.Module, data: Split, loss_fn: nn.Module, task: str,
-                   batch_size: int = 4096) -> tuple[float, float]:
-    """Mean loss and accuracy (nan for regression) over a split."""
+                   batch_size: int = EVAL_CHUNK) -> tuple[float, float]:
+    """Mean loss and accuracy (nan for regression) over a split, read back from the device once."""
     was_training = model.training
     model.eval()
-    total_loss = torch.zeros((), device=data.x.device)
-    correct = torch.zeros((), device=data.x.device, dtype=torch.int64)
+    sums = []
     n = len(data)
     for i in range(0, n, batch_size):
         xb, yb = data.x[i:i + batch_size], data.y[i:i + batch_size]
         out = model(xb)
-        total_loss += loss_fn(out, yb) * xb.shape[0]
-        if task == "classification":
-            correct += (out.argmax(1) == yb).sum()
+        loss = loss_fn(out, yb).float() * xb.shape[0]
+        sums.append(torch.stack([loss, (out.argmax(1) == yb).sum().float()]) if task == "classification" else loss)
     model.train(was_training)
-    acc = correct.item() / n if task == "classification" else float("nan")
-    return total_loss.item() / n, acc
+    got = (sums[0] if len(sums) == 1 else torch.stack(sums).sum(0)).tolist()
+    loss_sum, correct = got if task == "classification" else (got, float("nan"))
+    return loss_sum / n, correct / n
 
 
 def reached(metric: str, value: float, target: float) -> bool:
@@ -237,8 +251,8 @@ def fit(model: nn.Module, spec: TrainSpec, hooks: Hooks | None = None, *, flush_
             s.epoch, s.batch = (s.epoch + 1, 0) if b + 1 == t.per_epoch else (s.epoch, b + 1)
             t.pending.add(step=s.step, samples=s.samples, batch=n_b, loss=loss, lr=t.lr, time=now + clock,
                           seconds=now - t_last,
-                          correct=(out.argmax(1) == yb).sum() if spec.task == "classification" else None)
-            if len(t.pending) >= flush_every:
+                          correct=(out, yb) if spec.task == "classification" else None)
+            if t.pending.full(flush_every) or now - t.flushed >= FLUSH_SECONDS:
                 t.flush()
             # -- validate, checkpoint, stop where a signal asks to
             t.after_step(epoch_end=s.epoch > epoch)
@@ -247,9 +261,7 @@ def fit(model: nn.Module, spec: TrainSpec, hooks: Hooks | None = None, *, flush_
             if t.done or out_of_time:
                 break
             t_last = time.perf_counter()
-        t.flush()
-        if not (t.done or out_of_time):
-            t.save()
+    t.flush()
     t.validate_last()
     # A signal after the last step is left recorded: the run's outputs are written whole.
     return t.result()
@@ -269,7 +281,6 @@ class Trainer:
         self.batches = Batches(spec.train, p, spec.batch_size, device, spec.dist, spec.augment)
         self.per_epoch = self.batches.per_epoch
         self.budget = budget_steps(p, self.per_epoch)
-        self.next_eval = next_eval(p, 0)
         self.targets = p.targets()
         self.lr = lr_at(p, spec.batch_size, 0, self.per_epoch)
         self.optimizer = make_optimizer(p, self.model, self.lr)
@@ -281,9 +292,13 @@ class Trainer:
         # Where this process's loop spends its wall time besides the steps (``loop_figures``).
         self.spent = {"validation": 0.0, "checkpoint": 0.0}
         self._loop_start, self._seconds_at_start = 0.0, 0.0
+        self.flushed = self.saved = 0.0  # when figures last drained, when the last checkpoint was written
         warm_up(self.model, p, self.criterion, self.batches)
         if p.compile != "none":
             warm_up_compiled(self.net, self.model, self.criterion, self.batches, self.precision)
+        self.flops = forward_flops(self.model, self.batches.head(2)[0])
+        self.eval_gap = eval_gap(self.flops, -(-spec.batch_size // spec.dist.world), len(self.val), EVAL_CHUNK)
+        self.next_eval = next_eval(p, 0, self.eval_gap)
 
     def _variant(self):
         """The step that replaces the plain one: data-parallel under torchrun."""
@@ -327,6 +342,9 @@ class Trainer:
             signals.immediate = self.spec.dist.world > 1
             signals.check()  # a signal during set-up stops here: nothing trained since the checkpoint
         self._loop_start, self._seconds_at_start = time.perf_counter(), self.state.seconds
+        self.flushed = self.saved = self._loop_start
+        if not self.state.history.evals:
+            self.validate()  # the untrained model: where the curve starts, so the first crossing is interpolated
 
     def after_step(self, epoch_end: bool) -> None:
         """Validate on schedule; checkpoint on schedule, or before stopping where a signal asked to."""
@@ -334,20 +352,26 @@ class Trainer:
         if s.step >= self.next_eval:
             self.validate(epoch_end)
         stop = signals is not None and signals.requested is not None
-        if stop or (p.checkpoint_every_steps and s.step % p.checkpoint_every_steps == 0 and not epoch_end):
+        due = (s.step % p.checkpoint_every_steps == 0 if p.checkpoint_every_steps else
+               time.perf_counter() - self.saved >= CHECKPOINT_SECONDS)
+        if stop or (due and not self.done):
             self.save()
         if stop:
             raise Interrupted(signals.requested)
 
-    def flush(self) -> None:
-        if not len(self.pending):
-            return
+    def settle(self) -> None:
+        """On a GPU, wait for the queued steps: their time on the card ends here, and is counted
+        as step time (without the wait it would fall to what comes next, and the rate read too high)."""
         if self.batches.device.type == "cuda":
-            # The steps were only queued: their time on the card ends here. Without this wait the
-            # time would fall to validation (not counted) and the rate would read too high.
             t0 = time.perf_counter()
             sync(self.batches.device)
             self.state.seconds += time.perf_counter() - t0
+
+    def flush(self) -> None:
+        self.flushed = time.perf_counter()
+        if not len(self.pending):
+            return
+        self.settle()
         steps = self.pending.drain(self.spec.dist.world)
         if self.p.stop_on_nonfinite:
             check_finite(steps, self.spec.batch_size)
@@ -358,12 +382,18 @@ class Trainer:
 
     def validate(self, epoch_end: bool = False) -> None:
         """Validate; a target reached for the first time gets its crossing (interpolated between
-        this validation and the one before)."""
-        self.flush()
+        this validation and the one before). A loss that is not finite drains the steps, which
+        names the step where training diverged."""
+        self.settle()
         s, p = self.state, self.p
-        self.next_eval = next_eval(p, s.step)
+        self.next_eval = next_eval(p, s.step, self.eval_gap)
         t0 = time.perf_counter()
         v_loss, v_acc = evaluate_split(self.model, self.val, self.criterion, self.spec.task)
+        if p.stop_on_nonfinite and not math.isfinite(v_loss):
+            self.flush()
+            raise NonFiniteLoss(f"validation loss became {v_loss} by optimizer step {s.step} "
+                                f"(batch size {self.spec.batch_size}, lr {self.lr:g}); "
+                                f"set train.stop_on_nonfinite=false to continue anyway")
         now = {"step": s.step, "samples": s.samples, "val_loss": v_loss, "val_acc": v_acc,
                "train_seconds": s.seconds, "epoch_end": epoch_end}
         before = s.history.evals[-1] if s.history.evals else None
@@ -387,7 +417,7 @@ class Trainer:
         if self.hooks.checkpoint is None:
             return
         self.flush()
-        t0 = time.perf_counter()
+        t0 = self.saved = time.perf_counter()
         if self.spec.dist.main:
             self.hooks.checkpoint.save({
                 "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
@@ -402,7 +432,9 @@ class Trainer:
             self.optimizer.load_state_dict(saved["optimizer"])
             self.lr = self.optimizer.param_groups[0]["lr"]
             self.state.load_state_dict(saved["loop"])
-            self.next_eval = next_eval(self.p, self.state.step)
+            # Where the uninterrupted run validates next: the schedule follows its last validation.
+            evals = self.state.history.evals
+            self.next_eval = next_eval(self.p, evals[-1]["step"] if evals else 0, self.eval_gap)
             torch.set_rng_state(saved["rng"])
             if self.precision.scaler is not None and saved.get("scaler"):
                 self.precision.scaler.load_state_dict(saved["scaler"])

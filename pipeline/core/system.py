@@ -37,26 +37,41 @@ def threads() -> int:
     return torch.get_num_threads()
 
 
-# Work per optimizer step (batch size x model parameters, about a forward pass's multiply-adds)
-# from which a step is worth every core. Below it one thread is faster: OpenMP's hand-offs cost
-# more than they save, and the metric logger needs a core of its own. The measurements behind the
-# threshold are in docs/performance.md ("Threads").
-PARALLEL_WORK = 1 << 24
+# Work per optimizer step (the batch's forward pass in floating-point operations, ``cost.forward_flops``
+# times the batch) from which a step is worth every core. Below it one thread is faster: OpenMP's
+# hand-offs cost more than they save, and the metric logger needs a core of its own. Counted in
+# operations rather than parameters, so that a convolutional network, whose work is in its
+# activations, is judged by its work. Checked against measured steps of an MLP and a CNN at every
+# thread count (``make bench``'s limit rows; docs/performance.md, "Threads").
+PARALLEL_FLOPS = 1 << 25
 
 
-def threads_for(wanted: int, work: int | None = None, device: str = "cpu") -> int:
-    """``wanted`` torch threads; 0: chosen from ``work`` (all cores from PARALLEL_WORK up, else
-    one), all cores when the work is not known. The choice is a function of the params and the
-    machine, never of a timing, so the same run on the same machine repeats bit for bit.
-    On a GPU the CPU only launches kernels: one thread (docs/performance.md, "Threads")."""
+def threads_for(wanted: int, work: float | None = None, device: str = "cpu") -> int:
+    """``wanted`` torch threads; 0: chosen from ``work`` (all cores from PARALLEL_FLOPS up, else
+    one), all cores when the work is not known. The choice is a function of the params, the
+    model and the machine, never of a timing, so the same run on the same machine repeats bit for
+    bit. On a GPU the CPU only launches kernels: one thread (docs/performance.md, "Threads")."""
     if wanted:
         return wanted
     if device == "cuda":
         return 1
-    return cpu_count() if work is None or work >= PARALLEL_WORK else 1
+    return cpu_count() if work is None or work >= PARALLEL_FLOPS else 1
 
 
-def set_threads(wanted: int, work: int | None = None, device: str = "cpu") -> int:
+def threads_reason(wanted: int, work: float | None = None, device: str = "cpu") -> str:
+    """Why ``threads_for`` chose what it did, in words recorded on the run."""
+    n = threads_for(wanted, work, device)
+    if wanted:
+        return f"{n}: train.threads"
+    if device == "cuda":
+        return "1: the GPU computes, the CPU launches kernels"
+    if work is None:
+        return f"{n}: the step's work is not known"
+    cmp = ">=" if work >= PARALLEL_FLOPS else "<"
+    return f"{n}: a step's forward pass is {work / 1e6:,.1f} MFLOP {cmp} {PARALLEL_FLOPS / 1e6:,.1f}"
+
+
+def set_threads(wanted: int, work: float | None = None, device: str = "cpu") -> int:
     n = threads_for(wanted, work, device)
     torch.set_num_threads(n)
     return n

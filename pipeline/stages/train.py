@@ -28,7 +28,8 @@ from ..core.engine import FitResult, Hooks, NullSink, TrainSpec, budget_steps, f
 from ..core.memory import PeakMemory
 from ..core.models import build_model, code_sha256
 from ..core.signals import StopSignals
-from ..core.system import device_name, pick_device, set_flush_denormal, set_threads, threads
+from ..core.cost import forward_flops
+from ..core.system import device_name, pick_device, set_flush_denormal, set_threads, threads, threads_reason
 from ..core.transforms import BatchAugment
 from ..procs import Busy
 from ..steplog import write_csv
@@ -46,6 +47,7 @@ class Job:
     sweep_key: str
     checkpoint: Checkpoint
     lr: float | None = None  # the run's rate (from a grid or the search); None: train.lr
+    flops: float | None = None  # one example's forward pass (``cost.forward_flops``): what chose the threads
 
     @property
     def train(self):
@@ -101,15 +103,16 @@ def prepare_jobs(ctx: Context, batch_size: int, seeds: tuple[int, ...] | None = 
         if device.type == "cuda":
             device = torch.device("cuda", d.local_rank)
             torch.cuda.set_device(device)
-    n_params = sum(q.numel() for q in build_model(ctx.params.model, data.sample_shape, data.n_outputs).parameters())
-    set_threads(ctx.params.train.threads, work=-(-batch_size // d.world) * n_params, device=device.type)
+    flops = forward_flops(build_model(ctx.params.model, data.sample_shape, data.n_outputs),
+                          data.train.rows(slice(0, 2))[0])
+    set_threads(ctx.params.train.threads, work=-(-batch_size // d.world) * flops, device=device.type)
     key = ctx.params.sweep_key(data.data_hash)
     trials = [(lr, s) for s in seeds or ctx.params.train.seeds] if lr is not None else ctx.params.train.trials(seeds)
     grid = bool(ctx.params.train.lr_grid)
     return [Job(ctx, batch_size, seed, data, device, d, key,
                 Checkpoint(ctx.checkpoint(batch_size, seed, rate if grid else None),
                            {"sweep": key, "batch_size": batch_size, "seed": seed, "world": d.world}
-                           | ({} if rate is None else {"lr": rate})), rate)
+                           | ({} if rate is None else {"lr": rate})), rate, flops)
             for rate, seed in trials]
 
 
@@ -251,6 +254,8 @@ def _run_params(job: Job, window: int) -> dict[str, Any]:
         "lr_effective": scaled_lr(t, job.batch_size), "steps_per_epoch": job.per_epoch,
         "budget_steps": job.total_steps,
         "log_window_steps": window, "device": device_name(job.device), "threads": threads(),
+        "threads_reason": threads_reason(t.threads, job.flops and -(-job.batch_size // job.dist.world) * job.flops,
+                                         job.device.type),
         "world_size": job.dist.world,
         "data_path": "stream" if job.data.train.norm is not None else t.loader, "model.code_sha256": code_sha256(job.ctx.params.model, job.ctx.workdir)}
 

@@ -35,12 +35,13 @@ from ..config import TrackingParams, TrainParams
 from ..core.data import Split
 from ..core.compute import make_optimizer
 from ..core.engine import Hooks, NullSink, TrainSpec, fit
+from ..core.cost import forward_flops
 from ..core.memory import PeakMemory
 from ..core.nets import MLP
 from ..core.system import cpu_count, pick_device, processor, set_flush_denormal, set_threads, sync, threads_for
 from ..tracking.live import SEND_SECONDS
 from ..tracking.points import window_for
-from .rates import fit_rate, loader_rate
+from .rates import compute_rate, fit_rate, loader_rate
 
 LOADERS = ("tutorial", "tensordataset", "pipeline", "limit")
 DEFAULT_THREADS = torch.get_num_threads()  # before anything sets it: what a user's script gets
@@ -87,27 +88,6 @@ def _model(device) -> tuple[nn.Module, torch.optim.Optimizer]:
     return model, make_optimizer(PARAMS, model, PARAMS.lr)
 
 
-def _compute_rate(x, y, bs, device, seconds: float) -> float:
-    model, opt = _model(device)
-    crit = nn.CrossEntropyLoss()
-    xb, yb = x[:bs].to(device), y[:bs].to(device)
-    steps, t0 = 0, None
-    while True:
-        opt.zero_grad(set_to_none=True)
-        crit(model(xb), yb).backward()
-        opt.step()
-        if t0 is None:
-            if steps >= 2:
-                sync(device)
-                t0, steps = time.perf_counter(), 0
-            steps += 1
-            continue
-        steps += 1
-        if steps % 4 == 0 and time.perf_counter() - t0 >= seconds:
-            sync(device)
-            return steps * bs / (time.perf_counter() - t0)
-
-
 def _pipeline_rate(train: Split, val: Split, bs, device, seconds, sink, p=PARAMS) -> tuple[float, int]:
     model, _ = _model(device)
     if hasattr(sink, "windows"):
@@ -137,10 +117,10 @@ def run_bench(batch_sizes: list[int], seconds: float, repeats: int, device: torc
         return sink_factory(name) if sink_factory else nullcontext(NullSink())
 
     per = seconds / repeats
-    n_params = sum(q.numel() for q in _model(device)[0].parameters())
+    flops = forward_flops(_model(device)[0], x[:2].to(device))
 
     def policy(bs: int) -> int:  # the pipeline's own thread choice (train.threads: 0)
-        return set_threads(0, work=bs * n_params, device=device.type)
+        return set_threads(0, work=bs * flops, device=device.type)
 
     rates: dict[tuple[str, int], list[float]] = {}
     memory: dict[int, int] = {}
@@ -159,11 +139,11 @@ def run_bench(batch_sizes: list[int], seconds: float, repeats: int, device: torc
             memory[bs] = max(memory.get(bs, 0), peak)
             for t in range(1, cores + 1):
                 torch.set_num_threads(t)
-                rates.setdefault((f"compute{t}", bs), []).append(_compute_rate(x, y, bs, device, per))
+                rates.setdefault((f"compute{t}", bs), []).append(compute_rate(_model, x[:bs], y[:bs], device, per))
             log(f"  repeat {r + 1}/{repeats} batch size {bs}: " + ", ".join(
                 f"{k[0]} {v[-1]:,.0f}" for k, v in rates.items() if k[1] == bs))
     overheads = _overheads(train, val, device, per, repeats, logged, policy, sink_factory is not None)
-    rows = _rows(rates, memory, batch_sizes, cores, n_params, device)
+    rows = _rows(rates, memory, batch_sizes, cores, flops, device)
     return overheads | {"rows": rows, "device": processor(device), "cores": cores,
                         "default_threads": DEFAULT_THREADS, "flush_denormal": flush,
                         "seconds_per_cell": seconds, "repeats": repeats}
@@ -188,13 +168,13 @@ def _overheads(train, val, device, per: float, repeats: int, logged, policy, tra
     return {"logging_overhead": logging}
 
 
-def _rows(rates, memory, batch_sizes, cores: int, n_params: int, device) -> list[dict[str, Any]]:
+def _rows(rates, memory, batch_sizes, cores: int, flops: float, device) -> list[dict[str, Any]]:
     rows = []
     for bs in batch_sizes:
         best = max(range(1, cores + 1), key=lambda t: statistics.median(rates[(f"compute{t}", bs)]))
         for loader in LOADERS:
             key = (f"compute{best}", bs) if loader == "limit" else (loader, bs)
-            threads = {"limit": best, "pipeline": threads_for(0, bs * n_params, device.type)}.get(loader, DEFAULT_THREADS)
+            threads = {"limit": best, "pipeline": threads_for(0, bs * flops, device.type)}.get(loader, DEFAULT_THREADS)
             rows.append({"loader": loader, "batch_size": bs, "samples_per_s": statistics.median(rates[key]),
                          "threads": threads, "peak_memory_bytes": memory.get(bs, 0) if loader == "pipeline" else 0})
         for t in range(1, cores + 1):
@@ -279,8 +259,9 @@ def measure(ctx, args, sizes: list[int], device: torch.device, cell_sink) -> dic
         result["data_parallel"] = ddp_rows(big, ranks=args.ranks)
     if args.images:
         from .imagebench import image_rows
-        print("  images: an ImageFolder of PNGs, tensor path vs DataLoader with 0, 1, 2 workers", file=sys.stderr)
-        result["images"] = image_rows([32, 256], args.seconds, args.repeats, device)
+        print("  CNN: an ImageFolder of 28x28 PNGs, torchvision's DataLoader vs the pipeline vs the compute limit",
+              file=sys.stderr)
+        result["images"] = image_rows([64, 256], args.seconds, args.repeats, device)
     if args.stages and cell_sink is not None:
         from . import stagebench
         print("  stages: fixed cost (train, evaluate on digits), MNIST-sized train stage", file=sys.stderr)
@@ -306,7 +287,7 @@ def _log_bench(rec, sizes, args, result: dict[str, Any], text: str) -> None:
     if result["logging_overhead"] is not None:
         rec.log_metrics({"logging_overhead_bs8": result["logging_overhead"]["fraction"]})
     for r in (result.get("images") or {}).get("rows", []):
-        rec.log_metrics({f"images/{k}/samples_per_s": v for k, v in r.items() if k != "batch_size"},
+        rec.log_metrics({f"cnn/{k}/samples_per_s": r[k] for k in ("torchvision", "steps", "loop", "limit")},
                         step=r["batch_size"])
     if result.get("fixed_cost"):
         fc = result["fixed_cost"]

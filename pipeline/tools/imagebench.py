@@ -1,8 +1,15 @@
-"""bench's image rows: training samples/s on an ImageFolder of PNGs, the pipeline's tensor path
-(decoded once at prepare, batches cut from memory) against torch's DataLoader decoding the files
-per sample with 0, 1 and 2 worker processes (pinned memory on a GPU, persistent workers): what a
-data set that does not fit in memory would cost, where the tutorial's advice (workers, pinning)
-is measured rather than assumed."""
+"""bench's CNN rows: PyTorch's two-convolution MNIST network on an ImageFolder of 28x28 PNGs that
+the bench writes itself, trained four ways on the same files:
+
+  torchvision   the plain script: ImageFolder + ToImage/ToDtype/Normalize in a DataLoader with
+                shuffle=True and 0 or 2 worker processes (pinned memory on a GPU), torch's
+                default threads; the better worker count is the row;
+  steps         the pipeline's loop on the tensors its prepare stage decodes once, its threads
+                chosen by its rule (``system.threads_for``): samples over the optimizer steps' time;
+  loop          the same cells: samples over the loop's wall time (validations at the default
+                spacing, figures drained, everything the user waits through);
+  limit         optimizer steps on one batch already in memory, at every thread count: the best.
+"""
 from __future__ import annotations
 
 import statistics
@@ -12,29 +19,26 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 
 from ..config import TrainParams
-from ..core.data import Split
 from ..core.compute import make_optimizer
-from .rates import fit_rate, loader_rate
+from ..core.cost import forward_flops
+from ..core.data import Split
+from ..core.system import cpu_count, threads_for
+from .rates import compute_rate, fit_rates, loader_rate
 
-WORKERS = (0, 1, 2)
-N_PER_CLASS, SIZE = 250, 32
+WORKERS = (0, 2)
+N_PER_CLASS, SIZE, CLASSES = 200, 28, 10
+VAL_FRACTION = 0.1
+# A CNN step takes tens of milliseconds on a CPU: cells long enough for tens of steps.
+CELL_SECONDS = 4.0
 PARAMS = TrainParams(max_steps=10**9, stop_at_target=False, lr=1e-3, optimizer="adam", noise_scale=False)
 
 
-def _cnn() -> nn.Module:
-    """Two 3x3 convolutions and a linear head: small enough that reading the data can matter."""
+def _cnn(in_channels: int) -> torch.nn.Module:
+    from examples.mymodels.nets import MnistCNN  # the user's own network, as a sweep would name it
     torch.manual_seed(0)
-    return nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-                         nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
-                         nn.Flatten(), nn.Linear(32, 4))
-
-
-def _cnn_and_optimizer(device) -> tuple[nn.Module, torch.optim.Optimizer]:
-    model = _cnn().to(device)
-    return model, make_optimizer(PARAMS, model, PARAMS.lr)
+    return MnistCNN(in_channels, CLASSES)
 
 
 def image_rows(batch_sizes: list[int], seconds: float, repeats: int, device: torch.device) -> dict[str, Any]:
@@ -46,46 +50,70 @@ def image_rows(batch_sizes: list[int], seconds: float, repeats: int, device: tor
     from .samplefiles import write_imagefolder
 
     with tempfile.TemporaryDirectory() as tmp:
-        root = write_imagefolder(Path(tmp) / "tree", per_class=N_PER_CLASS, size=SIZE)
+        root = write_imagefolder(Path(tmp) / "tree", per_class=N_PER_CLASS, size=SIZE, n_classes=CLASSES)
         t0 = time.perf_counter()
-        _, splits = build_splits(DataParams(name="imagefolder", root=str(root), val_fraction=0.01,
+        _, splits = build_splits(DataParams(name="imagefolder", root=str(root), val_fraction=VAL_FRACTION,
                                             test_fraction=0.01))
         decode_seconds = time.perf_counter() - t0
-        x_raw, y = splits["train"]
-        x = torch.from_numpy(x_raw).float()
-        mean, std = x.mean((0, 2, 3)).tolist(), x.std((0, 2, 3)).tolist()
-        x = (x - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
-        train = Split(x, torch.from_numpy(y))
+        x_of = {k: torch.from_numpy(v[0]).float() for k, v in splits.items() if k in ("train", "val")}
+        channels = x_of["train"].shape[1]
+        mean, std = x_of["train"].mean((0, 2, 3)).tolist(), x_of["train"].std((0, 2, 3)).tolist()
+        norm = lambda x: (x - torch.tensor(mean).view(1, -1, 1, 1)) / torch.tensor(std).view(1, -1, 1, 1)  # noqa: E731
+        train = Split(norm(x_of["train"]), torch.from_numpy(splits["train"][1]))
+        val = Split(norm(x_of["val"]), torch.from_numpy(splits["val"][1]))
         folder = datasets.ImageFolder(str(root / "train"), transform=v2.Compose(
-            [v2.ToImage(), v2.ToDtype(torch.float32), v2.Normalize(mean, std)]))
-        per = seconds / repeats
+            [v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)]))
+        per = max(seconds / repeats, CELL_SECONDS)
+        flops = forward_flops(_cnn(channels), train.x[:2])
+        cores = cpu_count() if device.type == "cpu" else 1
         rates: dict[tuple[str, int], list[float]] = {}
+
+        def make(dev):
+            model = _cnn(channels).to(dev)
+            return model, make_optimizer(PARAMS, model, PARAMS.lr)
+
         for _ in range(repeats):
             for bs in batch_sizes:
-                rates.setdefault(("tensor", bs), []).append(
-                    fit_rate(_cnn(), train, Split(x[:64], train.y[:64]), PARAMS, bs, device, per))
+                default = torch.get_num_threads()
                 for w in WORKERS:
-                    loader = torch.utils.data.DataLoader(
-                        folder, batch_size=bs, shuffle=True, num_workers=w, pin_memory=device.type == "cuda",
-                        persistent_workers=w > 0)
-                    rates.setdefault((f"loader{w}", bs), []).append(
-                        loader_rate(loader, device, per, _cnn_and_optimizer))
+                    loader = torch.utils.data.DataLoader(folder, batch_size=bs, shuffle=True, num_workers=w,
+                                                         pin_memory=device.type == "cuda", persistent_workers=w > 0)
+                    rates.setdefault((f"torchvision{w}", bs), []).append(loader_rate(loader, device, per, make))
                     del loader
-    rows = [{"batch_size": bs, **{name: statistics.median(rates[(name, bs)])
-                                  for name in ("tensor", *(f"loader{w}" for w in WORKERS))}}
-            for bs in batch_sizes]
-    return {"images": len(folder), "size": SIZE, "decode_seconds": decode_seconds, "rows": rows,
-            "seconds_per_cell": per}
+                torch.set_num_threads(threads_for(0, bs * flops, device.type))
+                steps, loop = fit_rates(_cnn(channels), train, val, PARAMS, bs, device, per)
+                rates.setdefault(("steps", bs), []).append(steps)
+                rates.setdefault(("loop", bs), []).append(loop)
+                for t in range(1, cores + 1):
+                    torch.set_num_threads(t)
+                    rates.setdefault((f"compute{t}", bs), []).append(
+                        compute_rate(make, train.x[:bs], train.y[:bs], device, per))
+                torch.set_num_threads(default)
+    rows = []
+    for bs in batch_sizes:
+        med = {k[0]: statistics.median(v) for k, v in rates.items() if k[1] == bs}
+        best_w = max(WORKERS, key=lambda w: med[f"torchvision{w}"])
+        best_t = max(range(1, cores + 1), key=lambda t: med[f"compute{t}"])
+        rows.append({"batch_size": bs, "torchvision": med[f"torchvision{best_w}"], "workers": best_w,
+                     "steps": med["steps"], "loop": med["loop"], "limit": med[f"compute{best_t}"],
+                     "limit_threads": best_t, "threads": threads_for(0, bs * flops, device.type),
+                     **{k: v for k, v in med.items() if k.startswith(("torchvision", "compute"))}})
+    return {"images": len(folder), "size": SIZE, "channels": channels, "decode_seconds": decode_seconds,
+            "forward_mflop": flops / 1e6, "rows": rows, "seconds_per_cell": per}
 
 
 def lines(result: dict[str, Any] | None) -> list[str]:
     if not result:
         return []
-    out = [f"ImageFolder of {result['images']:,} PNGs ({result['size']}x{result['size']} RGB), a small CNN: "
-           f"training samples/s, tensor path (decoded once at prepare: {result['decode_seconds']:.1f} s) vs "
-           f"DataLoader decoding each file, cells of {result['seconds_per_cell']:.1f} s",
-           f"{'batch':>6} {'tensor':>9} " + " ".join(f"{f'loader w={w}':>12}" for w in WORKERS)]
+    out = [f"CNN (PyTorch's 2-conv MNIST network, {result['forward_mflop']:.1f} MFLOP a forward pass) on an "
+           f"ImageFolder of {result['images']:,} PNGs ({result['size']}x{result['size']}, {result['channels']} "
+           f"channels as decoded): training samples/s, cells of {result['seconds_per_cell']:.1f} s; the pipeline "
+           f"decoded them once at prepare ({result['decode_seconds']:.1f} s); [n]: threads, [w=n]: workers",
+           f"{'batch':>6} {'torchvision':>15} {'pipe steps':>14} {'pipe loop':>10} {'limit':>13}"
+           f" {'steps/limit':>11} {'loop/limit':>10} {'loop/tv':>8}"]
     for r in result["rows"]:
-        out.append(f"{r['batch_size']:>6} {r['tensor']:>9,.0f} " +
-                   " ".join(f"{r[f'loader{w}']:>12,.0f}" for w in WORKERS))
+        out.append(f"{r['batch_size']:>6} {r['torchvision']:>9,.0f} [w={r['workers']}] {r['steps']:>10,.0f} "
+                   f"[{r['threads']}] {r['loop']:>10,.0f} {r['limit']:>9,.0f} [{r['limit_threads']}]"
+                   f" {r['steps'] / r['limit']:>11.2f} {r['loop'] / r['limit']:>10.2f}"
+                   f" {r['loop'] / r['torchvision']:>7.2f}x")
     return out

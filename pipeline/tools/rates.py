@@ -1,5 +1,6 @@
-"""What the bench's rows share: the samples/s of a plain loop over a DataLoader, and of the
-pipeline's own loop (``engine.fit``) for a model, both timed the same way."""
+"""What the bench's rows share: the samples/s of a plain loop over a DataLoader, of optimizer steps
+on one batch in memory (the compute limit), and of the pipeline's own loop (``engine.fit``),
+all timed the same way."""
 from __future__ import annotations
 
 import time
@@ -36,8 +37,36 @@ def loader_rate(loader, device, seconds: float, make, warmup: int = 3) -> float:
                     return samples / (time.perf_counter() - t0)
 
 
+def compute_rate(make, xb: torch.Tensor, yb: torch.Tensor, device, seconds: float, warmup: int = 2) -> float:
+    """Samples/s of optimizer steps on one batch already on the device: the compute limit."""
+    model, opt = make(device)
+    crit = nn.CrossEntropyLoss()
+    xb, yb = xb.to(device), yb.to(device)
+    steps, t0 = 0, None
+    while True:
+        opt.zero_grad(set_to_none=True)
+        crit(model(xb), yb).backward()
+        opt.step()
+        steps += 1
+        if t0 is None:
+            if steps >= warmup:
+                sync(device)
+                t0, steps = time.perf_counter(), 0
+            continue
+        if time.perf_counter() - t0 >= seconds:
+            sync(device)
+            return steps * xb.shape[0] / (time.perf_counter() - t0)
+
+
+def fit_rates(model: nn.Module, train: Split, val: Split, p: TrainParams, batch_size: int, device: torch.device,
+              seconds: float, hooks: Hooks | None = None) -> tuple[float, float]:
+    """Samples per second of the pipeline's loop, over ``seconds`` of its step time: over the steps'
+    time, and over the loop's wall time."""
+    result = fit(model, TrainSpec(train, val, p, batch_size, "classification", device), hooks, max_seconds=seconds)
+    return result.samples / result.train_seconds, result.samples / result.loop["loop_seconds"]
+
+
 def fit_rate(model: nn.Module, train: Split, val: Split, p: TrainParams, batch_size: int, device: torch.device,
              seconds: float, hooks: Hooks | None = None) -> float:
     """Samples per second of the pipeline's loop, over ``seconds`` of its step time."""
-    result = fit(model, TrainSpec(train, val, p, batch_size, "classification", device), hooks, max_seconds=seconds)
-    return result.samples / result.train_seconds
+    return fit_rates(model, train, val, p, batch_size, device, seconds, hooks)[0]

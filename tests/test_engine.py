@@ -269,7 +269,8 @@ def test_validations_start_untrained_and_are_spaced_by_what_they_cost():
     """A validation as dear as several steps is spaced so that validations cost at most
     EVAL_SHARE of the steps (by the counted cost); a cheap one comes every 10 % further on."""
     from pipeline.core.cost import EVAL_SHARE, eval_flops, step_flops
-    from pipeline.core.engine import EVAL_CHUNK, next_eval
+    from pipeline.core.cost import eval_chunk
+    from pipeline.core.engine import next_eval
 
     p = TrainParams(max_steps=400)
     big_val = toy(4000, seed=1)
@@ -280,13 +281,14 @@ def test_validations_start_untrained_and_are_spaced_by_what_they_cost():
     assert steps[0] == 0 and steps[-1] == 400
     from pipeline.core.cost import forward_flops
     f = forward_flops(model, big_val.x)
-    gap = math.ceil(eval_flops(f, 4000, EVAL_CHUNK) / step_flops(f, 2) / EVAL_SHARE)
+    chunk = eval_chunk(f, "cpu")
+    gap = math.ceil(eval_flops(f, 4000, chunk) / step_flops(f, 2) / EVAL_SHARE)
     assert gap > 1
     assert all(b - a >= gap for a, b in zip(steps[:-2], steps[1:-1]))  # the last is the run's end
     assert steps[:-1] == [0] + [next_eval(p, s, gap) for s in steps[:-2]]
     # Counted cost of the validations made, against the steps': within the share (the untrained
     # model's validation and the last one aside).
-    assert (len(steps) - 2) * eval_flops(f, 4000, EVAL_CHUNK) <= EVAL_SHARE * 400 * step_flops(f, 2)
+    assert (len(steps) - 2) * eval_flops(f, 4000, chunk) <= EVAL_SHARE * 400 * step_flops(f, 2)
     # A validation much cheaper than a step (8 rows against a batch of 64 of a wide network): 10 %
     # further on, one step apart at first.
     cheap = fit(MLP(5, (2048, 2048), 3), TrainSpec(toy(), toy(8, seed=1), TrainParams(max_steps=6), 64,

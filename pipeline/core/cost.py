@@ -17,6 +17,8 @@ PASS_FLOPS = 3e6
 EVAL_FLOPS = 4.5e6
 # A training step's passes: the forward, the backward (about twice the forward's work).
 STEP_PASSES = 3
+MAX_EVAL_CHUNK = 4096
+EVAL_CHUNK_FLOPS = 2e9
 # The share of a run's compute its validations may take (``eval_gap``).
 EVAL_SHARE = 0.05
 
@@ -34,6 +36,16 @@ def forward_flops(model: nn.Module, x: torch.Tensor) -> float:
     finally:
         model.train(was)
     return counter.get_total_flops() / max(1, min(2, x.shape[0]))
+
+
+def eval_chunk(per_example: float, device: str) -> int:
+    """Validation rows per forward pass: on a GPU as many as fit comfortably; on a CPU about
+    EVAL_CHUNK_FLOPS of work, so that a convolutional network's activations stay in cache (its
+    validation ran 1.8x faster in chunks of 64 than of 4,096), while a small network still
+    validates in one pass."""
+    if device == "cuda":
+        return MAX_EVAL_CHUNK
+    return max(1, min(MAX_EVAL_CHUNK, int(EVAL_CHUNK_FLOPS // max(per_example, 1.0))))
 
 
 def step_flops(per_example: float, batch: int) -> float:

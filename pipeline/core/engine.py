@@ -25,7 +25,7 @@ from ..steplog import StepLog, Steps
 from .batches import Batches
 from .checkpoint import Checkpoint
 from .compute import Precision, make_optimizer, prepare_model, warm_up, warm_up_compiled
-from .cost import eval_gap, forward_flops
+from .cost import MAX_EVAL_CHUNK, eval_chunk, eval_gap, forward_flops
 from .data import Split
 from .dist import Dist, all_sum
 from .memory import step_memory
@@ -40,8 +40,6 @@ FLUSH_SECONDS = 2.0
 # A checkpoint (where train.checkpoint_every_steps is 0) after this many seconds of the loop: a
 # stopped run loses at most this much; a signal saves at once whatever the interval.
 CHECKPOINT_SECONDS = 60.0
-# Validation rows per forward pass.
-EVAL_CHUNK = 4096
 
 
 class StepSink(Protocol):
@@ -181,7 +179,7 @@ def crossing(metric: str, target: float, before: dict | None, after: dict) -> di
 
 @torch.no_grad()
 def evaluate_split(model: nn.Module, data: Split, loss_fn: nn.Module, task: str,
-                   batch_size: int = EVAL_CHUNK) -> tuple[float, float]:
+                   batch_size: int = MAX_EVAL_CHUNK) -> tuple[float, float]:
     """Mean loss and accuracy (nan for regression) over a split, read back from the device once."""
     was_training = model.training
     model.eval()
@@ -297,7 +295,8 @@ class Trainer:
         if p.compile != "none":
             warm_up_compiled(self.net, self.model, self.criterion, self.batches, self.precision)
         self.flops = forward_flops(self.model, self.batches.head(2)[0])
-        self.eval_gap = eval_gap(self.flops, -(-spec.batch_size // spec.dist.world), len(self.val), EVAL_CHUNK)
+        self.eval_chunk = eval_chunk(self.flops, device.type)
+        self.eval_gap = eval_gap(self.flops, -(-spec.batch_size // spec.dist.world), len(self.val), self.eval_chunk)
         self.next_eval = next_eval(p, 0, self.eval_gap)
 
     def _variant(self):
@@ -388,7 +387,7 @@ class Trainer:
         s, p = self.state, self.p
         self.next_eval = next_eval(p, s.step, self.eval_gap)
         t0 = time.perf_counter()
-        v_loss, v_acc = evaluate_split(self.model, self.val, self.criterion, self.spec.task)
+        v_loss, v_acc = evaluate_split(self.model, self.val, self.criterion, self.spec.task, self.eval_chunk)
         if p.stop_on_nonfinite and not math.isfinite(v_loss):
             self.flush()
             raise NonFiniteLoss(f"validation loss became {v_loss} by optimizer step {s.step} "

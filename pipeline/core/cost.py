@@ -2,7 +2,8 @@
 model: the stand-in for a timing wherever a choice must not depend on the machine's load.
 Torch's threads and the spacing of validations are chosen from it, so they are functions of the
 params, the model and the data's shape, and the same run repeats bit for bit on the same machine.
-The constants are checked against measured steps in docs/performance.md ("Costs")."""
+The constants are checked against measured steps in docs/performance.md ("A training's wall
+time against its steps")."""
 from __future__ import annotations
 
 import math
@@ -17,6 +18,8 @@ PASS_FLOPS = 3e6
 EVAL_FLOPS = 4.5e6
 # A training step's passes: the forward, the backward (about twice the forward's work).
 STEP_PASSES = 3
+# Validation rows per forward pass: at most this many (a GPU's), and on a CPU about this much work
+# (``eval_chunk``).
 MAX_EVAL_CHUNK = 4096
 EVAL_CHUNK_FLOPS = 2e9
 # The share of a run's compute its validations may take (``eval_gap``).
@@ -40,9 +43,8 @@ def forward_flops(model: nn.Module, x: torch.Tensor) -> float:
 
 def eval_chunk(per_example: float, device: str) -> int:
     """Validation rows per forward pass: on a GPU as many as fit comfortably; on a CPU about
-    EVAL_CHUNK_FLOPS of work, so that a convolutional network's activations stay in cache (its
-    validation ran 1.8x faster in chunks of 64 than of 4,096), while a small network still
-    validates in one pass."""
+    EVAL_CHUNK_FLOPS of work, so that a convolutional network's activations stay in cache, while
+    a small network still validates in one pass."""
     if device == "cuda":
         return MAX_EVAL_CHUNK
     return max(1, min(MAX_EVAL_CHUNK, int(EVAL_CHUNK_FLOPS // max(per_example, 1.0))))

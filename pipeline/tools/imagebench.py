@@ -23,7 +23,6 @@ import torch
 from ..config import TrainParams
 from ..core.compute import make_optimizer
 from ..core.cost import forward_flops
-from ..core.data import Split
 from ..core.system import cpu_count, threads_for
 from .rates import compute_rate, fit_rates, loader_rate
 
@@ -41,30 +40,36 @@ def _cnn(in_channels: int) -> torch.nn.Module:
     return MnistCNN(in_channels, CLASSES)
 
 
-def image_rows(batch_sizes: list[int], seconds: float, repeats: int, device: torch.device) -> dict[str, Any]:
+def _prepared(tmp: Path):
+    """The PNG tree, prepared as the pipeline's prepare stage does (decoded once, normalised on
+    load), and torchvision's ImageFolder over the same files with the same normalisation."""
     from torchvision import datasets
     from torchvision.transforms import v2
 
     from ..config import DataParams
+    from ..core.data import load_prepared, write_prepared
     from ..core.sources import build_splits
     from .samplefiles import write_imagefolder
 
+    root = write_imagefolder(tmp / "tree", per_class=N_PER_CLASS, size=SIZE, n_classes=CLASSES)
+    t0 = time.perf_counter()
+    task, splits = build_splits(DataParams(name="imagefolder", root=str(root), val_fraction=VAL_FRACTION,
+                                           test_fraction=0.01))
+    manifest = write_prepared(tmp / "prepared", task, splits, {"name": "imagefolder"})
+    data = load_prepared(tmp / "prepared", ("train", "val"))
+    decode_seconds = time.perf_counter() - t0
+    mean, std = (v if isinstance(v, list) else [v] for v in (manifest["normalisation"][k] for k in ("mean", "std")))
+    folder = datasets.ImageFolder(str(root / "train"), transform=v2.Compose(
+        [v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)]))
+    return data, folder, decode_seconds
+
+
+def image_rows(batch_sizes: list[int], seconds: float, repeats: int, device: torch.device) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp:
-        root = write_imagefolder(Path(tmp) / "tree", per_class=N_PER_CLASS, size=SIZE, n_classes=CLASSES)
-        t0 = time.perf_counter()
-        _, splits = build_splits(DataParams(name="imagefolder", root=str(root), val_fraction=VAL_FRACTION,
-                                            test_fraction=0.01))
-        decode_seconds = time.perf_counter() - t0
-        x_of = {k: torch.from_numpy(v[0]).float() for k, v in splits.items() if k in ("train", "val")}
-        channels = x_of["train"].shape[1]
-        mean, std = x_of["train"].mean((0, 2, 3)).tolist(), x_of["train"].std((0, 2, 3)).tolist()
-        norm = lambda x: (x - torch.tensor(mean).view(1, -1, 1, 1)) / torch.tensor(std).view(1, -1, 1, 1)  # noqa: E731
-        train = Split(norm(x_of["train"]), torch.from_numpy(splits["train"][1]))
-        val = Split(norm(x_of["val"]), torch.from_numpy(splits["val"][1]))
-        folder = datasets.ImageFolder(str(root / "train"), transform=v2.Compose(
-            [v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)]))
+        data, folder, decode_seconds = _prepared(Path(tmp))
+        channels = data.sample_shape[0]
         per = max(seconds / repeats, CELL_SECONDS)
-        flops = forward_flops(_cnn(channels), train.x[:2])
+        flops = forward_flops(_cnn(channels), data.train.x[:2])
         cores = cpu_count() if device.type == "cpu" else 1
         rates: dict[tuple[str, int], list[float]] = {}
 
@@ -81,25 +86,28 @@ def image_rows(batch_sizes: list[int], seconds: float, repeats: int, device: tor
                     rates.setdefault((f"torchvision{w}", bs), []).append(loader_rate(loader, device, per, make))
                     del loader
                 torch.set_num_threads(threads_for(0, bs * flops, device.type))
-                steps, loop = fit_rates(_cnn(channels), train, val, PARAMS, bs, device, per)
+                steps, loop = fit_rates(_cnn(channels), data.train, data.val, PARAMS, bs, device, per)
                 rates.setdefault(("steps", bs), []).append(steps)
                 rates.setdefault(("loop", bs), []).append(loop)
                 for t in range(1, cores + 1):
                     torch.set_num_threads(t)
                     rates.setdefault((f"compute{t}", bs), []).append(
-                        compute_rate(make, train.x[:bs], train.y[:bs], device, per))
+                        compute_rate(make, data.train.x[:bs], data.train.y[:bs], device, per))
                 torch.set_num_threads(default)
-    rows = []
-    for bs in batch_sizes:
-        med = {k[0]: statistics.median(v) for k, v in rates.items() if k[1] == bs}
-        best_w = max(WORKERS, key=lambda w: med[f"torchvision{w}"])
-        best_t = max(range(1, cores + 1), key=lambda t: med[f"compute{t}"])
-        rows.append({"batch_size": bs, "torchvision": med[f"torchvision{best_w}"], "workers": best_w,
-                     "steps": med["steps"], "loop": med["loop"], "limit": med[f"compute{best_t}"],
-                     "limit_threads": best_t, "threads": threads_for(0, bs * flops, device.type),
-                     **{k: v for k, v in med.items() if k.startswith(("torchvision", "compute"))}})
     return {"images": len(folder), "size": SIZE, "channels": channels, "decode_seconds": decode_seconds,
-            "forward_mflop": flops / 1e6, "rows": rows, "seconds_per_cell": per}
+            "forward_mflop": flops / 1e6, "rows": [_row(rates, bs, cores, flops, device) for bs in batch_sizes],
+            "seconds_per_cell": per}
+
+
+def _row(rates: dict, bs: int, cores: int, flops: float, device: torch.device) -> dict[str, Any]:
+    """One batch size's medians: the better torchvision worker count, the best thread count."""
+    med = {k[0]: statistics.median(v) for k, v in rates.items() if k[1] == bs}
+    best_w = max(WORKERS, key=lambda w: med[f"torchvision{w}"])
+    best_t = max(range(1, cores + 1), key=lambda t: med[f"compute{t}"])
+    return {"batch_size": bs, "torchvision": med[f"torchvision{best_w}"], "workers": best_w,
+            "steps": med["steps"], "loop": med["loop"], "limit": med[f"compute{best_t}"],
+            "limit_threads": best_t, "threads": threads_for(0, bs * flops, device.type),
+            **{k: v for k, v in med.items() if k.startswith(("torchvision", "compute"))}}
 
 
 def lines(result: dict[str, Any] | None) -> list[str]:

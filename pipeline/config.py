@@ -279,7 +279,7 @@ class TrackingParams(_Section):
     # MLflow history per metric holds at most this many points per run: per-step points
     # when the run has fewer steps, window means (window recorded as a param) above that.
     # The full per-step record always goes to steps.csv (artifact and DVC plot).
-    max_points: int = Field(1000, ge=10)
+    max_points: int = Field(200, ge=10)
     full_history: bool = False
 
 

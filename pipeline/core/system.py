@@ -38,12 +38,12 @@ def threads() -> int:
 
 
 # Work per optimizer step (the batch's forward pass in floating-point operations, ``cost.forward_flops``
-# times the batch) from which a step is worth every core. Below it one thread is faster: OpenMP's
-# hand-offs cost more than they save, and the metric logger needs a core of its own. Counted in
+# times the batch) from which a step is worth every core. Below it a second thread does not pay:
+# OpenMP's hand-offs cost as much as it saves, beside the metric logger's thread. Counted in
 # operations rather than parameters, so that a convolutional network, whose work is in its
 # activations, is judged by its work. Checked against measured steps of an MLP and a CNN at every
 # thread count (``make bench``'s limit rows; docs/performance.md, "Threads").
-PARALLEL_FLOPS = 1 << 25
+PARALLEL_FLOPS = 1 << 21
 
 
 def threads_for(wanted: int, work: float | None = None, device: str = "cpu") -> int:

@@ -20,16 +20,18 @@ CLASSES = ("horizontal", "vertical", "checker", "rings")
 
 
 def stripes(n: int, size: int, rng: np.random.Generator, n_classes: int = len(CLASSES)) -> tuple[np.ndarray, np.ndarray]:
-    """``n`` RGB images (n, size, size, 3) uint8 and their labels."""
+    """``n`` RGB images (n, size, size, 3) uint8 and their labels. Beyond the four patterns, each
+    further group of four classes draws them at a finer period, so that every class differs."""
     labels = np.arange(n) % n_classes
     yy, xx = np.mgrid[0:size, 0:size]
-    period = max(2, size // 4)
-    phase = rng.integers(0, period, size=n)[:, None, None]
-    half = period // 2
+    period = np.maximum(2, size // (4 + 2 * (labels // 4)))[:, None, None]  # (n, 1, 1)
+    half = np.maximum(1, period // 2)
+    phase = rng.integers(0, period[:, 0, 0])[:, None, None]
     rings = np.hypot(yy - (size - 1) / 2, xx - (size - 1) / 2).astype(int)
     checker = (yy // half + xx // half) * half  # alternate cells of side period/2
-    coord = np.stack([yy, xx, checker, rings])[labels % 4]  # (n, size, size)
-    phase = np.where(labels[:, None, None] % 4 == 2, 0, phase)  # the checker keeps its cells
+    pattern = (labels % 4)[:, None, None]
+    coord = np.where(pattern == 0, yy, np.where(pattern == 1, xx, np.where(pattern == 2, checker, rings)))
+    phase = np.where(pattern == 2, 0, phase)  # the checker keeps its cells
     wave = ((coord + phase) % period) < half
     colour = rng.integers(80, 256, size=(n, 1, 1, 3))
     noise = rng.normal(0, 40, size=(n, size, size, 3))

@@ -316,3 +316,32 @@ def test_a_run_that_diverges_between_validations_names_its_step():
     first stopped being finite."""
     with pytest.raises(NonFiniteLoss, match=r"loss became (nan|inf) at optimizer step \d+"):
         _fit(TrainParams(max_steps=300, lr=1e30, optimizer="sgd"), flush_every=10**6)
+
+
+def test_a_dear_validation_comes_early_where_the_training_loss_nears_the_target(monkeypatch):
+    """Validations spaced far apart for their cost: the training loss, read every 1/PROBES of the
+    spacing, brings the next one forward near the target, so the run stops sooner on the same
+    training, and triggered validations stay a quarter spacing apart."""
+    import pipeline.core.engine as engine
+    from pipeline.core.cost import eval_chunk, eval_flops, EVAL_SHARE, forward_flops, step_flops
+
+    p = TrainParams(max_steps=3000, target_value=0.4, curve_targets=[], lr=0.01)
+    val = toy(100_000, seed=1)
+
+    def run():
+        torch.manual_seed(0)
+        model = MLP(5, (8,), 3)
+        return fit(model, TrainSpec(toy(), val, p, 2, "classification")), model
+
+    probed, model = run()
+    f = forward_flops(model, val.x)
+    gap = math.ceil(eval_flops(f, len(val), eval_chunk(f, "cpu")) / step_flops(f, 2) / EVAL_SHARE)
+    steps = [e["step"] for e in probed.history.evals]
+    assert gap >= engine.PROBES
+    assert any(b - a < gap for a, b in zip(steps[1:-1], steps[2:]))  # brought forward
+    assert all(b - a >= gap // 4 for a, b in zip(steps[:-1], steps[1:]))
+    monkeypatch.setattr(engine, "PROBES", 10**9)
+    plain, _ = run()
+    assert probed.target is not None and plain.target is not None
+    assert probed.steps < plain.steps
+    assert probed.history.loss == plain.history.loss[:probed.steps]  # the same training, validated sooner

@@ -37,6 +37,10 @@ from .variants import DataParallelStep
 
 # Figures drain at least this often, so that a run's live metrics trail its steps by seconds.
 FLUSH_SECONDS = 2.0
+# Where validations are spaced out for their cost, the training loss is read every 1/PROBES of the
+# spacing; at most NEAR times the easiest target not yet reached, a validation comes early
+# (``Trainer.probe``).
+PROBES, NEAR = 16, 1.5
 # A checkpoint (where train.checkpoint_every_steps is 0) after this many seconds of the loop: a
 # stopped run loses at most this much; a signal saves at once whatever the interval.
 CHECKPOINT_SECONDS = 60.0
@@ -174,7 +178,9 @@ def crossing(metric: str, target: float, before: dict | None, after: dict) -> di
     def at(key: str) -> float:
         return float(after[key]) if w == 1.0 else float(before[key]) + w * (after[key] - before[key])
     return {"step": at("step"), "samples": at("samples"), "seconds": at("train_seconds"),
-            "eval_step": after["step"], "value": after[metric]}
+            "eval_step": after["step"], "value": after[metric],
+            # How far apart the two validations were: the crossing is read to within this many steps.
+            "bracket": after["step"] - (before["step"] if before is not None else 0)}
 
 
 @torch.no_grad()
@@ -253,7 +259,7 @@ def fit(model: nn.Module, spec: TrainSpec, hooks: Hooks | None = None, *, flush_
             if t.pending.full(flush_every) or now - t.flushed >= FLUSH_SECONDS:
                 t.flush()
             # -- validate, checkpoint, stop where a signal asks to
-            t.after_step(epoch_end=s.epoch > epoch)
+            t.after_step(s.epoch > epoch, loss)
             # -- termination: the target reached, the budget spent, or the bench's time up
             out_of_time = max_seconds is not None and s.seconds >= max_seconds
             if t.done or out_of_time:
@@ -345,9 +351,12 @@ class Trainer:
         if not self.state.history.evals:
             self.validate()  # the untrained model: where the curve starts, so the first crossing is interpolated
 
-    def after_step(self, epoch_end: bool) -> None:
-        """Validate on schedule; checkpoint on schedule, or before stopping where a signal asked to."""
+    def after_step(self, epoch_end: bool, loss: torch.Tensor) -> None:
+        """Validate on schedule, or early where the training loss says a target is near;
+        checkpoint on schedule, or before stopping where a signal asked to."""
         s, p, signals = self.state, self.p, self.hooks.signals
+        if s.step < self.next_eval and self.eval_gap >= PROBES and s.step % (self.eval_gap // PROBES) == 0:
+            self.probe(loss)
         if s.step >= self.next_eval:
             self.validate(epoch_end)
         stop = signals is not None and signals.requested is not None
@@ -357,6 +366,19 @@ class Trainer:
             self.save()
         if stop:
             raise Interrupted(signals.requested)
+
+    def probe(self, loss: torch.Tensor) -> None:
+        """A validation spaced out for its cost could come long after a target was crossed: the
+        run would train on past it, and the crossing be interpolated across the whole spacing.
+        The step's own loss (a function of the params and the data alone, so the same run
+        validates at the same steps) brings the next validation forward where it is near the
+        easiest target not yet reached, no closer to the last than 10 % or a quarter spacing."""
+        if self.p.target_metric != "val_loss" or self.spec.dist.world > 1:  # a rank's loss is its share
+            return
+        open_ = [v for v in self.targets if target_key(v) not in self.state.crossings]
+        if open_ and float(loss.detach()) <= NEAR * max(open_):
+            last = self.state.history.evals[-1]["step"] if self.state.history.evals else 0
+            self.next_eval = min(self.next_eval, max(math.ceil(last * 1.1), last + self.eval_gap // 4))
 
     def settle(self) -> None:
         """On a GPU, wait for the queued steps: their time on the card ends here, and is counted

@@ -313,7 +313,8 @@ def _to_target(result: FitResult, step_s: float | None) -> dict[str, Any]:
         "time_to_target_s": target["step"] * step_s if target and step_s else None,
         "wall_to_target_s": target["seconds"] if target else None,
         "targets": {k: {"step": c["step"], "samples": c["samples"], "seconds": c["seconds"],
-                        "b_simple": c.get("b_simple"), "g2": c.get("g2"), "trace": c.get("trace")}
+                        "bracket": c.get("bracket"), "b_simple": c.get("b_simple"), "g2": c.get("g2"),
+                        "trace": c.get("trace")}
                     for k, c in result.crossings.items()},
     }
     if out["time_to_target_s"] is not None and target["seconds"] > 0:

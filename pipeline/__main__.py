@@ -162,6 +162,9 @@ def _train(args, ctx) -> None:
     for summary in executor.run(ctx, args.batch_size, seeds=seeds, lr=searched and searched["chosen"]):
         if os.environ.get("RANK", "0") == "0":
             print(_train_line(summary))
+    if searched is not None and seeds is None:
+        from .stages.lr_search import done
+        done(ctx, args.batch_size)
 
 
 def _evaluate(args, ctx) -> None:

@@ -44,3 +44,21 @@ def test_a_diverged_rate_is_never_chosen_and_ties_go_to_the_easier_targets():
     b = {"lr": 0.02, "final_val_loss": 0.1, "steps_to": {"headline": 103.0, "0.5": 40.0}}  # within 5 %
     c = {"lr": 0.04, "final_val_loss": 0.1, "steps_to": {"headline": 120.0, "0.5": 10.0}}
     assert best([a, b, c])["lr"] == 0.02
+
+
+def test_a_search_kept_for_a_stopped_stage_is_reused_and_gone_once_every_seed_trained(ctx_factory, monkeypatch):
+    """Kept in checkpoints/ so that a stage run again after a stop does not search again; removed
+    once its seeds trained, so that a stage run again for another reason (its code changed) searches."""
+    from pipeline.stages import lr_search, prepare
+
+    ctx = ctx_factory({"train": {"lr_search": True, "lr_search_trials": 3, "max_steps": 30, "stop_at_target": True,
+                                 "target_metric": "val_loss", "target_value": 0.5}})
+    prepare.run(ctx)
+    searched = []
+    real = lr_search.search
+    monkeypatch.setattr(lr_search, "search", lambda *a: searched.append(1) or real(*a))
+    first = lr_search.run(ctx, 16)
+    assert lr_search.run(ctx, 16) == first and len(searched) == 1  # a stopped stage's rerun: kept
+    lr_search.done(ctx, 16)
+    assert not (ctx.workdir / "checkpoints" / "bs16-lr-search.json").exists()
+    assert lr_search.run(ctx, 16)["chosen"] == first["chosen"] and len(searched) == 2

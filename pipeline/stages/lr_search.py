@@ -9,7 +9,9 @@ tied, and the tie goes to the fewest steps summed over the easier targets (a sec
 figure). While the best is the lowest or highest rate tried, one more rate beyond it is tried,
 up to ``lr_search_trials``. The other seeds then train at the chosen rate. The test split plays
 no part. Every trial is recorded in ``outputs/train/bs<B>/lr_search.json``; the search is kept in
-``checkpoints/`` so that a stage run again after a stop does not search again.
+``checkpoints/`` so that a stage run again after a stop does not search again, and removed when
+every seed has trained (``done``): a stage run again for another reason (its code changed) searches
+again.
 """
 from __future__ import annotations
 
@@ -73,7 +75,7 @@ def run(ctx: Context, batch_size: int) -> dict[str, Any] | None:
     from . import train
     seed = p.seeds[0]
     (probe,) = train.prepare_jobs(ctx, batch_size, (seed,), lr=p.lr)
-    kept = ctx.workdir / "checkpoints" / f"bs{batch_size}-lr-search.json"
+    kept = _kept(ctx, batch_size)
     saved = read_json(kept) if kept.is_file() else {}
     if saved.get("sweep_key") == probe.sweep_key:
         result = saved["search"]
@@ -84,6 +86,16 @@ def run(ctx: Context, batch_size: int) -> dict[str, Any] | None:
         write_json(kept, {"sweep_key": probe.sweep_key, "search": result})
     write_json(ctx.train_dir(batch_size) / "lr_search.json", result)
     return result
+
+
+def _kept(ctx: Context, batch_size: int):
+    return ctx.workdir / "checkpoints" / f"bs{batch_size}-lr-search.json"
+
+
+def done(ctx: Context, batch_size: int) -> None:
+    """Every seed of ``batch_size`` trained at the searched rate: the kept search goes, as the
+    runs' checkpoints do."""
+    _kept(ctx, batch_size).unlink(missing_ok=True)
 
 
 def _trial(probe, lr: float) -> dict[str, Any]:

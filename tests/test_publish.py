@@ -2,6 +2,8 @@
 import socket
 import time
 
+import pytest
+
 from conftest import check_published, runs_of
 from pipeline.stages import compare, evaluate, prepare, train
 
@@ -112,3 +114,36 @@ def test_a_training_whose_store_does_not_answer_writes_its_outputs_and_says_what
     assert summary["steps"] == 5 and (ctx.train_dir(256, 0) / "run.json").is_file()
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "python -m pipeline sync" in err[0] and f"127.0.0.1:{port}" in err[0]
+
+
+@pytest.mark.slow
+def test_a_model_left_pending_is_sent_again_and_loads(ctx_factory):
+    """The state an upload cut short leaves (a server or its database lost mid-way): the run
+    FINISHED and tagged published, its LoggedModel PENDING with no files. Publishing judges the
+    model by its state: the stale one goes, a READY one that loads takes its place."""
+    import mlflow.pytorch
+    import torch
+    from mlflow.entities import LoggedModelStatus
+    from pipeline.core.models import rebuild_trained
+    from pipeline.tracking.sweep import publish_sweep
+    ctx = ctx_factory({"train": {"batch_sizes": [256], "epochs": 1}})
+    _sweep(ctx)
+    client, runs = runs_of(_uri(ctx))
+    run = next(r for r in runs if r.data.tags["batchlab.role"] == "train")
+    exp = run.info.experiment_id
+    (ready,) = client.search_logged_models([exp])
+    client.delete_logged_model(ready.model_id)
+    stale = client.create_logged_model(exp, name="cut-short", source_run_id=run.info.run_id)
+    assert stale.status == LoggedModelStatus.PENDING
+    before = check_published(_uri(ctx), ctx.workdir)
+
+    publish_sweep(ctx, rebuild_trained)
+    models = client.search_logged_models([exp])
+    assert [m.status for m in models] == [LoggedModelStatus.READY] and models[0].model_id != stale.model_id
+    mlflow.set_tracking_uri(_uri(ctx))
+    net = mlflow.pytorch.load_model(f"models:/{models[0].model_id}")
+    x = torch.load(ctx.train_dir(256, 0) / "input_example.pt", weights_only=True)
+    assert net(x).shape[0] == x.shape[0]
+    assert check_published(_uri(ctx), ctx.workdir) == before
+    publish_sweep(ctx, rebuild_trained)  # once whole, again changes nothing
+    assert [m.model_id for m in client.search_logged_models([exp])] == [models[0].model_id]

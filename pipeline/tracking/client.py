@@ -18,12 +18,15 @@ from pathlib import Path
 from typing import Any, Iterator
 
 # A store that does not answer fails a request within seconds, not after MLflow's default of
-# minutes of retries (a user's own settings win): every wait on it is bounded.
-for _key, _value in (("MLFLOW_HTTP_REQUEST_TIMEOUT", "3"), ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1"),
+# minutes of retries (a user's own settings win): every wait on it is bounded. A server that is
+# gone refuses the connection at once, whatever the bound; the bound is for one that is there
+# but slow, and a healthy server on a loaded machine can take several seconds to answer a
+# request (docs/scaling.md), so it is 15 s, not less.
+for _key, _value in (("MLFLOW_HTTP_REQUEST_TIMEOUT", "15"), ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1"),
                      ("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")):
     os.environ.setdefault(_key, _value)
 
-from mlflow.entities import Metric, Param, RunTag  # noqa: E402
+from mlflow.entities import LoggedModelStatus, Metric, Param, RunTag  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
 
 from .. import mlflow_ui as ui  # noqa: E402
@@ -35,6 +38,11 @@ from .uri import is_local_store, project_root, tracking_uri  # noqa: E402
 # (set after MLflow's import, which configures its loggers).
 for _name in ("mlflow", "alembic"):
     logging.getLogger(_name).setLevel(logging.WARNING)
+# A database error is logged by MLflow's store with the whole SQLAlchemy traceback, then raised:
+# the caller's one line (``warn``) says it. BATCHLAB_DEBUG=1 shows the traceback.
+if not os.environ.get("BATCHLAB_DEBUG"):
+    for _name in ("mlflow.store.db.utils", "sqlalchemy"):
+        logging.getLogger(_name).setLevel(logging.CRITICAL)
 
 TAG_ROLE, TAG_SWEEP, TAG_RECORD = "batchlab.role", "batchlab.sweep_key", "batchlab.record"
 TAG_BATCH, TAG_SEED, TAG_END = "batchlab.batch_size", "batchlab.seed", "batchlab.end_reason"
@@ -163,9 +171,13 @@ class TrackingClient:
     def _model(self, run_id: str, folder: Path, identity: dict[str, Any], model) -> None:
         """The trained model as a LoggedModel in the pt2 (torch.export) format, named as its run;
         ``model`` is the module, or a function that rebuilds it from the training's folder."""
-        if self.client.search_logged_models([self.experiment_id], filter_string=f"source_run_id = '{run_id}'",
-                                            max_results=1):
+        if self.model_ready(run_id):
             return
+        # A model of this run that is not READY is what an interrupted upload left (the server or
+        # its database lost mid-way): it has no files and cannot load. It goes, and the model is
+        # sent again.
+        for stale in self._models(run_id):
+            self.client.delete_logged_model(stale.model_id)
         import mlflow
         import mlflow.pytorch
         import torch
@@ -182,10 +194,22 @@ class TrackingClient:
             # The Models tab lists every sweep's models together: the sweep's short key makes the
             # name unique there. A logged model's name may not hold '.', which a grid run's rate does.
             name = f"{identity['name']}-{identity['sweep_key'][:8]}".replace(".", "_")
-            mlflow.pytorch.log_model(model, name=name, serialization_format="pt2",
-                                     signature=infer_signature(example.numpy(), output.numpy()),
-                                     input_example=example.numpy(),
-                                     pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"])
+            info = mlflow.pytorch.log_model(model, name=name, serialization_format="pt2",
+                                            signature=infer_signature(example.numpy(), output.numpy()),
+                                            input_example=example.numpy(),
+                                            pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"])
+        # Verified by its state, not taken on trust: the run is marked published only after this.
+        status = self.client.get_logged_model(info.model_id).status
+        if status != LoggedModelStatus.READY:
+            raise RuntimeError(f"the model of run {run_id} is {status} after its upload, not READY")
+
+    def _models(self, run_id: str) -> list:
+        return self.client.search_logged_models([self.experiment_id], filter_string=f"source_run_id = '{run_id}'",
+                                                max_results=100)
+
+    def model_ready(self, run_id: str) -> bool:
+        """The run holds a LoggedModel in state READY (its files uploaded and finalized)."""
+        return any(m.status == LoggedModelStatus.READY for m in self._models(run_id))
 
 
 def owner_tags() -> dict[str, str]:

@@ -118,7 +118,8 @@ class SweepPublisher(TrackingClient):
                     self.experiment_id, run_name=identity["name"], start_time=int(identity["created"] * 1000),
                     tags=_train_tags(identity, parent)).info.run_id)
         run_id = run.info.run_id
-        if run.data.tags.get(PUBLISHED + "train") == stamp and run.info.status == "FINISHED":
+        if run.data.tags.get(PUBLISHED + "train") == stamp and run.info.status == "FINISHED" \
+                and self.model_ready(run_id):
             return run_id
         self._params(run, identity["params"])
         summary = read_json(folder / "summary.json")

@@ -351,7 +351,10 @@ def _write_outputs(job: Job, model, result: FitResult, summary, identity: dict[s
         search = job.ctx.train_dir(job.batch_size) / "lr_search.json"
         if search.is_file() and job.ctx.params.train.searches():
             write_atomic(tmp / "lr_search.json", search.read_bytes())  # how its rate was chosen
-        write_json(tmp / "run.json", identity | {"steps_t0": t0, "end_time": _now()})
+        # The end never precedes the run's creation or its last step, whatever the clock did.
+        last = result.history.time[-1] if result.history.time else 0.0
+        end = max(_now(), identity["created"], last)
+        write_json(tmp / "run.json", identity | {"steps_t0": t0, "end_time": end})
 
 
 def _write_files(out: Path, model, result: FitResult, summary, task) -> float:

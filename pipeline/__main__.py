@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     from .config import DataError, ParamsError, Unreachable, load_params
     from .core.signals import Interrupted, NonFiniteLoss
-    from .procs import Busy
+    from .procs import Busy, Stopped
 
     try:
         params = load_params(Path(args.params), args.overrides)
@@ -94,6 +94,8 @@ def main(argv: list[str] | None = None) -> int:
             sys.path.insert(0, str(ctx.workdir))
         if args.verb in MODEL_VERBS:
             _check_model(ctx, args.verb)
+        if args.verb in STAGES and "DVC_STAGE" in os.environ:  # DVC's stage command, not a shell's
+            _stop_with_dvc(args.verb)
         if args.verb in STAGES and os.environ.get("RANK", "0") == "0":
             from .lock import hold
             hold(ctx.workdir, f"`python -m pipeline {args.verb}`", dvc_too="DVC_STAGE" not in os.environ)
@@ -106,6 +108,9 @@ def main(argv: list[str] | None = None) -> int:
         return 128 + signal.SIGINT
     except Interrupted as err:
         print(f"interrupted: {err}; a checkpoint was kept, rerun the same command to resume", file=sys.stderr)
+        return 128 + err.signum
+    except Stopped as err:
+        print(f"interrupted: {err}; rerun the same command", file=sys.stderr)
         return 128 + err.signum
     except Unreachable as err:
         print(f"error: {err}", file=sys.stderr)
@@ -120,6 +125,20 @@ def main(argv: list[str] | None = None) -> int:
         text = " ".join(str(err).split())[:400]
         print(f"error: {type(err).__name__}: {text} (BATCHLAB_DEBUG=1 shows the traceback)", file=sys.stderr)
         return 1
+
+
+def _stop_with_dvc(verb: str) -> None:
+    """Every stage ends with the `dvc repro` that started it: an orphan would go on writing
+    outputs that the next `dvc repro` deletes and rewrites. The trainer stops at its next step
+    boundary with a checkpoint (its own handler); the other stages keep nothing, so SIGTERM ends
+    them where they are, through their context managers (a run they opened ends KILLED)."""
+    from .procs import Stopped, stop_with_parent
+    if verb != "train":
+        def stop(signum, frame):
+            signal.signal(signum, signal.SIG_DFL)  # a second signal ends the process outright
+            raise Stopped(signum)
+        signal.signal(signal.SIGTERM, stop)
+    stop_with_parent()
 
 
 def _check_model(ctx, verb: str) -> None:
@@ -147,9 +166,6 @@ def _prepare(args, ctx) -> None:
 
 def _train(args, ctx) -> None:
     from .stages import train
-    from .procs import stop_with_parent
-    if "DVC_STAGE" in os.environ:  # set by DVC for a stage's command; not under nohup or a plain shell
-        stop_with_parent()  # a `dvc repro` that dies takes its trainer along, at a step boundary
     seeds = (args.seed,) if args.seed is not None else None
     executor = train
     if ctx.params.executor.name == "ray":

@@ -17,6 +17,16 @@ class Interrupted(Exception):
         self.signum = signum
 
 
+class Stopped(BaseException):
+    """SIGTERM in a stage that keeps nothing when stopped (prepare, evaluate, compare). A
+    BaseException, as KeyboardInterrupt is: a handler of ordinary errors (a store that refuses a
+    request, say) must not swallow it and carry on."""
+
+    def __init__(self, signum: int):
+        super().__init__(f"stopped by {signal.Signals(signum).name}")
+        self.signum = signum
+
+
 class Busy(RuntimeError):
     """Another batchlab command, or another trainer of the same (sweep, batch size, seed), runs
     in this workspace; the message names it."""
@@ -40,8 +50,19 @@ def stop_with_parent() -> None:
     below, pid = os.getpid(), os.getppid()
     while _is_shell_wrapper(pid):
         below, pid = pid, _parent_of(pid)
-    if below != os.getpid() and pid > 1:
+    if not _is_dvc(pid):  # DVC died before the line above armed anything: we are an orphan already
+        os.kill(os.getpid(), signal.SIGTERM)
+    elif below != os.getpid():
         _term_when_gone(pid, below)
+
+
+def _is_dvc(pid: int) -> bool:
+    """A DVC process (``dvc``, ``python -m dvc``, a ``dvc exp`` queue worker): what runs a stage."""
+    try:
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return False
+    return pid > 1 and any(b"dvc" in os.path.basename(a) for a in argv[:3])
 
 
 def proc_stat(pid: int) -> list[str]:

@@ -118,6 +118,8 @@ def test_sqlite_store_deleted_mid_training(tmp_path, moment):
     assert proc.returncode == 0, err[-2000:]
     _both_seeds_written(proj)
     assert "python -m pipeline sync" in err
+    # One line per problem: neither MLflow's nor SQLAlchemy's tracebacks reach the terminal.
+    assert "Traceback" not in err and "sqlalchemy" not in err.lower(), err[-3000:]
     _sync(proj, env)
     stats = check_published(f"sqlite:///{proj / 'mlflow.db'}", proj)
     assert stats["train_runs"] == 2
@@ -188,3 +190,136 @@ def test_dvc_repro_killed_mid_sweep_then_rerun_finishes_it(tmp_path):
     sh(["dvc", "repro"], proj, timeout=600)
     assert "up to date" in sh(["dvc", "status"], proj).stdout
     assert check_published(uri, proj)["train_runs"] == 2
+
+
+def _stage_processes(verb: str) -> list[int]:
+    """Python processes running `-m pipeline VERB` (not the shells that start them)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            argv = (entry / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"-m" in argv and b"pipeline" in argv and verb.encode() in argv and b"-c" not in argv:
+            found.append(int(entry.name))
+    return found
+
+
+@pytest.mark.parametrize("stage,delay", [("evaluate", 0.0), ("compare", 0.0), ("compare", 1.0)])
+def test_dvc_repro_killed_during_a_later_stage_takes_it_along(tmp_path, stage, delay):
+    """`dvc repro` SIGKILLed while evaluate or compare runs (as it starts, and once it has
+    imported what it runs): the stage ends with it instead of running on as an orphan, and the
+    next `dvc repro` leaves complete outputs, up to date, each run recorded once."""
+    proj = make_project(tmp_path / "p", merge(SMALL, {"train": {"batch_sizes": [16], "seeds": [0, 1]}}))
+    env = env_for(proj)
+    repro = subprocess.Popen([str(BIN / "dvc"), "repro"], cwd=proj, env=env, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True, start_new_session=True)
+    deadline = time.monotonic() + 300
+    while not (pids := _stage_processes(stage)):
+        assert repro.poll() is None, f"ended before {stage}: {repro.communicate()[1][-2000:]}"
+        assert time.monotonic() < deadline, f"{stage} never started"
+        time.sleep(0.01)
+    time.sleep(delay)
+    repro.send_signal(signal.SIGKILL)  # dvc alone, not its process group
+    repro.wait()
+    deadline = time.monotonic() + 30
+    while [pid for pid in pids if (Path("/proc") / str(pid)).exists() and
+           (Path("/proc") / str(pid) / "stat").read_text().split(")")[-1].split()[0] != "Z"]:
+        assert time.monotonic() < deadline, f"the {stage} stage outlived `dvc repro` by 30 s"
+        time.sleep(0.1)
+    # It stopped where it was: what it writes last is not there (an orphan would have finished).
+    last = "outputs/compare/summary.json" if stage == "compare" else "outputs/evaluate/bs16/seed1/metrics.json"
+    assert not (proj / last).exists()
+    sh(["dvc", "repro"], proj, timeout=600)
+    assert "up to date" in sh(["dvc", "status"], proj).stdout
+    assert (proj / "outputs/compare/report.html").is_file()
+    for seed in (0, 1):
+        assert (proj / f"outputs/evaluate/bs16/seed{seed}/metrics.json").is_file()
+    uri = f"sqlite:///{proj / 'mlflow.db'}"
+    assert check_published(uri, proj)["train_runs"] == 2
+    _, runs = runs_of(uri)
+    assert len([r for r in runs if r.data.tags.get("batchlab.role") == "sweep"]) == 1
+
+
+@pytest.mark.parametrize("nth", [1, 2])
+def test_server_killed_while_sync_logs_a_model_then_sync_leaves_every_model_ready(tmp_path, nth):
+    """The server dies while `sync` uploads the first (or the second) training's model: that
+    LoggedModel stays PENDING with no files. The next `sync` judges models by their state and
+    sends it again: one READY model per training, each loadable."""
+    import mlflow.pytorch
+    import torch
+    from mlflow import MlflowClient
+    from mlflow.entities import LoggedModelStatus
+    server = MlflowServer(tmp_path, f"sqlite:///{tmp_path / 'server.db'}")
+    proj = make_project(tmp_path / "p", merge(PARAMS, {"train": {"epochs": 2}}), git=False)
+    env = env_for(proj) | {"MLFLOW_TRACKING_URI": server.url} | QUICK
+    for verb in (["prepare"], ["train", "--batch-size", "4"]):  # nothing listens yet: nothing published
+        sh([sys.executable, "-m", "pipeline", *verb], proj, env=env)
+    server.start()
+    try:
+        client = MlflowClient(server.url)
+        sync = subprocess.Popen([sys.executable, "-m", "pipeline", "sync"], cwd=proj, env=env,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        seen = set()
+        while True:
+            exp = client.get_experiment_by_name("test")
+            pending = [m for m in client.search_logged_models([exp.experiment_id])
+                       if m.status == LoggedModelStatus.PENDING] if exp else []
+            seen |= {m.model_id for m in pending}
+            if len(seen) >= nth and pending:
+                break
+            assert sync.poll() is None, f"sync ended before model {nth} was seen PENDING"
+            time.sleep(0.01)
+        server.kill()
+        sync.communicate(timeout=120)
+        server.start()
+        _sync(proj, env)
+        exp = client.get_experiment_by_name("test")
+        models = client.search_logged_models([exp.experiment_id])
+        assert [m.status for m in models] == [LoggedModelStatus.READY] * 2
+        assert check_published(server.url, proj)["train_runs"] == 2
+        mlflow.set_tracking_uri(server.url)
+        for m in models:
+            x = torch.load(proj / "outputs/train/bs4/seed0/input_example.pt", weights_only=True)
+            assert mlflow.pytorch.load_model(f"models:/{m.model_id}")(x).shape[0] == x.shape[0]
+        assert "holds the sweep's 2 training runs" in _sync(proj, env)  # again: nothing changes
+        assert len(client.search_logged_models([exp.experiment_id])) == 2
+    finally:
+        server.kill()
+
+
+def test_a_resume_under_a_clock_set_back_a_day_keeps_the_run_s_times_in_order(tmp_path):
+    """The trainer killed, then resumed by a process whose wall clock reads a day earlier (set
+    back, or another machine's): steps.csv's wall_s never runs backwards, run.json's end is not
+    before its creation, and the MLflow run ends after it starts."""
+    import csv
+    proj, env = _prepared(tmp_path)
+    proc = _train(proj, env)
+    _wait_for(proj, MOMENTS["first"], proc)
+    proc.kill()
+    proc.wait()
+    behind = tmp_path / "behind"
+    behind.mkdir()
+    (behind / "sitecustomize.py").write_text(
+        "import time\n_time = time.time\ntime.time = lambda: _time() - 86400.0\n"
+        "_ns = time.time_ns\ntime.time_ns = lambda: _ns() - 86400 * 10**9\n")
+    again = _train(proj, env | {"PYTHONPATH": f"{behind}{os.pathsep}{env['PYTHONPATH']}"})
+    out, err = again.communicate(timeout=600)
+    assert again.returncode == 0, err[-2000:]
+    folder = proj / "outputs/train/bs4/seed0"
+    assert yaml.safe_load((folder / "summary.json").read_text())["resumed_from_step"] > 0
+    with open(folder / "steps.csv") as f:
+        wall = [float(row["wall_s"]) for row in csv.DictReader(f)]
+    assert all(b >= a for a, b in zip(wall, wall[1:])) and wall[0] >= 0
+    record = yaml.safe_load((folder / "run.json").read_text())
+    assert record["end_time"] >= record["created"]
+    uri = f"sqlite:///{proj / 'mlflow.db'}"
+    _, runs = runs_of(uri)
+    for r in runs:
+        if r.data.tags.get("batchlab.record") == record["record"]:
+            assert r.info.status == "FINISHED" and r.info.end_time >= r.info.start_time
+            break
+    else:
+        raise AssertionError("the run is not in the store")

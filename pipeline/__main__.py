@@ -86,6 +86,11 @@ def main(argv: list[str] | None = None) -> int:
     from .core.signals import Interrupted, NonFiniteLoss
     from .procs import Busy, Stopped
 
+    class OutOfMemory(Exception):  # the real one imports torch: only a verb that trains raises it
+        pass
+    if args.verb in ("train", "find-batch-size"):
+        from .core.memory import OutOfMemory  # noqa: F811
+
     try:
         params = load_params(Path(args.params), args.overrides)
         from .context import Context
@@ -113,6 +118,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"interrupted: {err}; rerun the same command", file=sys.stderr)
         return 128 + err.signum
     except Unreachable as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    except OutOfMemory as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
     except (NonFiniteLoss, Busy) as err:

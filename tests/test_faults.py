@@ -323,3 +323,32 @@ def test_a_resume_under_a_clock_set_back_a_day_keeps_the_run_s_times_in_order(tm
             break
     else:
         raise AssertionError("the run is not in the store")
+
+
+def test_out_of_memory_names_the_batch_size_and_find_batch_size_and_removes_the_checkpoint(tmp_path):
+    """A real allocation failure (the process's address space capped with RLIMIT_AS, as a
+    container's limit would): one line naming the batch size, the memory asked for and
+    `find-batch-size`; the checkpoint the run had goes, since a resume would fail the same way."""
+    import resource
+    big = merge(PARAMS, {"model": {"hidden_sizes": [131072]}, "train": {
+        "batch_sizes": [1024], "seeds": [0], "epochs": 50, "checkpoint_every_steps": 2}})
+    proj = make_project(tmp_path / "p", big, git=False)
+    env = env_for(proj)
+    sh([sys.executable, "-m", "pipeline", "prepare"], proj, env=env)
+    train = [sys.executable, "-m", "pipeline", "train", "--batch-size", "1024"]
+    first = subprocess.Popen(train, cwd=proj, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    _wait_for(proj, ("checkpoints/bs1024-s0.pt",), first)
+    first.kill()
+    first.wait()
+
+    def capped():  # the trainer's own address space (torch's libraries) plus well under a step's need
+        resource.setrlimit(resource.RLIMIT_AS, (5 * 2**30, 5 * 2**30))
+    again = subprocess.run(train, cwd=proj, env=env, capture_output=True, text=True, preexec_fn=capped, timeout=600)
+    assert again.returncode == 1, again.stderr[-2000:]
+    (line,) = again.stderr.strip().splitlines()
+    print(line)
+    assert "batch size 1024 does not fit" in line and "MiB more" in line
+    assert "python -m pipeline find-batch-size" in line
+    assert not (proj / "checkpoints/bs1024-s0.pt").exists()
+    _, runs = runs_of(f"sqlite:///{proj / 'mlflow.db'}")
+    assert [r.info.status for r in runs if r.data.tags.get("batchlab.role") == "train"] == ["FAILED"]

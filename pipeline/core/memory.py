@@ -3,6 +3,7 @@ its batch."""
 from __future__ import annotations
 
 import copy
+import re
 import resource
 from pathlib import Path
 
@@ -91,3 +92,28 @@ def step_memory(model: nn.Module, criterion: nn.Module, xb: torch.Tensor, yb: to
     for t in (xb, yb, out):
         held[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
     return int(sum(held.values()))
+
+
+class OutOfMemory(RuntimeError):
+    """A training step, validation or measurement asked for more memory than the machine (or the
+    process's limit) gives: what to do about it, in one line."""
+
+
+# CPU: "DefaultCPUAllocator: can't allocate memory: you tried to allocate 123 bytes";
+# CUDA: "CUDA out of memory. Tried to allocate 2.00 GiB".
+_ASKED = re.compile(r"(?:tried to allocate|Tried to allocate) ([0-9.]+) ?(bytes|[KMGT]iB)")
+_UNITS = {"bytes": 1, "KiB": 2**10, "MiB": 2**20, "GiB": 2**30, "TiB": 2**40}
+
+
+def out_of_memory(err: BaseException, batch_size: int, device: torch.device) -> OutOfMemory | None:
+    """``err`` as an OutOfMemory naming the batch size, the memory asked for and the tool that
+    finds a batch size that fits; None where ``err`` is not torch running out of memory."""
+    text = str(err)
+    if not (isinstance(err, torch.OutOfMemoryError) or "can't allocate memory" in text
+            or "out of memory" in text.lower()):
+        return None
+    asked = _ASKED.search(text)
+    amount = f" (it asked for {float(asked.group(1)) * _UNITS[asked.group(2)] / 2**20:,.1f} MiB more)" if asked else ""
+    budget = "" if device.type == "cuda" else " --memory-budget-mb MB"
+    return OutOfMemory(f"batch size {batch_size} does not fit in {device.type.upper()} memory{amount}; its "
+                       f"checkpoint was removed. The largest that fits: python -m pipeline find-batch-size{budget}")

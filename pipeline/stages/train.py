@@ -25,7 +25,7 @@ from ..core.batches import batch_bounds
 from ..core.checkpoint import Checkpoint
 from ..core.data import Prepared, load_prepared, streams
 from ..core.engine import FitResult, Hooks, NullSink, TrainSpec, budget_steps, fit, scaled_lr
-from ..core.memory import PeakMemory
+from ..core.memory import PeakMemory, out_of_memory
 from ..core.models import build_model, code_sha256
 from ..core.signals import StopSignals
 from ..core.cost import forward_flops
@@ -143,7 +143,14 @@ def run_one(job: Job, view=None, tags: dict[str, str] | None = None) -> dict[str
         identity["tags"] |= tags or {}
         with StopSignals() as signals, _tracking(view, job, identity, signals) as tracked:
             sink = tracked.sink if tracked is not None and tracked.sink is not None else NullSink()
-            summary, model = _train(job, identity, sink, signals)
+            try:
+                summary, model = _train(job, identity, sink, signals)
+            except RuntimeError as err:  # torch.OutOfMemoryError is one
+                oom = out_of_memory(err, job.batch_size, job.device)
+                if oom is None:
+                    raise
+                job.checkpoint.remove()  # a resume would run out of memory at the same place
+                raise oom from None
         if tracked is not None and job.dist.main:
             tracked.publish(job.out, model)
         return summary

@@ -60,26 +60,28 @@ def experiment_tags() -> dict[str, str]:
             f"mlflow.sharedViewState.{VIEW_KEY}": json.dumps(ALL_SWEEPS_VIEW, sort_keys=True)}
 
 
-def sweep_view(key: str, lr_grid: bool = False) -> tuple[str, dict]:
-    """The share key and UI state of sweep ``key``'s view: SHARED_VIEW for its training runs alone,
-    so that runs of another sweep (another learning rate, another list) never join its groups.
+def sweep_view(key: str, workspace: str, lr_grid: bool = False) -> tuple[str, dict]:
+    """The share key and UI state of sweep ``key``'s view as ``workspace`` published it:
+    SHARED_VIEW for its training runs alone, so that runs of another sweep (another learning rate,
+    another list) or of another workspace's copy of it never join its groups.
     A sweep with a learning-rate grid groups by batch size and rate (its groups' colours are then
     the UI's own, not the report's)."""
-    state = SHARED_VIEW | {"searchFilter": f"tags.`batchlab.sweep_key` = '{key}' and tags.`batchlab.role` = 'train'"}
+    state = SHARED_VIEW | {"searchFilter": f"tags.`batchlab.sweep_key` = '{key}' and tags.`batchlab.role` = 'train' "
+                                           f"and tags.`batchlab.workspace` = '{workspace}'"}
     if lr_grid:
         state["groupBy"] = {"aggregateFunction": "average", "groupByKeys": [*SHARED_VIEW["groupBy"]["groupByKeys"], BY_LR]}
-    return f"sweep-{key}", state
+    return f"sweep-{key}-{workspace}", state
 
 
-def sweep_view_tag(key: str, lr_grid: bool = False) -> tuple[str, str]:
-    view, state = sweep_view(key, lr_grid)
+def sweep_view_tag(key: str, workspace: str, lr_grid: bool = False) -> tuple[str, str]:
+    view, state = sweep_view(key, workspace, lr_grid)
     return f"mlflow.sharedViewState.{view}", json.dumps(state, sort_keys=True)
 
 
-def url(base: str, experiment_id: str, sweep_key: str | None = None) -> str:
+def url(base: str, experiment_id: str, sweep: tuple[str, str] | None = None) -> str:
     """The experiment in MLflow's UI: its model-training layout (3.17 opens the GenAI one unless
-    told), the chart view, and the shared view of sweep ``sweep_key`` or of every run."""
-    view = sweep_view(sweep_key)[0] if sweep_key else VIEW_KEY
+    told), the chart view, and the shared view of ``sweep`` (its key, the workspace) or of every run."""
+    view = sweep_view(*sweep)[0] if sweep else VIEW_KEY
     return (f"{base}/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
             f"&compareRunsMode=CHART&viewStateShareKey={view}")
 

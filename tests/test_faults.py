@@ -352,3 +352,53 @@ def test_out_of_memory_names_the_batch_size_and_find_batch_size_and_removes_the_
     assert not (proj / "checkpoints/bs1024-s0.pt").exists()
     _, runs = runs_of(f"sqlite:///{proj / 'mlflow.db'}")
     assert [r.info.status for r in runs if r.data.tags.get("batchlab.role") == "train"] == ["FAILED"]
+
+
+def test_two_workspaces_publishing_one_sweep_to_one_server_keep_their_own_runs(tmp_path):
+    """Two clones of one project with the same params (two machines, one `make server`) run
+    `dvc repro` at once, then each syncs twice: each workspace's trainings are recorded once, under
+    a parent of its own, nothing goes to the trash, and the syncs change no count."""
+    from mlflow import MlflowClient
+    from mlflow.entities import ViewType
+    from pipeline.tracking.uri import workspace
+    server = MlflowServer(tmp_path, f"sqlite:///{tmp_path / 'server.db'}").start()
+    try:
+        params = merge(SMALL, {"train": {"seeds": [0, 1]}})
+        projs = [make_project(tmp_path / name, params) for name in ("a", "b")]
+        envs = [env_for(p) | {"MLFLOW_TRACKING_URI": server.url} for p in projs]
+        repros = [subprocess.Popen([str(BIN / "dvc"), "repro"], cwd=p, env=e, stdout=subprocess.PIPE,
+                                   stderr=subprocess.PIPE, text=True) for p, e in zip(projs, envs)]
+        for repro in repros:
+            out, err = repro.communicate(timeout=900)
+            assert repro.returncode == 0, err[-3000:]
+        client = MlflowClient(server.url)
+
+        def counts():
+            exp = client.get_experiment_by_name("test")
+            live = client.search_runs([exp.experiment_id], max_results=1000)
+            trashed = client.search_runs([exp.experiment_id], run_view_type=ViewType.DELETED_ONLY, max_results=1000)
+            models = client.search_logged_models([exp.experiment_id], max_results=1000)
+            return live, trashed, models
+
+        def shape(live, trashed, models):
+            return (sorted((r.data.tags.get("batchlab.workspace"), r.data.tags.get("batchlab.role"), r.info.status)
+                           for r in live), len(trashed), len(models))
+
+        after_repro = shape(*counts())
+        for _ in range(2):
+            for p, e in zip(projs, envs):
+                assert "holds the sweep's 4 training runs" in _sync(p, e)
+        live, trashed, models = counts()
+        assert shape(live, trashed, models) == after_repro and not trashed
+        assert len(models) == 8
+        for p in projs:
+            ws = workspace(p.resolve())[0]
+            mine = [r for r in live if r.data.tags.get("batchlab.workspace") == ws]
+            (parent,) = [r for r in mine if r.data.tags["batchlab.role"] == "sweep"]
+            train = [r for r in mine if r.data.tags["batchlab.role"] == "train"]
+            assert len(train) == 4 and {r.data.tags["mlflow.parentRunId"] for r in train} == {parent.info.run_id}
+            assert {r.data.tags["batchlab.workspace_name"] for r in mine} == {workspace(p.resolve())[1]}
+        assert check_published(server.url, projs[0])["train_runs"] == 8  # the 4 of each, once each
+        check_published(server.url, projs[1])
+    finally:
+        server.kill()

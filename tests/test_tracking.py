@@ -36,15 +36,19 @@ def test_each_sweep_has_a_ui_view_of_its_own_runs_and_the_url_opens_it(store):
     view = SweepPublisher(store, "exp", {})
     parents = {key: _parent(view, key) for key in ("k1", "k2")}
     train = {key: view.client.create_run(view.experiment_id, tags={TAG_SWEEP: key, "mlflow.parentRunId": p,
-                                                                   "batchlab.role": "train"}).info.run_id
+                                                                   "batchlab.role": "train"} | view.own()).info.run_id
              for key, p in parents.items()}
+    # The same sweep published by another workspace (another clone, another machine): not in this view.
+    other = SweepPublisher(store, "exp", {"BATCHLAB_WORKSPACE": "elsewhere:/clone"})
+    assert other.workspace != view.workspace
+    view.client.create_run(view.experiment_id, tags={TAG_SWEEP: "k1", "batchlab.role": "train"} | other.own())
     tags = view.client.get_experiment(view.experiment_id).tags
     for key, parent in parents.items():
-        state = json.loads(tags[f"mlflow.sharedViewState.sweep-{key}"])
+        state = json.loads(tags[f"mlflow.sharedViewState.sweep-{key}-{view.workspace}"])
         assert state["groupBy"]["groupByKeys"][0]["groupByData"] == "batch_size"
         found = {r.info.run_id for r in view.client.search_runs([view.experiment_id], state["searchFilter"])}
         assert found == {train[key]}  # the parent has no batch size: it would be a group of its own
-        assert view.ui_url("http://h:1", key).endswith(f"viewStateShareKey=sweep-{key}")
+        assert view.ui_url("http://h:1", key).endswith(f"viewStateShareKey=sweep-{key}-{view.workspace}")
     assert view.ui_url("http://h:1").endswith("viewStateShareKey=batch-sizes")  # no sweep: every run
 
 

@@ -44,6 +44,9 @@ def run(ctx: Context, batch_size: int, seeds: tuple[int, ...] | None = None,
     address = ctx.env.get("RAY_ADDRESS") or None
     check_reachable(address)
     ctx.run_tags()  # git is asked once, here: the tasks carry the answer
+    from ..tracking.uri import project_root, workspace
+    # The tasks publish as this workspace, whichever node runs them (a node's name is not ours).
+    ctx.env.setdefault("BATCHLAB_WORKSPACE", workspace(project_root(ctx.workdir), ctx.env)[1])
     import logging
     # A Ray instance this stage starts reports nothing to Ray's usage statistics unless the user says so.
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")

@@ -32,7 +32,7 @@ from mlflow.tracking import MlflowClient  # noqa: E402
 from .. import mlflow_ui as ui  # noqa: E402
 from ..context import param_text as _text  # noqa: E402
 from .points import by_key  # noqa: E402
-from .uri import is_local_store, project_root, tracking_uri  # noqa: E402
+from .uri import is_local_store, project_root, tracking_uri, workspace  # noqa: E402
 
 # The store's table creation and migrations are not news to a user: warnings and errors only
 # (set after MLflow's import, which configures its loggers).
@@ -48,6 +48,7 @@ TAG_ROLE, TAG_SWEEP, TAG_RECORD = "batchlab.role", "batchlab.sweep_key", "batchl
 TAG_BATCH, TAG_SEED, TAG_END = "batchlab.batch_size", "batchlab.seed", "batchlab.end_reason"
 TAG_LR = "batchlab.lr"  # a run of a learning-rate grid: its rate
 TAG_OWNER, PUBLISHED = "batchlab.owner", "batchlab.published."
+TAG_WORKSPACE, TAG_WORKSPACE_NAME = "batchlab.workspace", "batchlab.workspace_name"
 MAX_BATCH = 1000
 
 
@@ -69,6 +70,7 @@ class TrackingClient:
 
     def __init__(self, root: Path, experiment: str, env: dict[str, str] | None = None):
         self.root, self.uri = root, tracking_uri(root, env)
+        self.workspace, self.workspace_name = workspace(root, env)
         self._file = Path(self.uri[len("sqlite:///"):]) if self.uri.startswith("sqlite:///") else None
         # The first use of a new SQLite store creates its tables: two processes doing that at once
         # break the migration, so it happens under the lock.
@@ -103,8 +105,13 @@ class TrackingClient:
     def _experiment(self, name: str) -> str:
         exp = self.client.get_experiment_by_name(name)
         if exp is None:
+            from mlflow.exceptions import MlflowException
             location = (self.root / "mlartifacts").as_uri() if is_local_store(self.uri) else None
-            self.client.create_experiment(name, artifact_location=location)
+            try:
+                self.client.create_experiment(name, artifact_location=location)
+            except MlflowException as err:  # another workspace made it first (one server, no lock)
+                if err.error_code != "RESOURCE_ALREADY_EXISTS":
+                    raise
             exp = self.client.get_experiment_by_name(name)
         self._exp_tags = dict(exp.tags)
         self.experiment_tags(ui.experiment_tags(), exp.experiment_id)
@@ -118,12 +125,17 @@ class TrackingClient:
                 self._exp_tags[key] = value
 
     def ui_url(self, base: str, sweep_key: str | None = None) -> str:
-        return ui.url(base, self.experiment_id, sweep_key)
+        return ui.url(base, self.experiment_id, sweep_key and (sweep_key, self.workspace))
+
+    def own(self) -> dict[str, str]:
+        """The tags that say which workspace a run came from."""
+        return {TAG_WORKSPACE: self.workspace, TAG_WORKSPACE_NAME: self.workspace_name}
 
     # ------------------------------------------------------------------ finding runs
     def running_train_runs(self) -> list:
         return self.client.search_runs([self.experiment_id], max_results=5000, filter_string=(
-            f"attributes.status = 'RUNNING' and tags.`{TAG_ROLE}` = 'train'"))
+            f"attributes.status = 'RUNNING' and tags.`{TAG_ROLE}` = 'train' "
+            f"and tags.`{TAG_WORKSPACE}` = '{self.workspace}'"))
 
     def sweep_runs(self, key: str) -> list:
         return self.client.search_runs([self.experiment_id], filter_string=f"tags.`{TAG_SWEEP}` = '{key}'",

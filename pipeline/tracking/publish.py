@@ -21,7 +21,7 @@ from mlflow.entities import RunTag
 from .. import mlflow_ui as ui
 from ..context import param_text as _text, read_json
 from .client import (PUBLISHED, TAG_BATCH, TAG_END, TAG_LR, TAG_RECORD, TAG_ROLE, TAG_SEED, TAG_SWEEP,
-                     TrackingClient, digest, owner_alive, owner_tags)
+                     TAG_WORKSPACE, TrackingClient, digest, owner_alive, owner_tags)
 from .points import scalar_points, train_points
 
 
@@ -33,21 +33,26 @@ class SweepPublisher(TrackingClient):
         """The sweep's parent run: found by its key, else the run `mlflow run` made (``given``),
         else a new one; its params, data set and manifest sent where missing."""
         with self.lock():
-            found = self.parent_of(self.client.search_runs(
+            parents = self.client.search_runs(
                 [self.experiment_id], filter_string=f"tags.`{TAG_SWEEP}` = '{key}' and tags.`{TAG_ROLE}` = 'sweep'",
-                max_results=10))
+                max_results=100)
+            # This workspace's; else one published before runs named their workspace, adopted.
+            found = self.parent_of([r for r in parents if r.data.tags.get(TAG_WORKSPACE) == self.workspace]) \
+                or self.parent_of([r for r in parents if TAG_WORKSPACE not in r.data.tags])
+            if found is not None and TAG_WORKSPACE not in found.data.tags:
+                self.client.log_batch(found.info.run_id, tags=[RunTag(k, v) for k, v in self.own().items()])
             if found is not None:
                 run_id = found.info.run_id
                 if given and given != run_id:
                     self._point_launch(given, run_id, key)
             else:
-                tags = tags | {TAG_ROLE: "sweep", TAG_SWEEP: key}
+                tags = tags | {TAG_ROLE: "sweep", TAG_SWEEP: key} | self.own()
                 run_id = self._adopt(given, tags, key)
                 if run_id is None:  # ended at once: it is a folder of runs, FINISHED again by each publish
                     run_id = self.client.create_run(self.experiment_id, run_name=f"sweep-{key[:8]}",
                                                     tags=tags, start_time=start_ms).info.run_id
                     self.client.set_terminated(run_id, "FINISHED")
-        self.experiment_tags(dict([ui.sweep_view_tag(key, bool(params.get("train.lr_grid")))]))
+        self.experiment_tags(dict([ui.sweep_view_tag(key, self.workspace, bool(params.get("train.lr_grid")))]))
         run = self.client.get_run(run_id)
         if run.data.tags.get(PUBLISHED + "prepare") != manifest["data_hash"][:16]:
             self._params(run, params)
@@ -92,7 +97,7 @@ class SweepPublisher(TrackingClient):
             if run is None:
                 run_id = self.client.create_run(self.experiment_id, run_name=identity["name"],
                                                 start_time=int(identity["created"] * 1000),
-                                                tags=_train_tags(identity, parent) | owner_tags()).info.run_id
+                                                tags=self._train_tags(identity, parent) | owner_tags()).info.run_id
                 return run_id, {}
         run_id = run.info.run_id
         # The training's tags as they are now (a Ray task resumed on another node), and its owner.
@@ -116,8 +121,10 @@ class SweepPublisher(TrackingClient):
             with self.lock():
                 run = self.find_record(identity["record"]) or self.client.get_run(self.client.create_run(
                     self.experiment_id, run_name=identity["name"], start_time=int(identity["created"] * 1000),
-                    tags=_train_tags(identity, parent)).info.run_id)
+                    tags=self._train_tags(identity, parent)).info.run_id)
         run_id = run.info.run_id
+        if TAG_WORKSPACE not in run.data.tags:  # published before runs named their workspace
+            self.client.log_batch(run_id, tags=[RunTag(k, v) for k, v in self.own().items()])
         if run.data.tags.get(PUBLISHED + "train") == stamp and run.info.status == "FINISHED" \
                 and self.model_ready(run_id):
             return run_id
@@ -140,11 +147,15 @@ class SweepPublisher(TrackingClient):
         seed): the older one goes to MLflow's trash, never counted side by side."""
         for run in self.client.search_runs([self.experiment_id], max_results=100, filter_string=(
                 f"tags.`{TAG_SWEEP}` = '{identity['sweep_key']}' and tags.`{TAG_BATCH}` = '{identity['batch_size']}' "
-                f"and tags.`{TAG_SEED}` = '{identity['seed']}' and tags.`{TAG_ROLE}` = 'train'"
+                f"and tags.`{TAG_SEED}` = '{identity['seed']}' and tags.`{TAG_ROLE}` = 'train' "
+                f"and tags.`{TAG_WORKSPACE}` = '{self.workspace}'"
                 + (f" and tags.`{TAG_LR}` = '{identity['lr']!r}'" if identity.get("lr") is not None else ""))):
             if run.info.run_id != keep and (run.info.status != "RUNNING" or not owner_alive(run.data.tags)):
                 self.client.set_tag(run.info.run_id, "batchlab.superseded_by", keep)
                 self.client.delete_run(run.info.run_id)
+
+    def _train_tags(self, identity: dict[str, Any], parent: str) -> dict[str, str]:
+        return _train_tags(identity, parent) | self.own()
 
     def publish_eval(self, folder: Path, run) -> None:
         metrics = read_json(folder / "metrics.json")

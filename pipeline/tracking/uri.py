@@ -29,3 +29,15 @@ def tracking_uri(root: Path, env: dict[str, str] | None = None) -> str:
 
 def is_local_store(uri: str) -> bool:
     return uri.startswith("sqlite:") or uri.startswith("file:") or "://" not in uri
+
+
+def workspace(root: Path, env: dict[str, str] | None = None) -> tuple[str, str]:
+    """Which workspace publishes: ``(id, name)``. The name is ``host:/path/of/project``; the id, a
+    short hash of it, is what a store search filters on. Two clones (two machines, or two folders)
+    publishing one sweep to one server are two workspaces: each closes, retires and supersedes only
+    its own runs. ``BATCHLAB_WORKSPACE`` carries the driver's name to Ray tasks on other nodes."""
+    import hashlib
+    import socket
+    env = os.environ if env is None else env
+    name = env.get("BATCHLAB_WORKSPACE") or f"{socket.gethostname()}:{root}"
+    return hashlib.sha256(name.encode()).hexdigest()[:12], name

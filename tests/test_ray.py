@@ -231,3 +231,64 @@ def test_asking_for_ray_without_it_is_one_line_naming_the_install(tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.strip().count("\n") == 0 and "requirements-ray.txt" in proc.stderr, proc.stderr
     assert not (proj / "outputs").exists() and not (proj / "checkpoints").exists()
+
+
+def _ours(proj: Path) -> list[int]:
+    """Processes of this project's command still alive: the stage's driver and Ray workers that
+    run its trainings (their working folder is the project)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            cwd = os.readlink(f"/proc/{entry}/cwd")
+            cmd = Path(f"/proc/{entry}/cmdline").read_bytes()
+            state = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if cwd == str(proj) and state != "Z" and (b"pipeline" in cmd or b"ray::" in cmd):
+            found.append(int(entry))
+    return found
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("moment", ("before-checkpoint", "after-checkpoint"))
+def test_the_head_node_lost_mid_sweep_ends_in_one_line_and_nothing_runs_on(tmp_path, moment):
+    """The head node killed while the worker node trains: `dvc repro` ends with one line of ours
+    naming the address; the worker's training stops with its checkpoint (no run FINISHED in the
+    store without a record in outputs/, no temporary file), and no process of ours runs on."""
+    cluster = Cluster()  # its own: this one loses its head
+    try:
+        proj = make_project(tmp_path / "p", merge(LONG, {"train": {"epochs": 40}}))
+        env = ray_env(env_for(proj)) | {"RAY_ADDRESS": cluster.address}
+        repro = subprocess.Popen([str(BIN / "dvc"), "repro"], cwd=proj, env=env, stdout=subprocess.PIPE,
+                                 stderr=subprocess.PIPE, text=True, start_new_session=True)
+        name = _trainer_on(proj, cluster.worker)
+        while moment == "after-checkpoint" and not (proj / "checkpoints" / f"{name}.pt").exists():
+            assert repro.poll() is None, repro.communicate()[1][-2000:]
+            time.sleep(0.05)
+        _kill_session(cluster.head.pid)
+        cluster.head.wait()
+        out, err = repro.communicate(timeout=30)
+        assert repro.returncode != 0
+        ours = [line for line in err.splitlines() if line.startswith("error:")]
+        assert len(ours) == 1 and cluster.address in ours[0], err[-3000:]
+        assert "Traceback" not in err and "GCS" not in err, err[-3000:]
+        deadline = time.monotonic() + 30
+        while _ours(proj):
+            assert time.monotonic() < deadline, [(pid, Path(f"/proc/{pid}/cmdline").read_bytes()[:200]) for pid in _ours(proj)]
+            time.sleep(0.2)
+        assert (proj / "checkpoints" / f"{name}.pt").is_file()
+        assert not list((proj / "checkpoints").glob(".*.tmp"))
+        records = {json.loads(f.read_text())["record"] for f in (proj / "outputs").rglob("run.json")} \
+            if (proj / "outputs").is_dir() else set()
+        finished = [r for r in _runs(proj) if r.data.tags.get("batchlab.role") == "train"
+                    and r.info.status == "FINISHED"]
+        assert all(r.data.tags["batchlab.record"] in records for r in finished)
+        # The head's own training died with it (SIGKILL): its run stays RUNNING until sync closes it.
+        sh([sys.executable, "-m", "pipeline", "sync"], proj, env={k: v for k, v in env.items() if k != "RAY_ADDRESS"})
+        statuses = {r.info.run_name: r.info.status for r in _runs(proj) if r.data.tags.get("batchlab.role") == "train"}
+        # (The head's training may have died before it opened its run.)
+        assert statuses[name] == "KILLED" and set(statuses.values()) == {"KILLED"}, statuses
+    finally:
+        cluster.stop()

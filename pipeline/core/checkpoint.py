@@ -22,8 +22,19 @@ class Checkpoint:
     def save(self, state: dict) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
-        torch.save(state | {"key": self.key, "meta": self.meta}, tmp)
-        os.replace(tmp, self.path)
+        self._drop_partial()
+        try:
+            torch.save(state | {"key": self.key, "meta": self.meta}, tmp)
+            os.replace(tmp, self.path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+
+    def _drop_partial(self) -> None:
+        """A save cut short by a process killed mid-write (a lost node, SIGKILL) leaves its
+        temporary file: the trainer of this checkpoint, the only one (its lock), removes it."""
+        for partial in self.path.parent.glob(f".{self.path.name}.*.tmp"):
+            partial.unlink(missing_ok=True)
 
     def read(self) -> dict | None:
         """The stored state, whatever its key. One that cannot be read is moved aside (and
@@ -45,3 +56,4 @@ class Checkpoint:
 
     def remove(self) -> None:
         self.path.unlink(missing_ok=True)
+        self._drop_partial()

@@ -19,11 +19,13 @@ from __future__ import annotations
 import os
 import socket
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from ..config import ParamsError, Unreachable
 from ..context import Context, read_manifest, replaced_dir, write_atomic
+from ..procs import Interrupted
 from . import train
 
 INSTALL = "pip install -r requirements-ray.txt"
@@ -68,6 +70,7 @@ def run(ctx: Context, batch_size: int, seeds: tuple[int, ...] | None = None,
         found = search.read_bytes() if lr is not None and search.is_file() else None
         refs = [task.remote(ctx, batch_size, seed, rate, log_to_mlflow, found) for rate, seed in trials]
         try:
+            _wait(ray, refs, address)
             results = ray.get(refs)
         except ray.exceptions.RayTaskError as err:  # the training's own error, as a local run raises it
             raise (err.cause if isinstance(err.cause, BaseException) else err) from None
@@ -81,6 +84,69 @@ def run(ctx: Context, batch_size: int, seeds: tuple[int, ...] | None = None,
         return [summary for summary, _ in results]
     finally:
         ray.shutdown()
+
+
+# How often the driver and each task look at the head node: a lost head is said within seconds,
+# where Ray itself waits a minute for it and then prints its own failure.
+HEAD_POLL_SECONDS = 2.0
+
+
+def _wait(ray, refs: list, address: str | None) -> None:
+    """Until every task is done, looking at the head between waits. A head that is gone ends the
+    stage with one line, at once: Ray's shutdown and its exit handlers would wait on it for a
+    minute, so the process ends without them (nothing of the stage was written yet; the tasks on
+    other nodes stop by themselves, ``_watch_head``, keeping their checkpoints)."""
+    pending = list(refs)
+    while pending:
+        _, pending = ray.wait(pending, num_returns=len(pending), timeout=HEAD_POLL_SECONDS)
+        if pending and address not in (None, "auto", "local") and not _answers(address):
+            print(f"error: the Ray cluster's head node at RAY_ADDRESS={address} is gone; its trainings stop "
+                  f"with their checkpoints. Start the cluster again and rerun: they resume", file=sys.stderr,
+                  flush=True)
+            os._exit(1)
+
+
+def _answers(address: str, timeout: float = 5.0) -> bool:
+    host, _, port = address.split("://", 1)[-1].rstrip("/").rpartition(":")
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+@contextmanager
+def _watch_head(address: str | None):
+    """In a task: SIGTERM this training (it stops at its next step with a checkpoint, its run
+    KILLED) once the head node stops answering, rather than train on and publish a run whose
+    driver, and so whose record in outputs/, is gone. Two misses in a row, so that one slow
+    answer on a loaded machine stops nothing."""
+    import signal
+    import threading
+    if address in (None, "auto", "local"):  # a local instance dies with its driver, tasks and all
+        yield None
+        return
+    done = threading.Event()
+
+    def may_finish() -> None:
+        """The training is done: its driver must still be there to take its files."""
+        if not _answers(address):
+            raise Interrupted(signal.SIGTERM)
+
+    def watch() -> None:
+        misses = 0
+        while not done.wait(HEAD_POLL_SECONDS):
+            misses = 0 if _answers(address) else misses + 1
+            if misses == 2:
+                os.kill(os.getpid(), signal.SIGTERM)
+                return
+
+    thread = threading.Thread(target=watch, name="watch-ray-head", daemon=True)
+    thread.start()
+    try:
+        yield may_finish
+    finally:
+        done.set()  # Ray reuses the worker process for later tasks: the watch ends with this one
 
 
 def _check(ctx: Context, batch_size: int) -> None:
@@ -125,6 +191,7 @@ def _train_task(ctx: Context, batch_size: int, seed: int, lr: float | None, log_
     import tempfile
 
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    before = os.getcwd()  # Ray reuses the worker process: it goes back where it was, below
     os.chdir(ctx.workdir)  # relative paths in params (data.root, model.code) are the project's
     if str(ctx.workdir) not in sys.path:
         sys.path.insert(0, str(ctx.workdir))
@@ -142,11 +209,14 @@ def _train_task(ctx: Context, batch_size: int, seed: int, lr: float | None, log_
             from ..tracking.sweep import open_view
             view = open_view(here)
         node = ray.get_runtime_context().get_node_id()
-        summary = train.run_one(job, view, {"batchlab.executor": "ray", "batchlab.ray_node": node})
+        with _watch_head(ctx.env.get("RAY_ADDRESS") or None) as may_finish:
+            job = dataclasses.replace(job, may_finish=may_finish)
+            summary = train.run_one(job, view, {"batchlab.executor": "ray", "batchlab.ray_node": node})
         files = {str(p.relative_to(job.out)): p.read_bytes() for p in sorted(job.out.rglob("*")) if p.is_file()}
         return summary, files
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
+        os.chdir(before)
 
 
 def _unpack(dest: Path, files: dict[str, bytes]) -> None:

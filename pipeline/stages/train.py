@@ -12,7 +12,7 @@ import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -48,6 +48,9 @@ class Job:
     checkpoint: Checkpoint
     lr: float | None = None  # the run's rate (from a grid or the search); None: train.lr
     flops: float | None = None  # one example's forward pass (``cost.forward_flops``): what chose the threads
+    # Asked before the run's outputs are written and its checkpoint removed: raises where the
+    # run must not end as done (a Ray task whose head node, and so whose driver, is gone).
+    may_finish: Callable[[], None] | None = None
 
     @property
     def train(self):
@@ -224,6 +227,8 @@ def _train(job: Job, identity: dict[str, Any], sink, signals: StopSignals) -> tu
     summary = _summary(job, model, result, mem.peak_bytes) | noise
     if job.dist.main:
         job.ctx.check_params_unchanged(f"train@{job.batch_size}")
+        if job.may_finish is not None:
+            job.may_finish()
         _write_outputs(job, model, result, summary, identity)
         job.checkpoint.remove()
     return summary, model

@@ -290,3 +290,35 @@ def test_a_user_dataset_class_by_target_is_read_once_with_its_own_test_split(tmp
         check_data(parse_params({"data": {"_target_": "mydata.Squares"}}).data, tmp_path)
     with pytest.raises(ParamsError, match=r"data.n=3: unknown key"):
         parse_params({"data": {"n": 3}})
+
+
+EVIL_MODULE = '''from pathlib import Path
+def make(path="MARKER") -> str:
+    Path(path).write_text("called")
+    return "not a network"
+'''
+
+
+@pytest.mark.slow
+def test_a_target_that_is_not_a_model_maker_is_refused_uncalled(tmp_path):
+    """os.system, builtins.eval, subprocess.run and a project function annotated to return a str,
+    each with arguments that would write a marker file: refused with one line, exit 2, by prepare
+    and by train, and the marker never appears (nothing was called)."""
+    proj = make_project(tmp_path / "p", SMALL, git=False)
+    (proj / "mine").mkdir()
+    (proj / "mine" / "evil.py").write_text(EVIL_MODULE)
+    marker = proj / "MARKER"
+    cases = {"os.system": {"_target_": "os.system", "command": f"touch {marker}"},
+             "builtins.eval": {"_target_": "builtins.eval", "source": f"open({str(marker)!r}, 'w')"},
+             "subprocess.run": {"_target_": "subprocess.run", "args": ["touch", str(marker)]},
+             "str function": {"_target_": "mine.evil.make", "code": "mine/evil.py", "path": str(marker)}}
+    for name, model in cases.items():
+        sets = [a for k, v in model.items() for a in ("--set", f"model.{k}={json.dumps(v)}")]
+        for verb in (["prepare"], ["train", "--batch-size", "16"]):
+            proc = subprocess.run([sys.executable, "-m", "pipeline", *verb, *sets], cwd=proj, env=env_for(proj),
+                                  capture_output=True, text=True, timeout=120)
+            assert proc.returncode == 2, (name, proc.stderr)
+            (line,) = proc.stderr.strip().splitlines()
+            assert f"model._target_={model['_target_']!r}" in line and "it was not called" in line, line
+            assert not marker.exists(), name
+    assert not (proj / "data" / "prepared").exists()

@@ -4,8 +4,9 @@ or factory by Hydra's ``_target_`` convention (``_target_: examples.mymodels.net
 its keyword arguments). ``num_classes`` and ``in_channels`` follow from the data unless given.
 
 Every way a target can be wrong stops with one line naming the key (``ParamsError``), before any
-work: a module that cannot be imported, a missing name, something not callable, keywords its
-signature rejects, a result that is not an ``nn.Module``.
+work: a module that cannot be imported, a missing name, something not callable or not known to
+make a network (``check_maker``: refused before it is called), keywords its signature rejects, a
+result that is not an ``nn.Module``.
 """
 from __future__ import annotations
 
@@ -41,6 +42,57 @@ def _from_data(fn: Callable[..., Any], kwargs: dict[str, Any], shape: tuple[int,
     return extra | kwargs
 
 
+# Packages whose callables build networks: a factory there is called without a return annotation.
+MODEL_LIBRARIES = ("torchvision", "timm")
+
+
+def check_maker(fn: Callable[..., Any], what: str, root: Path | str = ".") -> None:
+    """Nothing is called that is not known to make a network: a class must subclass
+    ``torch.nn.Module``; a function must be annotated to return one, or live in a model library
+    (MODEL_LIBRARIES) or in the project's own folder (``model.code``). ``os.system``,
+    ``builtins.eval``, ``subprocess.run`` and the like are refused here, uncalled. Raises ParamsError."""
+    allowed = ("allowed: a torch.nn.Module subclass, a function annotated to return one, or a function "
+               f"of {', '.join(MODEL_LIBRARIES)} or of this project's folder; it was not called")
+    if inspect.isclass(fn):
+        if issubclass(fn, nn.Module):
+            return
+        raise ParamsError(f"model._target_={what!r} is the class {fn.__name__}, not a torch.nn.Module ({allowed})")
+    returns = _return_annotation(fn)
+    if returns is not None:
+        if inspect.isclass(returns) and issubclass(returns, nn.Module):
+            return
+        raise ParamsError(f"model._target_={what!r} is annotated to return {getattr(returns, '__name__', returns)}, "
+                          f"not a torch.nn.Module ({allowed})")
+    module = getattr(fn, "__module__", None) or ""
+    if module.split(".")[0] in MODEL_LIBRARIES or _in_project(fn, root):
+        return
+    raise ParamsError(f"model._target_={what!r} is a function of {module or 'no module'}, not known to make a "
+                      f"network ({allowed})")
+
+
+def _return_annotation(fn: Callable[..., Any]) -> Any:
+    """The return annotation, resolved; None where there is none or it cannot be resolved."""
+    import typing
+    try:
+        return typing.get_type_hints(fn).get("return")
+    except Exception:  # a forward reference that does not resolve, a builtin: no claim either way
+        return None
+
+
+def _in_project(fn: Callable[..., Any], root: Path | str) -> bool:
+    """Defined in a file under the project's folder, not in an environment that lives there (a
+    virtualenv inside the project holds the standard library's and every package's code)."""
+    import sys
+    from .targets import defined_in
+    source = defined_in(fn, root)
+    if source is None:
+        return False
+    path = (Path(root) / source).resolve()
+    envs = {Path(p).resolve() for p in (sys.prefix, sys.base_prefix, sys.exec_prefix)}
+    return not any(env == path or env in path.parents for env in envs) and \
+        not {"site-packages", "dist-packages"} & set(path.parts)
+
+
 def check_model(p: ModelParams, root: Path | str = ".", build: bool = False) -> None:
     """What can be checked without the data: the target imports, is callable, takes the keywords,
     and lives in ``model.code``; a torchvision name exists. ``build``: a target is also called
@@ -53,6 +105,7 @@ def check_model(p: ModelParams, root: Path | str = ".", build: bool = False) -> 
                               f"or model._target_)")
         return
     fn = resolve_target(p.target)
+    check_maker(fn, p.target, root)
     bind(fn, _from_data(fn, p.kwargs, (1, 1, 1), 2), p.target)
     check_code(fn, p.target, p.code, "model", root)
     if build:
@@ -78,6 +131,7 @@ def build_model(p: ModelParams, shape: int | tuple[int, ...] | list[int], n_out:
         kwargs = {"num_classes": n_out} | p.kwargs
     else:
         fn, what = resolve_target(p.target), p.target
+        check_maker(fn, what, Path.cwd())
         kwargs = _from_data(fn, p.kwargs, shape, n_out)
         bind(fn, kwargs, what)
     try:

@@ -167,9 +167,18 @@ def _check_model(ctx, verb: str) -> None:
 
 def _prepare(args, ctx) -> None:
     from .stages import prepare
-    manifest = prepare.run(ctx)
+
+    def network_takes_it(task: str, splits: dict) -> None:
+        """The network runs one forward and backward pass on the data's real shape, or nothing is written."""
+        import torch
+        from .core.models import check_forward
+        x = splits["train"][0]
+        n_out = int(max(int(y.max()) for _, y in splits.values()) + 1) if task == "classification" else 1
+        check_forward(ctx.params.model, tuple(x.shape[1:]), n_out, task, torch.from_numpy(x[:2]))
+    manifest = prepare.run(ctx, network_takes_it)
     print(f"prepared {ctx.params.data.name}: " + ", ".join(
-        f"{k} {v['n']}" for k, v in manifest["splits"].items()) + f" -> {ctx.data_dir}")
+        f"{k} {v['n']}" for k, v in manifest["splits"].items()) + f", samples of shape {manifest['sample_shape']}"
+        f" -> {ctx.data_dir}")
 
 
 def _train(args, ctx) -> None:

@@ -1,6 +1,7 @@
 """Your model and your data: torchvision models by name, the user's own class by ``_target_``,
 data in its real on-disk formats, transforms and augmentation, precision and layout settings."""
 import json
+import shutil
 import subprocess
 import sys
 
@@ -8,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import REPO, SMALL, env_for, make_project, merge, runs_of
+from conftest import REPO, SMALL, env_for, make_project, merge, runs_of, sh
 from pipeline.config import ParamsError, parse_params
 from pipeline.core.data import load_prepared
 from pipeline.core.sources import build_splits
@@ -322,3 +323,52 @@ def test_a_target_that_is_not_a_model_maker_is_refused_uncalled(tmp_path):
             assert f"model._target_={model['_target_']!r}" in line and "it was not called" in line, line
             assert not marker.exists(), name
     assert not (proj / "data" / "prepared").exists()
+
+
+def _gray_tree(root, size: int = 28, per_class: int = 12, classes: int = 3):
+    """Single-channel PNGs (mode L), as MNIST's are: root/train/<class>/*.png."""
+    from PIL import Image
+    rng = np.random.default_rng(0)
+    for c in range(classes):
+        folder = root / "train" / f"c{c}"
+        folder.mkdir(parents=True)
+        for i in range(per_class):
+            img = (rng.random((size, size)) * 60).astype(np.uint8)
+            img[:, c * size // classes:(c + 1) * size // classes] += 180  # the class: a bright band
+            Image.fromarray(img, mode="L").save(folder / f"{i:03d}.png")
+    return root
+
+
+CNN = {"_target_": "examples.mymodels.nets.MnistCNN", "code": "examples/mymodels/nets.py"}
+
+
+@pytest.mark.slow
+def test_a_grayscale_png_tree_is_one_channel_and_trains_a_one_channel_cnn(tmp_path):
+    """No transform: the files are grayscale, so the samples have one channel, prepare says so,
+    and the CNN gets in_channels=1 from the data."""
+    proj = make_project(tmp_path / "p", merge(SMALL, {
+        "data": {"name": "imagefolder", "root": str(_gray_tree(tmp_path / "gray")), "transforms": []},
+        "model": CNN, "train": {"batch_sizes": [8], "epochs": 1}}), git=False)
+    shutil.copytree(REPO / "examples" / "mymodels", proj / "examples" / "mymodels")
+    env = env_for(proj)
+    out = sh([sys.executable, "-m", "pipeline", "prepare"], proj, env=env).stdout
+    assert "samples of shape [1, 28, 28]" in out, out
+    sh([sys.executable, "-m", "pipeline", "train", "--batch-size", "8"], proj, env=env)
+    weights = torch.load(proj / "outputs/train/bs8/seed0/model.pt", weights_only=True)
+    assert weights["features.0.weight"].shape[1] == 1  # the first convolution takes one channel
+    assert json.loads((proj / "outputs/train/bs8/seed0/run.json").read_text())["sample_shape"] == [1, 28, 28]
+
+
+@pytest.mark.slow
+def test_a_28_pixel_cnn_given_32_pixel_images_is_refused_before_prepare_writes(tmp_path):
+    proj = make_project(tmp_path / "p", merge(SMALL, {
+        "data": {"name": "imagefolder", "root": str(_gray_tree(tmp_path / "gray")),
+                 "transforms": [{"Resize": {"size": [32, 32]}}]}, "model": CNN}), git=False)
+    shutil.copytree(REPO / "examples" / "mymodels", proj / "examples" / "mymodels")
+    proc = sh([sys.executable, "-m", "pipeline", "prepare"], proj, env=env_for(proj), check=False)
+    assert proc.returncode == 2, proc.stderr
+    (line,) = proc.stderr.strip().splitlines()
+    print(line)
+    assert "examples.mymodels.nets.MnistCNN" in line and "[2, 1, 32, 32]" in line and "head.0 (Linear)" in line
+    assert not (proj / "data" / "prepared").exists()
+    assert not (proj / "mlflow.db").exists() or runs_of(f"sqlite:///{proj / 'mlflow.db'}", "test")[1] == []

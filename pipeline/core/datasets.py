@@ -153,7 +153,7 @@ def _imagefolder(p: DataParams) -> dict[str, tuple[np.ndarray, np.ndarray]]:
         if not (root / split).is_dir():
             continue
         try:
-            ds = datasets.ImageFolder(str(root / split), transform=prep)
+            ds = datasets.ImageFolder(str(root / split), transform=prep, loader=_channels_as_stored)
         except (FileNotFoundError, OSError) as err:
             raise DataError(f"{root / split}: {' '.join(str(err).split())[:300]}") from None
         if classes is not None and ds.classes != classes:
@@ -165,15 +165,30 @@ def _imagefolder(p: DataParams) -> dict[str, tuple[np.ndarray, np.ndarray]]:
                 img = ds[i][0]
             except Exception as err:
                 raise DataError(f"{path}: cannot be read as an image ({type(err).__name__}: {err})") from None
-            if xs and img.shape != xs[0].shape:
+            if xs and img.shape[1:] != xs[0].shape[1:]:
                 raise DataError(f"{path}: {tuple(img.shape)} after data.transforms, but {ds.samples[0][0]} is "
                                 f"{tuple(xs[0].shape)}; give one size, e.g. data.transforms: "
                                 f"[{{Resize: {{size: [32, 32]}}}}, {{CenterCrop: {{size: 32}}}}]")
             xs.append(img.as_subclass(torch.Tensor))
         if not xs:
             raise DataError(f"{root / split}: no images found")
-        out[split] = (torch.stack(xs).numpy(), np.asarray(ds.targets, dtype=np.int64))
-    return out
+        out[split] = (xs, np.asarray(ds.targets, dtype=np.int64))
+    # Grayscale files give one channel, colour files three; a tree of both gives three throughout.
+    channels = max(x.shape[0] for xs, _ in out.values() for x in xs)
+    return {split: (torch.stack([x.expand(channels, *x.shape[1:]) for x in xs]).numpy(), y)
+            for split, (xs, y) in out.items()}
+
+
+GRAYSCALE_MODES = ("1", "L", "LA", "I", "I;16", "F")
+
+
+def _channels_as_stored(path: str):
+    """An image file as PIL reads it, in the channels it holds: grayscale stays one channel (L)
+    where torchvision's default loader would make every image RGB; anything else becomes RGB."""
+    from PIL import Image
+    with open(path, "rb") as f:
+        img = Image.open(f)
+        return img.convert("L" if img.mode in GRAYSCALE_MODES else "RGB")
 
 
 

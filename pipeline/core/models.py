@@ -80,17 +80,21 @@ def _return_annotation(fn: Callable[..., Any]) -> Any:
 
 
 def _in_project(fn: Callable[..., Any], root: Path | str) -> bool:
-    """Defined in a file under the project's folder, not in an environment that lives there (a
-    virtualenv inside the project holds the standard library's and every package's code)."""
+    """Defined in a file of the user's own: under the project's folder (or a folder the user put on
+    the import path, as the stages put the project's), and not in the Python installation or an
+    environment, wherever those live (a virtualenv inside the project holds the standard
+    library's and every package's code)."""
     import sys
-    from .targets import defined_in
-    source = defined_in(fn, root)
-    if source is None:
+    try:
+        path = Path(inspect.getsourcefile(fn) or "").resolve()
+    except TypeError:  # a builtin: no file
         return False
-    path = (Path(root) / source).resolve()
+    if not path.is_file():
+        return False
     envs = {Path(p).resolve() for p in (sys.prefix, sys.base_prefix, sys.exec_prefix)}
-    return not any(env == path or env in path.parents for env in envs) and \
-        not {"site-packages", "dist-packages"} & set(path.parts)
+    if any(env in path.parents for env in envs) or {"site-packages", "dist-packages"} & set(path.parts):
+        return False
+    return any(Path(d or ".").resolve() in path.parents for d in (str(root), *sys.path))
 
 
 def check_model(p: ModelParams, root: Path | str = ".", build: bool = False) -> None:
@@ -145,6 +149,42 @@ def build_model(p: ModelParams, shape: int | tuple[int, ...] | list[int], n_out:
         raise ParamsError(f"model._target_={what!r} returned a {type(model).__name__}, not a torch.nn.Module "
                           f"(allowed: a class or factory that returns one)")
     return model
+
+
+def check_forward(p: ModelParams, sample_shape: tuple[int, ...], n_out: int, task: str, x=None) -> nn.Module:
+    """Build the network for the data's real sample shape and run one forward and backward pass on
+    a batch of two (``x``, else zeros): a network that cannot take the data stops here with one
+    line naming it, the shape and the layer that refused (ParamsError), not in the loop after
+    prepare wrote the data. Returns the network built."""
+    import torch
+    model = build_model(p, sample_shape, n_out)
+    x = torch.zeros((2, *sample_shape)) if x is None else x[:2].float()
+    entered: list[str] = []
+    names = {m: n for n, m in model.named_modules()}
+    hooks = [m.register_forward_pre_hook(lambda m, args: entered.append(names[m]))
+             for m in model.modules() if not list(m.children())]
+    try:
+        out = model(x)
+        y = torch.zeros(len(x), dtype=torch.long) if task == "classification" else torch.zeros_like(out)
+        if task == "classification" and (out.ndim != 2 or out.shape[1] != n_out):
+            raise ParamsError(f"model {_name(p)}: a batch of shape {list(x.shape)} gives outputs of shape "
+                              f"{list(out.shape)}, not [{len(x)}, {n_out}] ({n_out} classes in the data)")
+        loss_fn(task)(out, y).backward()
+    except RuntimeError as err:
+        layer = entered[-1] if entered else None
+        where = f" in layer {layer} ({type(model.get_submodule(layer)).__name__})" if layer else ""
+        raise ParamsError(f"model {_name(p)}: a batch of the data's shape {list(x.shape)} (after data.transforms) "
+                          f"fails{where}: {' '.join(str(err).split())[:200]} (allowed: a network that takes "
+                          f"this shape; change data.transforms or the model)") from None
+    finally:
+        for h in hooks:
+            h.remove()
+    model.zero_grad(set_to_none=True)
+    return model
+
+
+def _name(p: ModelParams) -> str:
+    return p.target or p.name
 
 
 def code_sha256(p: ModelParams, root: Path | str = ".") -> str:

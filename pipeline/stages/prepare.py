@@ -3,12 +3,16 @@ from __future__ import annotations
 
 from typing import Any
 
+from typing import Callable
+
 from ..context import Context
 from ..core.data import write_prepared
 from ..core.sources import build_splits
 
 
-def run(ctx: Context) -> dict[str, Any]:
+def run(ctx: Context, check: Callable[[str, dict], None] | None = None) -> dict[str, Any]:
+    """``check(task, splits)`` sees the data before anything is written, and may refuse it (the
+    command line checks that the network takes the data's shape: that shapes no output)."""
     p = ctx.params
     task, splits = build_splits(p.data)
     source = {"name": p.data.name, "seed": p.data.seed,
@@ -22,6 +26,8 @@ def run(ctx: Context) -> dict[str, Any]:
         source["root"] = p.data.root
     if p.data.transforms:
         source["transforms"] = list(p.data.transforms)
+    if check is not None:
+        check(task, splits)
     ctx.check_params_unchanged("prepare")
     manifest = write_prepared(ctx.data_dir, task, splits, source)
     from ..tracking.sweep import publish_parent

@@ -26,7 +26,7 @@ from ..core.checkpoint import Checkpoint
 from ..core.data import Prepared, load_prepared, streams
 from ..core.engine import FitResult, Hooks, NullSink, TrainSpec, budget_steps, fit, scaled_lr
 from ..core.memory import PeakMemory, out_of_memory
-from ..core.models import build_model, code_sha256
+from ..core.models import build_model, check_forward, code_sha256
 from ..core.signals import StopSignals
 from ..core.cost import forward_flops
 from ..core.system import device_name, pick_device, set_flush_denormal, set_threads, threads, threads_reason
@@ -106,8 +106,10 @@ def prepare_jobs(ctx: Context, batch_size: int, seeds: tuple[int, ...] | None = 
         if device.type == "cuda":
             device = torch.device("cuda", d.local_rank)
             torch.cuda.set_device(device)
-    flops = forward_flops(build_model(ctx.params.model, data.sample_shape, data.n_outputs),
-                          data.train.rows(slice(0, 2))[0])
+    example = data.train.rows(slice(0, 2))[0]
+    # The network takes the data's shape (a model param changed since prepare checked it?).
+    flops = forward_flops(check_forward(ctx.params.model, data.sample_shape, data.n_outputs, data.task, example),
+                          example)
     set_threads(ctx.params.train.threads, work=-(-batch_size // d.world) * flops, device=device.type)
     key = ctx.params.sweep_key(data.data_hash)
     trials = [(lr, s) for s in seeds or ctx.params.train.seeds] if lr is not None else ctx.params.train.trials(seeds)

@@ -122,6 +122,12 @@ class ModelParams(_TargetSection):
                              f"torchvision model or a _target_)")
         return self
 
+    def unused(self) -> tuple[str, ...]:
+        """The keys of this section that the chosen network does not read."""
+        if self.target is not None:
+            return ("name", "hidden_sizes")
+        return () if self.name == "mlp" else ("hidden_sizes",)
+
     @property
     def label(self) -> str:
         """A short name for titles: the target's last part, or the name."""
@@ -341,6 +347,12 @@ class Params(_Section):
             for key, value in values.items():
                 out[f"{section}.{key}"] = value
         return out
+
+    def described(self) -> dict[str, Any]:
+        """``flat()`` less the keys that do not apply to the chosen network (``model.name`` and
+        ``model.hidden_sizes`` beside a ``_target_``; ``hidden_sizes`` beside ``linear`` or a
+        torchvision name): what a run records as its params, so that none describes it wrongly."""
+        return {k: v for k, v in self.flat().items() if k not in {f"model.{u}" for u in self.model.unused()}}
 
     def sweep_key(self, data_hash: str) -> str:
         """Identity of a sweep: everything that shapes its training runs, the batch-size list

@@ -155,7 +155,7 @@ def test_numbers_with_intervals_read_as_people_write_them():
 def _claim_rows(memory):
     return [{"batch_size": b, "throughput": tp, "throughput_ci": 10.0, "step_memory_bytes": m,
              "bytes_per_sample": 600.0, "loss_noise": ln, "loss_noise_ci": 0.01, "test_acc": 0.9,
-             "test_acc_ci": ci, "time_to_target_s": tt, "samples_to_target": 100}
+             "test_acc_ci": ci, "time_to_target_s": tt, "time_to_target_s_ci": 0.1, "samples_to_target": 100}
             for b, tp, m, ln, ci, tt in zip((1, 8, 64), (1000.0, 8000.0, 40000.0), memory, (0.9, 0.5, 0.2),
                                             (0.05, 0.02, 0.01), (9.0, 2.0, 1.0))]
 
@@ -180,6 +180,20 @@ def test_claims_get_verdicts_from_the_numbers(ctx_factory):
     for r in rows:
         r["time_to_target_s_ci"] = 10.0
     assert claims(ctx, rows, "classification")[1]["verdict"] == "inconclusive"
+
+
+def test_one_seed_claims_no_difference_between_batch_sizes(ctx_factory):
+    """One seed gives no interval: however far apart two figures are, no claim says they differ."""
+    import math
+    from pipeline.analysis.claims import claims
+    from pipeline.analysis.stats import separated
+    rows = _claim_rows((600, 4800, 38400))
+    for r in rows:
+        for key in [k for k in r if k.endswith("_ci")]:
+            r[key] = math.nan
+    assert not separated(rows[0], rows[2], "test_acc") and not separated(rows[0], rows[2], "time_to_target_s")
+    verdicts = [c["verdict"] for c in claims(ctx_factory({"train": {"seeds": [0]}}), rows, "classification")]
+    assert verdicts[:2] == ["inconclusive", "inconclusive"]
 
 
 def test_the_shuffle_off_control_is_named_as_such(ctx_factory):

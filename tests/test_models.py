@@ -211,6 +211,11 @@ def test_user_model_on_a_png_tree_through_mlflow_run_and_dvc_repro(tmp_path):
     _, runs = runs_of(uri, "test")
     train_runs = [r for r in runs if r.data.tags.get("batchlab.role") == "train"]
     assert {r.data.params["model._target_"] for r in train_runs} == {"mymodels.tiny.TinyCNN"}
+    # Keys the user's network does not read are not recorded as if they described it.
+    parent = next(r for r in runs if r.data.tags.get("batchlab.role") == "sweep")
+    for run in (*train_runs, parent):
+        assert "model.name" not in run.data.params and "model.hidden_sizes" not in run.data.params
+        assert run.data.params["model.width"] == "6"
     assert {r.data.params["data.name"] for r in train_runs} == {"imagefolder"}
     recorded_hash = train_runs[0].data.params["model.code_sha256"]
     summary = json.loads((proj / "outputs" / "train" / "bs8" / "seed0" / "summary.json").read_text())

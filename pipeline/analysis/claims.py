@@ -107,8 +107,10 @@ def ties_text(rec: dict[str, Any]) -> str:
     """Which other batch sizes come close to the answer on time: informative, and (unlike the answer)
     free to change with a machine's timing noise."""
     near = [x for x in rec.get("near", []) if x != rec["batch_size"]]
+    alone = math.isnan(rec.get("row", {}).get("time_to_target_s_ci", math.nan))
     parts = ([f"within {NEAR:.0%} of the quickest steady time as well: {sizes_text(near)}"] if near else []) + \
-        ([f"time intervals overlapping its: {sizes_text(rec['ties'])}"] if rec.get("ties") else [])
+        (["no time intervals to compare (one seed)"] if alone else
+         [f"time intervals overlapping its: {sizes_text(rec['ties'])}"] if rec.get("ties") else [])
     return "; ".join(parts) if parts else "no other batch size comes close on time"
 
 

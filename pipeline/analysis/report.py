@@ -72,7 +72,11 @@ def _bullets(ctx: Context, concl: dict[str, Any], rows, runs=()) -> list[str]:
     rec = concl["recommended"]
     close = ([f"Beside the answer (batch size {rec['batch_size']}): {ties_text(rec)}."]
              if rec.get("batch_size") is not None else [])
-    return close + [
+    seeds = len(ctx.params.train.seeds)
+    alone = ([f"One seed: no figure has an interval over seeds, so this report claims no difference between "
+              f"batch sizes (intervals need at least two seeds; train.seeds: [0, 1, 2] gives three)."]
+             if seeds < 2 else [])
+    return alone + close + [
         (f"<span class=missed>Missed {target_text(ctx)} within its budget ({budget}) in at least one seed: batch "
          f"size {sizes_text(missed)} (censored runs: {censored}).</span>" if missed else
          f"Every batch size reached {target_text(ctx)} in every seed, at its own tuned learning rate, within its "

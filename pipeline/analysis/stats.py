@@ -60,10 +60,11 @@ def aggregate(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def separated(a: dict[str, Any], b: dict[str, Any], key: str) -> bool:
-    """Do the 95 % intervals of ``key`` in rows a and b not overlap? (Without an interval: any
-    difference counts.)"""
-    ha, hb = a.get(f"{key}_ci", 0.0), b.get(f"{key}_ci", 0.0)
-    ha, hb = (0.0 if math.isnan(ha) else ha), (0.0 if math.isnan(hb) else hb)
+    """Do the 95 % intervals of ``key`` in rows a and b not overlap? Without an interval on either
+    (one seed) nothing can be told apart: no difference is claimed, however large."""
+    ha, hb = a.get(f"{key}_ci", math.nan), b.get(f"{key}_ci", math.nan)
+    if math.isnan(ha) or math.isnan(hb):
+        return False
     return abs(a[key] - b[key]) > ha + hb
 
 

@@ -262,7 +262,7 @@ def _run_params(job: Job, window: int) -> dict[str, Any]:
     """What shapes this run: the data, model and train sections (evaluate, compare and tracking
     params are the parent's), and what follows from them here."""
     t = job.train
-    shaping = {k: v for k, v in job.ctx.params.flat().items() if k.split(".")[0] in ("data", "model", "train")}
+    shaping = {k: v for k, v in job.ctx.params.described().items() if k.split(".")[0] in ("data", "model", "train")}
     return shaping | {
         "batch_size": job.batch_size, "seed": job.seed, "lr": t.lr, "data.hash": job.data.data_hash,
         "lr_effective": scaled_lr(t, job.batch_size), "steps_per_epoch": job.per_epoch,

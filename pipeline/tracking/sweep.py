@@ -41,7 +41,7 @@ def open_view(ctx, quiet: bool = False) -> SweepPublisher | None:
 
 def parent_params(ctx, manifest: dict[str, Any]) -> dict[str, Any]:
     """The sweep's params: not where it ran (executor), which is each training run's tag."""
-    return {k: v for k, v in ctx.params.flat().items() if not k.startswith("executor.")} | data_params(manifest)
+    return {k: v for k, v in ctx.params.described().items() if not k.startswith("executor.")} | data_params(manifest)
 
 
 def sweep_parent(view: SweepPublisher, ctx, manifest: dict[str, Any], trained: list[Trained] | tuple = ()) -> str:

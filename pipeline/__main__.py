@@ -33,6 +33,7 @@ def _parser() -> argparse.ArgumentParser:
                         help="override a parameter, e.g. --set train.lr=0.01 (repeatable)")
         return sp
 
+    verb("check", "check the params, the network and the data's presence (the first stage)")
     verb("prepare", "prepare the data set")
     for name, help in (("train", "train at one batch size, once per seed"),
                        ("evaluate", "evaluate one trained batch size, every seed")):
@@ -165,6 +166,11 @@ def _check_model(ctx, verb: str) -> None:
 # One function per verb; each imports only the modules its verb runs (dvc.yaml's deps are
 # derived from those imports by a test).
 
+def _check(args, ctx) -> None:
+    from .stages import check
+    check.run(ctx)
+
+
 def _prepare(args, ctx) -> None:
     from .stages import prepare
 
@@ -277,9 +283,9 @@ def _bench(args, ctx) -> None:
     bench.main(ctx, args)
 
 
-STAGES = ("prepare", "train", "evaluate", "compare")
+STAGES = ("check", "prepare", "train", "evaluate", "compare")
 MODEL_VERBS = ("prepare", "train", "evaluate", "find-batch-size")
-VERBS = {"prepare": _prepare, "train": _train, "evaluate": _evaluate, "compare": _compare,
+VERBS = {"check": _check, "prepare": _prepare, "train": _train, "evaluate": _evaluate, "compare": _compare,
          "find-batch-size": _find_batch_size, "reproduce": _reproduce, "bench": _bench, "sync": _sync, "ui-url": _ui_url}
 
 

@@ -21,7 +21,7 @@ import sys
 from pathlib import Path
 
 from .__main__ import main as cli
-from .config import BUILTIN_MODELS, ParamsError, load_params
+from .config import BUILTIN_MODELS, DataError, ParamsError, load_params
 
 STAGE_ENTRIES = ("main", "prepare", "train", "evaluate", "compare")
 
@@ -69,6 +69,8 @@ def dvc_command(entry: str, params_file: str, batch_size: int | None, sets: list
         named = load_params(params_file).flat()
         overrides = [f"{k}={json.dumps(v)}" for k, v in named.items() if base.flat().get(k) != v] + overrides
     params = load_params("params.yaml", overrides)
+    from .core.datasets import check_present  # what the check stage checks, before `mlflow run` makes a run
+    check_present(params.data)
     if params.model.target is not None or params.model.name not in BUILTIN_MODELS:
         if str(Path.cwd()) not in sys.path:
             sys.path.insert(0, str(Path.cwd()))
@@ -160,7 +162,7 @@ def run_stage_entry(argv: list[str]) -> int:
         if named:  # --experiment-name: the sweep's view goes there, and params.yaml says so
             sets.append(f"tracking.experiment={named}")
         cmd = dvc_command(entry, params_file, batch_size, sets)
-    except ParamsError as err:
+    except (ParamsError, DataError) as err:
         print(f"error: {err}", file=sys.stderr)
         _refused(f"refused before any work: {err}")
         return 2

@@ -11,7 +11,7 @@ import yaml
 from conftest import REPO
 
 PKG = REPO / "pipeline"
-STAGES = ("prepare", "train", "evaluate", "compare")
+STAGES = ("check", "prepare", "train", "evaluate", "compare")
 # Code that publishes, locks, handles processes or parses the command line: it changes no file
 # a stage writes.
 # Nor does where the trainings run (pipeline/stages/remote.py, the Ray executor: the same files
@@ -88,9 +88,9 @@ def test_model_code_is_a_dep_of_the_stages_that_build_the_network():
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     assert params["model"]["code"] == MODEL_CODE
     users = {s for s in STAGES if "${model.code}" in dvc["stages"][s]["deps"]}
-    assert users == {"train", "evaluate"}
+    assert users == {"check", "train", "evaluate"}
     assert params["data"]["code"] == DATA_CODE
-    assert {s for s in STAGES if "${data.code}" in dvc["stages"][s]["deps"]} == {"prepare"}
+    assert {s for s in STAGES if "${data.code}" in dvc["stages"][s]["deps"]} == {"check", "prepare"}
 
 
 def test_no_stage_depends_on_publishing_or_tools():

@@ -79,3 +79,26 @@ def test_queued_experiments_run_in_parallel_and_land_in_the_project_store(tmp_pa
         assert parent.data.params["train.lr"] == child.data.params["train.lr"]
         assert child.info.artifact_uri.startswith((project / "mlartifacts").as_uri())
     assert not list((project / ".dvc" / "tmp").rglob("mlflow.db"))
+
+
+def test_bad_values_through_dvc_exp_run_delete_no_output(project):
+    """The README's main door: each bad value stops at the first stage (check), before DVC removes
+    any other stage's outputs as it starts it: the same files, byte for byte, after each."""
+    sh(["dvc", "repro"], project, timeout=600)
+
+    def files():
+        return {p: p.read_bytes() for p in sorted((project / "outputs").rglob("*")) + sorted(
+            (project / "data" / "prepared").rglob("*")) if p.is_file()}
+    before = files()
+    assert len(before) > 20
+    bad = {"+train.ephocs=5": "unknown key 'train.ephocs'",
+           "model._target_=nosuch.Net": "no module 'nosuch'",
+           "model._target_=os.system": "not known to make a network",
+           "data.name=imagefolder": "train/ not found",
+           "train.lr=-1": "train.lr=-1"}
+    for value, needle in bad.items():
+        proc = sh(["dvc", "exp", "run", "-S", value], project, check=False, timeout=300)
+        assert proc.returncode != 0 and needle in proc.stderr + proc.stdout, (value, proc.stderr[-1500:])
+        assert files() == before, value
+        sh(["git", "checkout", "params.yaml"], project)
+    assert "up to date" in sh(["dvc", "status"], project).stdout

@@ -192,6 +192,28 @@ def _channels_as_stored(path: str):
 
 
 
+_CIFAR_FOLDERS = {"cifar10": "cifar-10-batches-py", "cifar100": "cifar-100-python"}  # torchvision's
+
+
+def check_present(p: DataParams) -> None:
+    """The data's files are where the params say (cheap: no file is read), or will be downloaded:
+    one line before any work where they are not."""
+    if p.target is not None or p.name in ("digits", "linear"):
+        return
+    root = Path(p.root)
+    if p.name == "imagefolder":
+        if not (root / "train").is_dir():
+            raise DataError(f"data.name='imagefolder': {root / 'train'}/ not found (allowed: a folder "
+                            f"root/train/<class>/ of images, and optionally root/test/<class>/)")
+        return
+    if p.download:
+        return
+    folder = idx_folder(p.name, root) if p.name in _TORCHVISION_CLASS else root / _CIFAR_FOLDERS[p.name]
+    if not folder.is_dir():
+        raise DataError(f"data.name={p.name!r}: {folder}/ not found (allowed: the files in torchvision's layout "
+                        f"there, or data.download=true)")
+
+
 def read(p: DataParams) -> tuple[str, dict[str, tuple[np.ndarray, np.ndarray]]]:
     """The task and raw arrays: ``train`` and maybe ``test`` (files with a test split of their
     own), or ``all`` (split later with the data seed)."""

@@ -189,6 +189,7 @@ def _prepare(args, ctx) -> None:
 
 def _train(args, ctx) -> None:
     from .stages import train
+    ctx = _own_sweep(ctx, args.batch_size)
     seeds = (args.seed,) if args.seed is not None else None
     executor = train
     if ctx.params.executor.name == "ray":
@@ -206,8 +207,27 @@ def _train(args, ctx) -> None:
         done(ctx, args.batch_size)
 
 
+def _own_sweep(ctx, batch_size: int):
+    """A batch size outside train.batch_sizes (a training started by hand, e.g. under torchrun) is a
+    sweep of its own, with its own parent run: a sweep's parent holds only the runs its comparison
+    describes, so it never joins the list's sweep."""
+    import dataclasses
+    train = ctx.params.train
+    if batch_size in train.batch_sizes:
+        return ctx
+    from .context import OUT_DIR
+    own = ctx.workdir / OUT_DIR / "by-hand"  # not under outputs/train: DVC's stages neither read nor remove it
+    if os.environ.get("RANK", "0") == "0":
+        print(f"batch size {batch_size} is not in train.batch_sizes {list(train.batch_sizes)}: a sweep of its own "
+              f"(its own parent run in MLflow, its files in {own.relative_to(ctx.workdir)}/), not part of that "
+              f"list's", file=sys.stderr)
+    params = ctx.params.model_copy(update={"train": train.model_copy(update={"batch_sizes": (batch_size,)})})
+    return dataclasses.replace(ctx, params=params, outputs=own)
+
+
 def _evaluate(args, ctx) -> None:
     from .stages import evaluate
+    ctx = _own_sweep(ctx, args.batch_size)
     for metrics in evaluate.run(ctx, args.batch_size):
         print("evaluated bs={} seed={}: {}".format(args.batch_size, metrics["seed"], ", ".join(
             f"{k}={v:.4g}" for k, v in metrics.items() if isinstance(v, float))))

@@ -102,3 +102,27 @@ def test_bad_values_through_dvc_exp_run_delete_no_output(project):
         assert files() == before, value
         sh(["git", "checkout", "params.yaml"], project)
     assert "up to date" in sh(["dvc", "status"], project).stdout
+
+
+def test_a_hand_run_batch_size_outside_the_list_is_a_sweep_of_its_own(project):
+    """After the sweep, a training by hand at a batch size the list does not hold (the README's
+    torchrun line does this at 512): it gets a parent of its own, and the sweep's parent and view
+    still hold exactly the sweep's runs."""
+    sh(["dvc", "repro"], project, timeout=600)
+    proc = sh(["python", "-m", "pipeline", "train", "--batch-size", "32"], project, timeout=600)
+    assert "not in train.batch_sizes [16, 64]" in proc.stderr
+    _, runs = runs_of(_uri(project))
+    parents, children = _roles(runs)
+    assert len(parents) == 2 and len(children) == 3
+    by_parent = {p.info.run_id: sorted(c.data.params["batch_size"] for c in children
+                                       if c.data.tags["mlflow.parentRunId"] == p.info.run_id) for p in parents}
+    assert sorted(by_parent.values()) == [["16", "64"], ["32"]]
+    baseline = next(p for p in parents if by_parent[p.info.run_id] == ["16", "64"])
+    key = baseline.data.tags["batchlab.sweep_key"]
+    assert sorted(c.data.params["batch_size"] for c in children if c.data.tags["batchlab.sweep_key"] == key) == ["16", "64"]
+    # Its files are beside the sweep's, where no stage reads or removes them.
+    assert (project / "outputs/by-hand/train/bs32/seed0/model.pt").is_file()
+    assert not (project / "outputs/train/bs32").exists()
+    assert "up to date" in sh(["dvc", "status"], project).stdout
+    sh(["dvc", "repro"], project)
+    assert (project / "outputs/by-hand/train/bs32/seed0/model.pt").is_file()

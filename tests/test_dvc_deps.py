@@ -108,3 +108,27 @@ def test_no_stage_reruns_for_tracking_or_executor_params():
         assert not any(p.startswith(("tracking", "executor")) for p in dvc["stages"][stage].get("params", []))
     local, ray = parse_params({}), parse_params({"executor": {"name": "ray", "gpus": 0.25}})
     assert local.sweep_key("d") == ray.sweep_key("d")
+
+
+def test_the_committed_dvc_lock_matches_the_code_and_params_it_was_made_with():
+    """A fresh clone's `make run` finds every stage up to date only if dvc.lock records this
+    commit's code and params.yaml: each code dep's md5 and each stage's params as they are now
+    (a code change is committed with the dvc.lock of a `make run` at that code)."""
+    import hashlib
+    lock = yaml.safe_load((REPO / "dvc.lock").read_text())["stages"]
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    dvc = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
+    stale = []
+    for name, stage in lock.items():
+        for dep in stage.get("deps", []):
+            path = REPO / dep["path"]
+            if dep["path"].endswith(".py") and hashlib.md5(path.read_bytes()).hexdigest() != dep.get("md5"):
+                stale.append(f"{name}: {dep['path']}")
+        for key, value in stage.get("params", {}).get("params.yaml", {}).items():
+            now = params
+            for part in key.split("."):
+                now = now.get(part) if isinstance(now, dict) else None
+            if now != value:
+                stale.append(f"{name}: params {key}")
+    assert not stale, f"dvc.lock predates HEAD (run `make run`, commit dvc.lock): {stale[:8]}"
+    assert {n.split("@")[0] for n in lock} == set(dvc)  # every stage recorded

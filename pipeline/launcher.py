@@ -65,10 +65,16 @@ def dvc_command(entry: str, params_file: str, batch_size: int | None, sets: list
     DVC starts) and passed on as validated, in DVC's override grammar."""
     overrides = [s for s in sets if s.split("=", 1)[1].strip()]
     base = load_params("params.yaml")
+    removed: list[str] = []
     if Path(params_file) != Path("params.yaml"):
+        # The file describes a whole configuration: what it does not name is the project's default,
+        # not what the last experiment left in params.yaml (a network's keyword it does not take).
         named = load_params(params_file).flat()
+        removed = [k for k in base.flat() if k not in named]
         overrides = [f"{k}={json.dumps(v)}" for k, v in named.items() if base.flat().get(k) != v] + overrides
-    params = load_params("params.yaml", overrides)
+        params = load_params(params_file, [s for s in sets if s.split("=", 1)[1].strip()])
+    else:
+        params = load_params("params.yaml", overrides)
     from .core.datasets import check_present  # what the check stage checks, before `mlflow run` makes a run
     check_present(params.data)
     if params.model.target is not None or params.model.name not in BUILTIN_MODELS:
@@ -80,7 +86,7 @@ def dvc_command(entry: str, params_file: str, batch_size: int | None, sets: list
     in_file = _keys_in(Path("params.yaml"))
     # Hydra's grammar: a key params.yaml does not hold yet (a target's keyword) is added with "+".
     sets = [f"{'' if k in in_file else '+'}{k}={_hydra_value(flat[k])}"
-            for k in changed if flat[k] != base.flat().get(k)]
+            for k in changed if flat[k] != base.flat().get(k)] + [f"~{k}" for k in removed if k in in_file]
     target = {"main": [], "prepare": ["prepare"], "compare": ["compare"]}.get(entry)
     if target is None:
         if batch_size not in params.train.batch_sizes:

@@ -126,3 +126,37 @@ def test_a_hand_run_batch_size_outside_the_list_is_a_sweep_of_its_own(project):
     assert "up to date" in sh(["dvc", "status"], project).stdout
     sh(["dvc", "repro"], project)
     assert (project / "outputs/by-hand/train/bs32/seed0/model.pt").is_file()
+
+
+def test_the_readme_params_in_sequence_leave_a_params_yaml_that_reads_back(project, monkeypatch):
+    """Every documented `-S` and `-P` one after the other, each through DVC's own rewrite of
+    params.yaml (the check stage alone runs), the file read back after each: it stays valid YAML
+    (a comment after a list broke DVC's second rewrite), and a params file describes a whole
+    configuration (cifar10's model.width did not leak into the imagefolder example)."""
+    import shutil
+    import sys
+    from conftest import REPO
+    from pipeline.config import load_params
+    from pipeline.launcher import dvc_command
+    for folder in ("configs", "examples"):
+        shutil.copytree(REPO / folder, project / folder)
+    shutil.copy(REPO / "params.yaml", project / "params.yaml")  # its comments: what DVC rewrites
+    for kind, where in (("cifar10", "data/raw"), ("imagefolder", "data/raw/stripes")):
+        sh([sys.executable, "-m", "pipeline.tools.samplefiles", kind, where], project)
+    monkeypatch.chdir(project)
+
+    def apply(cmd):
+        sh([*cmd, "check"], project, timeout=300)
+        return load_params(project / "params.yaml")  # reads back, and validates
+    p = apply(["dvc", "exp", "run", "-S", "train.lr=0.01"])
+    assert p.train.lr == 0.01
+    p = apply(dvc_command("main", "params.yaml", None, ["train.batch_sizes=8,64", "train.lr=0.02"]))
+    assert p.train.batch_sizes == (8, 64) and p.train.lr == 0.02
+    p = apply(dvc_command("main", "configs/linear.yaml", None, []))
+    assert p.model.name == "linear" and p.model.hidden_sizes == () and p.train.batch_sizes == (1, 10)
+    p = apply(dvc_command("main", "configs/cifar10.yaml", None, []))
+    assert p.model.kwargs.get("width") is not None
+    p = apply(dvc_command("main", "configs/imagefolder.yaml", None, []))
+    assert p.model.name == "resnet18" and p.model.target is None and "width" not in p.model.kwargs
+    p = apply(dvc_command("main", "params.yaml", None, ["model.hidden_sizes=[16,8]", "train.seeds=[0]"]))
+    assert p.model.hidden_sizes == (16, 8) and p.train.seeds == (0,)

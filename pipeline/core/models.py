@@ -107,6 +107,8 @@ def check_model(p: ModelParams, root: Path | str = ".", build: bool = False) -> 
             raise ParamsError(f"model.name={p.name!r}: not a built-in or torchvision model (allowed: "
                               f"{', '.join(BUILTIN_MODELS)}, a name torchvision.models.list_models() gives, "
                               f"or model._target_)")
+        if build and p.name not in BUILTIN_MODELS:  # its keywords reach the model's class: build to see
+            build_model(p, (3, 32, 32), 2)
         return
     fn = resolve_target(p.target)
     check_maker(fn, p.target, root)

@@ -250,11 +250,16 @@ def _find_batch_size(args, ctx) -> int:
     whole = " (the whole training split: a larger batch is never needed)" if found.largest == found.capped_at else ""
     print(f"largest batch size that fits: {found.largest}{whole} (peak {find_batch_size.mib(found.peak_bytes)}, "
           f"{len(found.trials)} trials)")
-    knee = found.knee()
-    if knee is not None:
+    knee, knees = found.knee(), found.knees()
+    if knee is not None and len(set(knees)) > 1:
+        print(f"where throughput stops rising is uncertain: {len(knees)} repeated measurements put it at batch "
+              f"size {', '.join(map(str, knees))}; the timings swing more than the 10 % that tells sizes apart "
+              f"(measure on a quieter machine)")
+    elif knee is not None:
         best = max(t.samples_per_s for t in found.trials if t.fits and t.samples_per_s)
         print(f"throughput stops rising at batch size {knee}: within 10 % of the best measured "
-              f"({best:,.0f} samples/s); larger batches buy memory use, not speed")
+              f"({best:,.0f} samples/s, the median of {len(knees)} repeats, each putting it there); larger "
+              f"batches buy memory use, not speed")
     return 0
 
 

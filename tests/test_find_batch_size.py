@@ -59,3 +59,16 @@ def test_the_search_stops_at_the_training_split_and_reports_where_throughput_sto
     assert all(t.samples_per_s and t.samples_per_s > 0 for t in found.trials)
     assert found.knee() in [t.batch_size for t in found.trials]
     assert all("samples/s" in line for line in lines)
+    # Each rate is measured three times; each repeat gives a knee of its own, which can differ.
+    assert all(len(t.rates) == 3 and t.samples_per_s == sorted(t.rates)[1] for t in found.trials)
+    assert len(found.knees()) == 3 and set(found.knees()) <= {t.batch_size for t in found.trials}
+
+
+def test_a_knee_that_moves_between_repeats_is_called_uncertain():
+    from pipeline.tools.find_batch_size import Found, Trial
+    steady = Found(64, 1, [Trial(8, True, 1, rates=[100.0, 101, 99], samples_per_s=100.0),
+                           Trial(64, True, 1, rates=[400.0, 410, 395], samples_per_s=400.0)])
+    assert set(steady.knees()) == {64}
+    swinging = Found(64, 1, [Trial(8, True, 1, rates=[100.0, 390, 99], samples_per_s=100.0),
+                             Trial(64, True, 1, rates=[400.0, 400, 395], samples_per_s=400.0)])
+    assert swinging.knee() == 64 and sorted(set(swinging.knees())) == [8, 64]

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import ctypes
 import gc
+import statistics
 from dataclasses import dataclass, field
 
 import torch
@@ -29,7 +30,8 @@ class Trial:
     fits: bool
     peak_bytes: int
     note: str = ""
-    samples_per_s: float | None = None
+    samples_per_s: float | None = None  # the median of ``rates``
+    rates: list[float] = field(default_factory=list)  # each repeated measurement (REPEATS)
 
 
 @dataclass
@@ -39,14 +41,27 @@ class Found:
     trials: list[Trial] = field(default_factory=list)
     capped_at: int | None = None   # the training split's size, when the search reached it
 
-    def knee(self, within: float = 0.1) -> int | None:
+    def knee(self, within: float = 0.1, repeat: int | None = None) -> int | None:
         """The smallest size whose samples/s is within ``within`` of the best measured: where
-        throughput stops rising."""
+        throughput stops rising. From the medians, or from one ``repeat``'s measurements."""
         rated = [t for t in self.trials if t.fits and t.samples_per_s]
         if not rated:
             return None
-        best = max(t.samples_per_s for t in rated)
-        return min(t.batch_size for t in rated if t.samples_per_s >= (1 - within) * best)
+        rate = (lambda t: t.samples_per_s) if repeat is None else (lambda t: t.rates[repeat])
+        best = max(rate(t) for t in rated)
+        return min(t.batch_size for t in rated if rate(t) >= (1 - within) * best)
+
+    def knees(self) -> list[int]:
+        """The knee each repeated measurement gives: where they differ, the timings swing more than
+        the margin that tells sizes apart, and the knee is uncertain."""
+        rated = [t for t in self.trials if t.fits and t.samples_per_s]
+        n = min((len(t.rates) for t in rated), default=0)
+        return [k for i in range(n) if (k := self.knee(repeat=i)) is not None]
+
+
+# Samples/s is measured this many times at each size: one short measurement swung 10x between runs
+# on a busy machine, and the knee moved with it.
+REPEATS = 3
 
 
 def mib(n: float) -> str:
@@ -136,13 +151,14 @@ def find(p: Params, n_in: int, n_out: int, task: str, device: torch.device, star
         if found.largest is None or bs > found.largest:
             per_sample = peak / bs  # the largest measured step predicts best
         fits = budget_bytes is None or peak <= budget_bytes
-        speed = None
+        speed, rates = None, []
         if fits and rate:
             try:
-                speed = step_rate(p, n_in, n_out, task, bs, device)
+                rates = [step_rate(p, n_in, n_out, task, bs, device) for _ in range(REPEATS)]
+                speed = statistics.median(rates)
             except torch.cuda.OutOfMemoryError:  # the optimizer's state on top of the step: no rate
                 torch.cuda.empty_cache()
-        found.trials.append(Trial(bs, fits, peak, samples_per_s=speed))
+        found.trials.append(Trial(bs, fits, peak, samples_per_s=speed, rates=rates))
         log(f"  batch size {bs}: peak {mib(peak)} {'fits' if fits else 'over budget'}"
             + (f", {speed:,.0f} samples/s" if speed else ""))
         if fits and (found.largest is None or bs > found.largest):
@@ -232,5 +248,6 @@ def run(ctx, start: int, limit: int, budget_mb: float | None) -> Found:
             rec.log_metrics({"largest_batch_size": found.largest, "largest_peak_bytes": found.peak_bytes})
         rec.log_dict({"trials": [t.__dict__ for t in found.trials],
                       "largest": found.largest, "peak_bytes": found.peak_bytes, "knee": found.knee(),
+                      "knees": found.knees(),
                       "capped_at": found.capped_at}, "find_batch_size.json")
     return found

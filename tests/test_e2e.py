@@ -81,9 +81,10 @@ def test_queued_experiments_run_in_parallel_and_land_in_the_project_store(tmp_pa
     assert not list((project / ".dvc" / "tmp").rglob("mlflow.db"))
 
 
-def test_bad_values_through_dvc_exp_run_delete_no_output(project):
+def test_bad_values_through_dvc_exp_run_delete_no_output_and_a_hand_run_stays_apart(project):
     """The README's main door: each bad value stops at the first stage (check), before DVC removes
-    any other stage's outputs as it starts it: the same files, byte for byte, after each."""
+    any other stage's outputs as it starts it: the same files, byte for byte, after each. Then a
+    training by hand outside the sweep's list."""
     sh(["dvc", "repro"], project, timeout=600)
 
     def files():
@@ -102,13 +103,13 @@ def test_bad_values_through_dvc_exp_run_delete_no_output(project):
         assert files() == before, value
         sh(["git", "checkout", "params.yaml"], project)
     assert "up to date" in sh(["dvc", "status"], project).stdout
+    _a_hand_run_batch_size_outside_the_list_is_a_sweep_of_its_own(project)
 
 
-def test_a_hand_run_batch_size_outside_the_list_is_a_sweep_of_its_own(project):
+def _a_hand_run_batch_size_outside_the_list_is_a_sweep_of_its_own(project):
     """After the sweep, a training by hand at a batch size the list does not hold (the README's
     torchrun line does this at 512): it gets a parent of its own, and the sweep's parent and view
     still hold exactly the sweep's runs."""
-    sh(["dvc", "repro"], project, timeout=600)
     proc = sh(["python", "-m", "pipeline", "train", "--batch-size", "32"], project, timeout=600)
     assert "not in train.batch_sizes [16, 64]" in proc.stderr
     _, runs = runs_of(_uri(project))

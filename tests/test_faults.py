@@ -253,7 +253,7 @@ def test_server_killed_while_sync_logs_a_model_then_sync_leaves_every_model_read
     from mlflow import MlflowClient
     from mlflow.entities import LoggedModelStatus
     server = MlflowServer(tmp_path, f"sqlite:///{tmp_path / 'server.db'}")
-    proj = make_project(tmp_path / "p", merge(PARAMS, {"train": {"epochs": 2}}), git=False)
+    proj = make_project(tmp_path / "p", merge(PARAMS, {"train": {"epochs": 1}}), git=False)
     env = env_for(proj) | {"MLFLOW_TRACKING_URI": server.url} | QUICK
     for verb in (["prepare"], ["train", "--batch-size", "4"]):  # nothing listens yet: nothing published
         sh([sys.executable, "-m", "pipeline", *verb], proj, env=env)
@@ -363,7 +363,7 @@ def test_two_workspaces_publishing_one_sweep_to_one_server_keep_their_own_runs(t
     from pipeline.tracking.uri import workspace
     server = MlflowServer(tmp_path, f"sqlite:///{tmp_path / 'server.db'}").start()
     try:
-        params = merge(SMALL, {"train": {"seeds": [0, 1]}})
+        params = merge(SMALL, {"train": {"batch_sizes": [64], "seeds": [0, 1]}})
         projs = [make_project(tmp_path / name, params) for name in ("a", "b")]
         envs = [env_for(p) | {"MLFLOW_TRACKING_URI": server.url} for p in projs]
         repros = [subprocess.Popen([str(BIN / "dvc"), "repro"], cwd=p, env=e, stdout=subprocess.PIPE,
@@ -387,18 +387,18 @@ def test_two_workspaces_publishing_one_sweep_to_one_server_keep_their_own_runs(t
         after_repro = shape(*counts())
         for _ in range(2):
             for p, e in zip(projs, envs):
-                assert "holds the sweep's 4 training runs" in _sync(p, e)
+                assert "holds the sweep's 2 training runs" in _sync(p, e)
         live, trashed, models = counts()
         assert shape(live, trashed, models) == after_repro and not trashed
-        assert len(models) == 8
+        assert len(models) == 4
         for p in projs:
             ws = workspace(p.resolve())[0]
             mine = [r for r in live if r.data.tags.get("batchlab.workspace") == ws]
             (parent,) = [r for r in mine if r.data.tags["batchlab.role"] == "sweep"]
             train = [r for r in mine if r.data.tags["batchlab.role"] == "train"]
-            assert len(train) == 4 and {r.data.tags["mlflow.parentRunId"] for r in train} == {parent.info.run_id}
+            assert len(train) == 2 and {r.data.tags["mlflow.parentRunId"] for r in train} == {parent.info.run_id}
             assert {r.data.tags["batchlab.workspace_name"] for r in mine} == {workspace(p.resolve())[1]}
-        assert check_published(server.url, projs[0])["train_runs"] == 8  # the 4 of each, once each
+        assert check_published(server.url, projs[0])["train_runs"] == 4  # the 2 of each, once each
         check_published(server.url, projs[1])
     finally:
         server.kill()

@@ -106,27 +106,17 @@ def main(argv: list[str] | None = None) -> int:
             from .lock import hold
             hold(ctx.workdir, f"`python -m pipeline {args.verb}`", dvc_too="DVC_STAGE" not in os.environ)
         return VERBS[args.verb](args, ctx) or 0
-    except (ParamsError, DataError) as err:
+    except (ParamsError, DataError, Unreachable, OutOfMemory, NonFiniteLoss, Busy) as err:
         print(f"error: {err}", file=sys.stderr)
-        return 2
+        return 2 if isinstance(err, (ParamsError, DataError)) else 3 if isinstance(err, Busy) else 1
     except KeyboardInterrupt:
         print("interrupted (SIGINT)", file=sys.stderr)
         return 128 + signal.SIGINT
-    except Interrupted as err:
-        print(f"interrupted: {err}; a checkpoint was kept, rerun the same command to resume", file=sys.stderr)
+    except (Interrupted, Stopped) as err:
+        then = "a checkpoint was kept, rerun the same command to resume" if isinstance(err, Interrupted) \
+            else "rerun the same command"
+        print(f"interrupted: {err}; {then}", file=sys.stderr)
         return 128 + err.signum
-    except Stopped as err:
-        print(f"interrupted: {err}; rerun the same command", file=sys.stderr)
-        return 128 + err.signum
-    except Unreachable as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
-    except OutOfMemory as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
-    except (NonFiniteLoss, Busy) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1 if isinstance(err, NonFiniteLoss) else 3
     except Exception as err:
         # Anything else (a store that refuses a request, a bug): one line unless asked for more.
         if os.environ.get("BATCHLAB_DEBUG"):

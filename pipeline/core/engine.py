@@ -231,11 +231,9 @@ def fit(model: nn.Module, spec: TrainSpec, hooks: Hooks | None = None, *, flush_
     t = Trainer(model, spec, hooks or Hooks())
     t.start()
     s, out_of_time = t.state, False
-    # perf_counter -> wall clock, for timestamps. A resumed run's stamps continue from its last
-    # step's where the machine's clock now reads earlier (set back, or another machine's): a
-    # run's stamps never run backwards.
-    last = s.history.time[-1] if s.history.time else float("-inf")
-    clock = max(time.time(), last) - time.perf_counter()
+    # perf_counter -> wall clock, for timestamps; never before the last step's (a resume under a
+    # clock set back, or another machine's): a run's stamps never run backwards.
+    clock = max(time.time(), s.history.time[-1] if s.history.time else 0.0) - time.perf_counter()
     while not (t.done or out_of_time):
         epoch, t_last = s.epoch, time.perf_counter()
         for b, (xb, yb) in enumerate(t.batches.epoch(epoch, s.batch), start=s.batch):

@@ -260,7 +260,8 @@ def test_server_killed_while_sync_logs_a_model_then_sync_leaves_every_model_read
     server.start()
     try:
         client = MlflowClient(server.url)
-        sync = subprocess.Popen([sys.executable, "-m", "pipeline", "sync"], cwd=proj, env=env,
+        calm = {k: v for k, v in env.items() if k not in QUICK}  # a healthy server on a loaded machine
+        sync = subprocess.Popen([sys.executable, "-m", "pipeline", "sync"], cwd=proj, env=calm,
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         seen = set()
         while True:

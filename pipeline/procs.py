@@ -16,6 +16,9 @@ class Interrupted(Exception):
         super().__init__(f"stopped by {signal.Signals(signum).name}")
         self.signum = signum
 
+    def __reduce__(self):  # rebuilt from its signal where it is unpickled (a Ray task's error)
+        return type(self), (self.signum,)
+
 
 class Stopped(BaseException):
     """SIGTERM in a stage that keeps nothing when stopped (prepare, evaluate, compare). A
@@ -25,6 +28,9 @@ class Stopped(BaseException):
     def __init__(self, signum: int):
         super().__init__(f"stopped by {signal.Signals(signum).name}")
         self.signum = signum
+
+    def __reduce__(self):  # rebuilt from its signal where it is unpickled (a Ray task's error)
+        return type(self), (self.signum,)
 
 
 class Busy(RuntimeError):

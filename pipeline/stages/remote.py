@@ -73,10 +73,14 @@ def run(ctx: Context, batch_size: int, seeds: tuple[int, ...] | None = None,
             _wait(ray, refs, address)
             results = ray.get(refs)
         except ray.exceptions.RayTaskError as err:  # the training's own error, as a local run raises it
+            _head_lost(address)  # or a task that stopped because the head is gone: that is the news
             raise (err.cause if isinstance(err.cause, BaseException) else err) from None
         except KeyboardInterrupt:
             for ref in refs:
                 ray.cancel(ref)
+            raise
+        except Exception:  # Ray's own failure (a system error) may be the head's loss too
+            _head_lost(address)
             raise
         grid = bool(ctx.params.train.lr_grid)
         for (rate, seed), (summary, files) in zip(trials, results):
@@ -99,11 +103,17 @@ def _wait(ray, refs: list, address: str | None) -> None:
     pending = list(refs)
     while pending:
         _, pending = ray.wait(pending, num_returns=len(pending), timeout=HEAD_POLL_SECONDS)
-        if pending and address not in (None, "auto", "local") and not _answers(address):
-            print(f"error: the Ray cluster's head node at RAY_ADDRESS={address} is gone; its trainings stop "
-                  f"with their checkpoints. Start the cluster again and rerun: they resume", file=sys.stderr,
-                  flush=True)
-            os._exit(1)
+        if pending:
+            _head_lost(address)
+
+
+def _head_lost(address: str | None) -> None:
+    """Where the head does not answer: the one line, and the end of this process."""
+    if address in (None, "auto", "local") or _answers(address):
+        return
+    print(f"error: the Ray cluster's head node at RAY_ADDRESS={address} is gone; its trainings stop "
+          f"with their checkpoints. Start the cluster again and rerun: they resume", file=sys.stderr, flush=True)
+    os._exit(1)
 
 
 def _answers(address: str, timeout: float = 5.0) -> bool:
